@@ -1,0 +1,175 @@
+"""Frozen self-supervised ViT backbones (timm) that turn images into dense patch features.
+
+Any timm ViT of the DINO / DINOv2 families works (e.g. ``vit_small_patch8_224.dino``,
+``vit_base_patch8_224.dino``, ``vit_small_patch14_dinov2``), with weights from timm's pretrained tag
+(``weights="timm"``) or from a local ``.safetensors`` / ``.pth`` file, loaded strictly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import timm
+import torch
+from timm.models import register_model
+from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
+
+from .config import BackboneConfig
+from .paths import backbone_weights
+
+log = logging.getLogger(__name__)
+
+RANDOM_WEIGHTS = "random"  # tests only: seeded random initialisation
+TIMM_WEIGHTS = "timm"
+
+
+class WeightsError(ValueError):
+    """The weights file is missing, has the wrong hash, or does not match the model; names the file."""
+
+
+@register_model
+def fuss_tiny_vit_patch14(pretrained: bool = False, **kwargs) -> VisionTransformer:
+    """A 2-block, 32-channel ViT with DINOv2's patch size, for tests that need a real (random) backbone."""
+    for key in ("pretrained_cfg", "pretrained_cfg_overlay", "cache_dir"):  # timm factory extras
+        kwargs.pop(key, None)
+    kwargs.setdefault("img_size", 28)
+    return VisionTransformer(patch_size=14, embed_dim=32, depth=2, num_heads=2, **kwargs)
+
+
+@dataclass
+class Backbone:
+    """A frozen ViT plus the choice of block; ``features(images)`` returns ``(B, D', H/p, W/p)``."""
+
+    model: VisionTransformer
+    block: int
+    patch_size: int
+    feature_dim: int
+    identity: str  # what makes two backbones produce the same numbers (goes into the cache key)
+
+    @torch.no_grad()
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """Patch tokens of the selected block after the final norm, prefix (CLS/register) tokens dropped."""
+        (feats,) = self.model.forward_intermediates(
+            images, indices=[self.block], norm=True, stop_early=True, output_fmt="NCHW", intermediates_only=True
+        )
+        return feats
+
+    def to(self, device: torch.device | str) -> "Backbone":
+        self.model.to(device)
+        return self
+
+
+def feature_dim(cfg: BackboneConfig) -> int:
+    """Channel count D' of the features, without loading any weights."""
+    return _architecture(cfg.name).num_features
+
+
+@lru_cache(maxsize=8)
+def _architecture(name: str) -> VisionTransformer:
+    return timm.create_model(name, pretrained=False, num_classes=0)
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file, memoised on (path, size, mtime) because weights files are large."""
+    stat = os.stat(path)
+    return _sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@lru_cache(maxsize=32)
+def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def backbone_identity(cfg: BackboneConfig) -> str:
+    """A string that changes whenever the backbone would produce different features."""
+    weights = backbone_weights(cfg.weights)
+    if weights in (RANDOM_WEIGHTS, TIMM_WEIGHTS):
+        source = weights
+    else:
+        if not Path(weights).is_file():
+            raise WeightsError(f"backbone weights file not found: {weights}")
+        source = "sha256:" + sha256_file(weights)
+    return f"{cfg.name}|{source}|block={cfg.block}"
+
+
+def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
+    """Create the timm model, load its weights strictly (checking sha256 when configured), freeze it."""
+    weights = backbone_weights(cfg.weights)
+    try:
+        if weights == RANDOM_WEIGHTS:
+            log.warning("backbone %s uses RANDOM weights (meant for tests only)", cfg.name)
+            torch.manual_seed(0)
+        model = timm.create_model(
+            cfg.name, pretrained=weights == TIMM_WEIGHTS, num_classes=0, dynamic_img_size=True
+        )
+    except RuntimeError as err:  # unknown model name or no pretrained tag
+        raise WeightsError(f"cannot create backbone {cfg.name!r}: {err}") from err
+    if weights not in (RANDOM_WEIGHTS, TIMM_WEIGHTS):
+        _load_weights_file(model, Path(weights), cfg.sha256)
+    model.eval().requires_grad_(False)
+    n_blocks = len(model.blocks)
+    block = cfg.block if cfg.block >= 0 else n_blocks + cfg.block
+    if not 0 <= block < n_blocks:
+        raise WeightsError(f"backbone.block={cfg.block} is out of range for {cfg.name} ({n_blocks} blocks)")
+    patch = model.patch_embed.patch_size
+    patch_size = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
+    backbone = Backbone(model, block, patch_size, model.num_features, backbone_identity(cfg))
+    return backbone.to(device)
+
+
+def _load_weights_file(model: torch.nn.Module, path: Path, sha256: str | None) -> None:
+    if not path.is_file():
+        raise WeightsError(f"backbone weights file not found: {path}")
+    if sha256 is not None:
+        actual = sha256_file(path)
+        if actual != sha256.lower():
+            raise WeightsError(f"sha256 mismatch for {path}: expected {sha256}, got {actual}")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            state = load_file(str(path))
+        else:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt or unreadable file: say which
+        raise WeightsError(f"cannot read backbone weights {path}: {err}") from err
+    state = _unwrap_state_dict(state)
+    # official DINO/DINOv2 checkpoints use other key names and a mask token: timm's own converter maps them
+    state = checkpoint_filter_fn(state, model)
+    if not any(k.startswith("head.") for k in model.state_dict()):
+        state = {k: v for k, v in state.items() if not k.startswith("head.")}
+    missing, unexpected = _key_mismatch(model, state)
+    if missing or unexpected:
+        raise WeightsError(
+            f"weights file {path} does not match {type(model).__name__}: "
+            f"{len(missing)} missing keys {missing[:8]}, {len(unexpected)} unexpected keys {unexpected[:8]}"
+        )
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as err:  # e.g. shape mismatch
+        raise WeightsError(f"weights file {path} does not fit the model: {err}") from err
+
+
+def _unwrap_state_dict(state: dict) -> dict:
+    """Official checkpoints nest the weights (``model``, ``state_dict``, ``teacher``) and may prefix keys."""
+    for key in ("model", "state_dict", "teacher"):
+        if isinstance(state.get(key), dict):
+            state = state[key]
+    for prefix in ("module.", "backbone."):
+        if state and all(k.startswith(prefix) for k in state):
+            state = {k[len(prefix):]: v for k, v in state.items()}
+    return state
+
+
+def _key_mismatch(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
+    expected, given = set(model.state_dict()), set(state)
+    return sorted(expected - given), sorted(given - expected)

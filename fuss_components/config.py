@@ -1,0 +1,248 @@
+"""One small typed configuration for every FUSS run (CLI, in-process runner and FLARE jobs).
+
+Defaults are the values of ``shared/docs/fuss-spec.md``; the few that differ because of the shared backbone
+(feature block, shifts) say so. ``FussConfig.from_dict`` rejects unknown keys, wrong types and impossible values
+before any work starts, naming the offending key.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+class ConfigError(ValueError):
+    """A configuration value is unknown, of the wrong type or impossible; the message names the key."""
+
+
+@dataclass
+class BackboneConfig:
+    """Frozen self-supervised ViT that turns images into dense patch features."""
+
+    name: str = "vit_small_patch14_dinov2"
+    # Local .safetensors/.pth file, or "timm" to use timm's pretrained tag of `name`.
+    # None: $FUSS_BACKBONE_WEIGHTS, else the shared DINOv2 ViT-S/14 file (see docs/assets caveat).
+    weights: str | None = None
+    sha256: str | None = None
+    # Index of the transformer block whose patch tokens (after the final norm) are the features; -1 = last.
+    # 8 (the 9th block) by default: the shared weights' last blocks are saliency-biased (shared/docs/assets.md).
+    block: int = 8
+
+    def validate(self) -> None:
+        if self.sha256 is not None and len(self.sha256) != 64:
+            raise ConfigError("backbone.sha256 must be 64 hex digits")
+
+
+@dataclass
+class DataConfig:
+    """Which dataset, where it lives, and how images become backbone inputs."""
+
+    dataset: str = "camvid"  # a folder of <root> in the meta.json layout, or "cityscapes" / "cocostuff27"
+    root: str | None = None  # None: $FUSS_DATA_ROOT, else the shared data folder
+    train_size: int = 224  # each five-crop view is resized to this (a multiple of the patch size)
+    crop_ratio: float = 0.5  # five-crop side = crop_ratio * short side
+    eval_short_side: int = 322  # evaluation: whole image, short side resized to this (rounded to patch size)
+
+    def validate(self) -> None:
+        if self.train_size <= 0 or self.eval_short_side <= 0:
+            raise ConfigError("data.train_size and data.eval_short_side must be positive")
+        if not 0.0 < self.crop_ratio <= 1.0:
+            raise ConfigError("data.crop_ratio must be in (0, 1]")
+
+
+@dataclass
+class LossConfig:
+    """Correspondence-distillation loss (paper Eq. 6): weight w and shift b of each of the three terms."""
+
+    self_weight: float = 1.0
+    knn_weight: float = 0.5775
+    random_weight: float = 0.9059
+    # "fixed": use the *_shift values below (STEGO Cityscapes, tuned for DINO ViT-B/8).
+    # "quantile": label-free; each shift is the quantile of that term's feature correlations A on the client's
+    # own cache such that the fraction *_attract of pairs attracts (A - b > 0). See docs/architecture.md.
+    shift_mode: str = "quantile"
+    self_shift: float = 0.4583
+    knn_shift: float = 0.1754
+    random_shift: float = 0.3136
+    self_attract: float = 0.35
+    knn_attract: float = 0.25
+    random_attract: float = 0.08
+    grid: int = 11  # feature samples per side of the random grid
+    pointwise: bool = True  # "pointwise" centering of A
+
+    def validate(self) -> None:
+        if self.shift_mode not in ("fixed", "quantile"):
+            raise ConfigError("loss.shift_mode must be 'fixed' or 'quantile'")
+        for key in ("self_attract", "knn_attract", "random_attract"):
+            if not 0.0 < getattr(self, key) < 1.0:
+                raise ConfigError(f"loss.{key} must be in (0, 1)")
+        if self.grid < 1:
+            raise ConfigError("loss.grid must be >= 1")
+
+
+@dataclass
+class TrainConfig:
+    """Local training of head and centroids on one client's cached features."""
+
+    dim: int = 70  # D, output channels of the projection head
+    num_clusters: int | None = None  # |C|; None = number of classes of the dataset
+    batch_size: int = 8
+    lr_head: float = 5e-4
+    lr_centroids: float = 5e-3
+    dropout: float = 0.1
+    centroid_lambda: float = 0.0  # weight of the inter-centroid similarity term (paper Eq. 5); 0 = authors' code
+    knn: int = 7
+    num_random: int = 5
+    # Every this many steps a centroid that was nobody's argmax since the last check is moved onto the worst
+    # explained feature of the batch (keeps all |C| clusters alive); 0 = off.
+    reseed_dead_every: int = 25
+    fedprox_mu: float = 0.0  # FedProx: mu/2 * ||theta - theta_global||^2 on the head; authors use 0.001
+    moon_weight: float = 0.0  # FedMoon contrastive term weight (paper: 1.0); 0 = off
+    moon_tau: float = 0.5
+    seed: int = 0
+    device: str = "auto"  # "auto" = cuda when present, else cpu
+
+    def validate(self) -> None:
+        if self.dim < 1 or self.batch_size < 1 or self.knn < 1 or self.num_random < 1:
+            raise ConfigError("train.dim, train.batch_size, train.knn and train.num_random must be >= 1")
+        if self.num_clusters is not None and self.num_clusters < 1:
+            raise ConfigError("train.num_clusters must be >= 1")
+        for key in ("lr_head", "lr_centroids"):
+            if getattr(self, key) <= 0:
+                raise ConfigError(f"train.{key} must be > 0")
+        for key in ("fedprox_mu", "moon_weight", "centroid_lambda", "reseed_dead_every"):
+            if getattr(self, key) < 0:
+                raise ConfigError(f"train.{key} must be >= 0")
+        if self.moon_tau <= 0:
+            raise ConfigError("train.moon_tau must be > 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError("train.dropout must be in [0, 1)")
+
+
+AGGREGATORS = ("fedavg", "fedcc-kmeans", "fedcc-maximin")
+
+
+@dataclass
+class FederationConfig:
+    """Server-side aggregation and round schedule (Algorithm 1)."""
+
+    aggregator: str = "fedcc-kmeans"
+    weighted: bool = True  # W: alpha_k = N_k / N (sample counts) instead of 1/|K|
+    average_head: bool = True  # E: average the head; off = every client keeps its own head
+    aggregate_centroids: bool = True  # C: aggregate the centroids; off = every client keeps its own
+    rounds: int = 10
+    local_epochs: float = 1.0  # local steps per round = ceil(local_epochs * samples / batch_size) ...
+    local_steps: int | None = None  # ... unless this is set
+    kmeans_n_init: int = 10
+    min_clients: int | None = None  # None = all training clients
+    seed: int = 0
+
+    def validate(self) -> None:
+        if self.aggregator not in AGGREGATORS:
+            raise ConfigError(f"federation.aggregator must be one of {AGGREGATORS}, got {self.aggregator!r}")
+        if self.rounds < 1:
+            raise ConfigError("federation.rounds must be >= 1")
+        if self.local_steps is not None and self.local_steps < 1:
+            raise ConfigError("federation.local_steps must be >= 1")
+        if self.local_epochs <= 0:
+            raise ConfigError("federation.local_epochs must be > 0")
+        if self.kmeans_n_init < 1:
+            raise ConfigError("federation.kmeans_n_init must be >= 1")
+        if self.min_clients is not None and self.min_clients < 1:
+            raise ConfigError("federation.min_clients must be >= 1")
+
+
+@dataclass
+class FussConfig:
+    backbone: BackboneConfig = field(default_factory=BackboneConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    # Which images each site holds: a preset name ("camvid", "polyp", "cityscapes", "cocostuff27", or any
+    # folder dataset split by its `site` field: "site") or the path of a partition manifest JSON.
+    partition: str = "camvid"
+    cache_dir: str | None = None  # None: $FUSS_CACHE_DIR, else ./fuss_cache
+
+    def validate(self) -> "FussConfig":
+        for section in (self.backbone, self.data, self.loss, self.train, self.federation):
+            section.validate()
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> "FussConfig":
+        """Build and validate a config from nested dicts; unknown keys and wrong types raise ConfigError."""
+        return _build(cls, data or {}, prefix="").validate()
+
+    @classmethod
+    def load(cls, path: str | Path) -> "FussConfig":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as err:
+            raise ConfigError(f"cannot read config file {path}: {err}") from err
+        return cls.from_dict(data)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).parent.mkdir(parents=True, exist_ok=True)
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+
+    def with_overrides(self, overrides: dict[str, Any]) -> "FussConfig":
+        """Return a copy with dotted-key overrides applied, e.g. {"train.lr_head": 1e-4}."""
+        data = self.to_dict()
+        for dotted, value in overrides.items():
+            node = data
+            *parents, leaf = dotted.split(".")
+            for part in parents:
+                if not isinstance(node.get(part), dict):
+                    raise ConfigError(f"unknown config key {dotted!r}")
+                node = node[part]
+            if leaf not in node:
+                raise ConfigError(f"unknown config key {dotted!r}")
+            node[leaf] = value
+        return FussConfig.from_dict(data)
+
+
+def _build(cls: type, data: Any, prefix: str) -> Any:
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping")
+    hints = typing.get_type_hints(cls)
+    known = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - known)
+    if unknown:
+        raise ConfigError(f"unknown config key {prefix + unknown[0]!r} (known: {', '.join(sorted(known))})")
+    kwargs = {}
+    for name, value in data.items():
+        hint = hints[name]
+        key = prefix + name
+        if dataclasses.is_dataclass(hint):
+            kwargs[name] = _build(hint, value, key + ".")
+        else:
+            kwargs[name] = _coerce(value, hint, key)
+    return cls(**kwargs)
+
+
+def _coerce(value: Any, hint: Any, key: str) -> Any:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    if value is None:
+        if type(None) in options:
+            return None
+        raise ConfigError(f"config key {key!r} must not be null")
+    for option in options:
+        if option is bool and isinstance(value, bool):
+            return value
+        if option is int and isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if option is float and isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if option is str and isinstance(value, str):
+            return value
+    names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
+    raise ConfigError(f"config key {key!r} must be {names}, got {type(value).__name__} {value!r}")

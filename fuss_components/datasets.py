@@ -1,0 +1,484 @@
+"""Segmentation datasets: the shared folder layout (``meta.json``), Cityscapes (27 classes) and COCO-Stuff-27.
+
+Every dataset is a list of :class:`Sample` records (id, site, split, image and label paths) plus two loaders:
+``load_image`` (RGB ``PIL.Image``) and ``load_label`` (``uint8 (H, W)`` array with class ids ``0..K-1`` and
+``255`` = ignore). Labels are checked when they are loaded: the file exists, it has the image's size, and every
+value is a class id or the ignore index. Problems raise :class:`DataError`, whose message names the offending
+file or site.
+
+Layouts:
+
+* folder (``FolderDataset``): ``<root>/meta.json`` (``classes``, ``ignore_index``, ``items[]`` with ``id``,
+  ``split``, ``site`` and any extra fields), ``images/<split>/<id>.jpg``, ``labels/<split>/<id>.png``.
+* Cityscapes (``CityscapesDataset``): the official ``leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png``
+  and ``gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png``; the 27 classes used by STEGO are the
+  label ids 7..33 (class = labelId - 7), every other label id is ignored.
+* COCO-Stuff-27 (``CocoStuff27Dataset``): STEGO's layout ``images/<split>/<id>.jpg``,
+  ``annotations/<split>/<id>.png`` (fine COCO-Stuff ids 0..181, 255 unlabeled) and the curated image lists
+  ``curated/<split>/Coco164kFull_Stuff_Coarse_7.txt``; fine ids are merged into the 27 COCO-Stuff supercategories.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+__all__ = [
+    "DataError",
+    "UnknownIdError",
+    "Sample",
+    "SegmentationDataset",
+    "FolderDataset",
+    "CityscapesDataset",
+    "CocoStuff27Dataset",
+    "CITYSCAPES_CLASSES",
+    "COCOSTUFF27_CLASSES",
+    "COCOSTUFF_FINE_TO_COARSE",
+    "COCOSTUFF_STUFF_NAMES",
+    "open_dataset",
+]
+
+IGNORE_INDEX = 255
+
+
+class DataError(ValueError):
+    """Bad input data; the message names the offending file (path), image id or site."""
+
+
+class UnknownIdError(DataError, KeyError):
+    """An image id that the dataset does not have (a ``DataError`` that is also a ``KeyError``)."""
+
+    def __str__(self) -> str:  # KeyError would print the repr of the message
+        return str(self.args[0]) if self.args else ""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One image of a dataset. ``extra`` holds the other per-image fields (e.g. ``fed_split``, ``sequence``)."""
+
+    id: str
+    site: str
+    split: str
+    image_path: Path
+    label_path: Path | None
+    extra: dict = field(default_factory=dict, compare=False, hash=False)
+
+
+class SegmentationDataset:
+    """Base class: a stable list of samples plus image/label loaders with input checks.
+
+    Subclasses fill ``name``, ``classes``, ``num_classes``, ``ignore_index`` and call :meth:`_set_samples`; a
+    subclass whose label files do not hold class ids directly overrides :meth:`_map_label`.
+    """
+
+    name: str = "dataset"
+    classes: list[str]
+    num_classes: int
+    ignore_index: int = IGNORE_INDEX
+
+    def _set_samples(self, samples: list[Sample]) -> None:
+        index: dict[str, Sample] = {}
+        for s in samples:
+            if s.id in index:
+                raise DataError(f"{self.name}: duplicate image id {s.id!r} ({index[s.id].image_path} and "
+                                f"{s.image_path})")
+            index[s.id] = s
+        self._samples = list(samples)
+        self._index = index
+
+    # ------------------------------------------------------------------ lookup
+    def samples(self, split: str | None = None, site: str | None = None) -> list[Sample]:
+        """All samples in a stable order (optionally only those of one split and/or site)."""
+        return [s for s in self._samples
+                if (split is None or s.split == split) and (site is None or s.site == site)]
+
+    def ids(self, split: str | None = None, site: str | None = None) -> list[str]:
+        """Image ids in the order of :meth:`samples` (same optional filters)."""
+        return [s.id for s in self.samples(split=split, site=site)]
+
+    def sample(self, id: str) -> Sample:  # noqa: A002 - the contract's name
+        """The sample with this image id; :class:`UnknownIdError` (a ``DataError`` and ``KeyError``) if none."""
+        try:
+            return self._index[id]
+        except KeyError:
+            raise UnknownIdError(f"{self.name}: unknown image id {id!r}") from None
+
+    def sites(self) -> list[str]:
+        """Sorted list of the distinct sites."""
+        return sorted({s.site for s in self._samples})
+
+    def splits(self) -> list[str]:
+        """Sorted list of the distinct splits."""
+        return sorted({s.split for s in self._samples})
+
+    def __len__(self) -> int:
+        return len(self._samples)
+
+    def __contains__(self, id: object) -> bool:  # noqa: A002
+        return id in self._index
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(name={self.name!r}, images={len(self)}, classes={self.num_classes}, "
+                f"sites={len(self.sites())})")
+
+    # ------------------------------------------------------------------ loading
+    def load_image(self, id: str) -> Image.Image:  # noqa: A002
+        """The image as an RGB ``PIL.Image``; ``DataError`` naming the path if it is missing or unreadable."""
+        path = self.sample(id).image_path
+        try:
+            with Image.open(path) as im:
+                im.load()
+                return im.convert("RGB")
+        except FileNotFoundError:
+            raise DataError(f"image file missing: {path}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from None
+
+    def image_size(self, id: str) -> tuple[int, int]:  # noqa: A002
+        """(width, height) of the image, read from the file header only."""
+        path = self.sample(id).image_path
+        try:
+            with Image.open(path) as im:
+                return im.size
+        except FileNotFoundError:
+            raise DataError(f"image file missing: {path}") from None
+        except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+            raise DataError(f"cannot read image {path}: {exc}") from None
+
+    def load_label(self, id: str) -> np.ndarray:  # noqa: A002
+        """The label as ``uint8 (H, W)`` class ids ``0..K-1`` with ``ignore_index`` (255) for unlabelled pixels.
+
+        Raises ``DataError`` when the label is missing or unreadable (naming the file), when its size differs from
+        the image's (naming both files and sizes), or when it holds values that are neither a class id nor the
+        ignore index (naming the file and the bad values).
+        """
+        s = self.sample(id)
+        if s.label_path is None:
+            raise DataError(f"{self.name}: image {id!r} has no label ({s.image_path})")
+        path = s.label_path
+        raw = _read_label_file(path)
+        img_size = self.image_size(id)
+        lab_size = (raw.shape[1], raw.shape[0])
+        if img_size != lab_size:
+            raise DataError(f"label {path} is {lab_size[0]}x{lab_size[1]} but image {s.image_path} is "
+                            f"{img_size[0]}x{img_size[1]} (width x height)")
+        label = self._map_label(raw, path)
+        counts = np.bincount(label.ravel(), minlength=256)
+        present = np.flatnonzero(counts)
+        bad = [int(v) for v in present if v >= self.num_classes and v != self.ignore_index]
+        if bad:
+            raise DataError(f"label {path} has values {bad[:10]} outside the class ids 0..{self.num_classes - 1} "
+                            f"and the ignore index {self.ignore_index}")
+        return label
+
+    def _map_label(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        """Turn the stored label values into class ids (identity for the folder layout)."""
+        return raw
+
+
+def _read_label_file(path: Path) -> np.ndarray:
+    """Read a single-channel label PNG as a uint8 (H, W) array; DataError naming the path otherwise."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            mode = im.mode
+            arr = np.asarray(im)
+    except FileNotFoundError:
+        raise DataError(f"label file missing: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read label {path}: {exc}") from None
+    if arr.ndim != 2:
+        raise DataError(f"label {path} must be a single-channel image of class ids, got mode {mode} "
+                        f"with shape {arr.shape}")
+    if arr.dtype != np.uint8:
+        if arr.dtype.kind not in "iub" or arr.size and (arr.min() < 0 or arr.max() > 255):
+            raise DataError(f"label {path} holds values outside 0..255 (mode {mode}, dtype {arr.dtype})")
+        arr = arr.astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+# ====================================================================== folder layout
+class FolderDataset(SegmentationDataset):
+    """A dataset in the shared folder layout: ``meta.json``, ``images/<split>/<id>.jpg``,
+    ``labels/<split>/<id>.png``. Any dataset in that layout works without code changes."""
+
+    IMAGE_EXT = ".jpg"
+    LABEL_EXT = ".png"
+
+    def __init__(self, root_dir: str | Path):
+        self.root = Path(root_dir)
+        meta_path = self.root / "meta.json"
+        if not self.root.is_dir():
+            raise DataError(f"dataset folder not found: {self.root}")
+        if not meta_path.is_file():
+            raise DataError(f"meta.json not found: {meta_path}")
+        try:
+            meta = json.loads(meta_path.read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise DataError(f"cannot read {meta_path}: {exc}") from None
+        if not isinstance(meta, dict):
+            raise DataError(f"{meta_path}: expected a JSON object")
+        classes = meta.get("classes")
+        if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
+            raise DataError(f"{meta_path}: 'classes' must be a non-empty list of names")
+        self.meta = meta
+        self.name = str(meta.get("name") or self.root.name)
+        self.classes = list(classes)
+        self.num_classes = int(meta.get("num_classes", len(classes)))
+        if self.num_classes != len(classes):
+            raise DataError(f"{meta_path}: num_classes {self.num_classes} != {len(classes)} class names")
+        self.ignore_index = int(meta.get("ignore_index", IGNORE_INDEX))
+        if not (0 <= self.ignore_index <= 255) or self.ignore_index < self.num_classes:
+            raise DataError(f"{meta_path}: ignore_index {self.ignore_index} must be in "
+                            f"{self.num_classes}..255")
+        if self.num_classes > 255:
+            raise DataError(f"{meta_path}: at most 255 classes fit a uint8 label")
+        items = meta.get("items")
+        if not isinstance(items, list):
+            raise DataError(f"{meta_path}: 'items' must be a list")
+        samples = []
+        for n, it in enumerate(items):
+            if not isinstance(it, dict) or not all(isinstance(it.get(k), str) and it.get(k) for k in
+                                                   ("id", "split", "site")):
+                raise DataError(f"{meta_path}: items[{n}] needs non-empty string fields id, split and site")
+            iid, split = it["id"], it["split"]
+            samples.append(Sample(
+                id=iid, site=it["site"], split=split,
+                image_path=self.root / "images" / split / f"{iid}{self.IMAGE_EXT}",
+                label_path=self.root / "labels" / split / f"{iid}{self.LABEL_EXT}",
+                extra={k: v for k, v in it.items() if k not in ("id", "split", "site")},
+            ))
+        try:
+            self._set_samples(samples)
+        except DataError as exc:
+            raise DataError(f"{meta_path}: {exc}") from None
+
+
+# ====================================================================== Cityscapes
+# Cityscapes label ids 7..33 in order (labels.py of cityscapesScripts); class = labelId - 7, as in STEGO.
+CITYSCAPES_CLASSES = [
+    "road", "sidewalk", "parking", "rail track", "building", "wall", "fence", "guard rail", "bridge", "tunnel",
+    "pole", "polegroup", "traffic light", "traffic sign", "vegetation", "terrain", "sky", "person", "rider", "car",
+    "truck", "bus", "caravan", "trailer", "train", "motorcycle", "bicycle",
+]
+CITYSCAPES_FIRST_ID = 7
+_CITYSCAPES_LUT = np.full(256, IGNORE_INDEX, np.uint8)
+_CITYSCAPES_LUT[CITYSCAPES_FIRST_ID:CITYSCAPES_FIRST_ID + len(CITYSCAPES_CLASSES)] = np.arange(
+    len(CITYSCAPES_CLASSES), dtype=np.uint8)
+
+
+class CityscapesDataset(SegmentationDataset):
+    """Cityscapes in the official layout, 27 classes (label ids 7..33 -> 0..26, the rest ignored).
+
+    id = ``<city>_<seq>_<frame>``, site = city, split = the ``leftImg8bit`` sub-folder (train/val/test).
+    ``label_path`` is None where no ``gtFine`` labelIds file exists.
+    """
+
+    IMAGE_SUFFIX = "_leftImg8bit.png"
+    LABEL_SUFFIX = "_gtFine_labelIds.png"
+    SPLITS = ("train", "val", "test")
+
+    def __init__(self, root: str | Path, splits: tuple[str, ...] | list[str] | None = None):
+        self.root = Path(root)
+        self.name = "cityscapes"
+        self.classes = list(CITYSCAPES_CLASSES)
+        self.num_classes = len(CITYSCAPES_CLASSES)
+        self.ignore_index = IGNORE_INDEX
+        img_root = self.root / "leftImg8bit"
+        if not img_root.is_dir():
+            raise DataError(f"Cityscapes image folder not found: {img_root}")
+        samples = []
+        for split in splits or self.SPLITS:
+            split_dir = img_root / split
+            if not split_dir.is_dir():
+                if splits:
+                    raise DataError(f"Cityscapes split folder not found: {split_dir}")
+                continue
+            for city_dir in sorted(p for p in split_dir.iterdir() if p.is_dir()):
+                city = city_dir.name
+                for img in sorted(city_dir.glob(f"*{self.IMAGE_SUFFIX}")):
+                    iid = img.name[: -len(self.IMAGE_SUFFIX)]
+                    parts = iid.split("_")
+                    if len(parts) < 3 or "_".join(parts[:-2]) != city:
+                        raise DataError(f"Cityscapes image name {img} is not <city>_<seq>_<frame>"
+                                        f"{self.IMAGE_SUFFIX} with city {city!r}")
+                    lab = self.root / "gtFine" / split / city / f"{iid}{self.LABEL_SUFFIX}"
+                    samples.append(Sample(
+                        id=iid, site=city, split=split, image_path=img,
+                        label_path=lab if lab.is_file() else None,
+                        extra={"city": city, "sequence": parts[-2], "frame": parts[-1]},
+                    ))
+        if not samples:
+            raise DataError(f"no Cityscapes images (*{self.IMAGE_SUFFIX}) under {img_root}")
+        self._set_samples(samples)
+
+    def _map_label(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        return _CITYSCAPES_LUT[raw]
+
+
+# ====================================================================== COCO-Stuff-27
+# COCO-Stuff label hierarchy (Caesar et al., CVPR 2018; cocostuff labels.md / cocostuffhelper). Fine ids are the
+# values of the stuffthingmaps PNGs: COCO-Stuff id - 1, i.e. 0..90 things (80 COCO classes + 11 ids removed from
+# COCO, kept in their supercategory), 91..181 stuff, 255 unlabeled.
+# Coarse ids follow STEGO / PiCIE: the 12 thing supercategories (0..11), then the 15 stuff ones (12..26).
+_THING_SUPERCATEGORIES: list[tuple[str, range]] = [  # contiguous fine-id ranges
+    ("electronic", range(71, 77)),   # tv, laptop, mouse, remote, keyboard, cell phone
+    ("appliance", range(77, 83)),    # microwave, oven, toaster, sink, refrigerator, blender*
+    ("food", range(51, 61)),         # banana, apple, sandwich, orange, broccoli, carrot, hot dog, pizza, donut, cake
+    ("furniture", range(61, 71)),    # chair, couch, potted plant, bed, mirror*, dining table, window*, desk*,
+                                     # toilet, door*
+    ("indoor", range(83, 91)),       # book, clock, vase, scissors, teddy bear, hair drier, toothbrush, hair brush*
+    ("kitchen", range(43, 51)),      # bottle, plate*, wine glass, cup, fork, knife, spoon, bowl
+    ("accessory", range(25, 33)),    # hat*, backpack, umbrella, shoe*, eye glasses*, handbag, tie, suitcase
+    ("animal", range(15, 25)),       # bird, cat, dog, horse, sheep, cow, elephant, bear, zebra, giraffe
+    ("outdoor", range(9, 15)),       # traffic light, fire hydrant, street sign*, stop sign, parking meter, bench
+    ("person", range(0, 1)),         # person
+    ("sports", range(33, 43)),       # frisbee, skis, snowboard, sports ball, kite, baseball bat, baseball glove,
+                                     # skateboard, surfboard, tennis racket
+    ("vehicle", range(1, 9)),        # bicycle, car, motorcycle, airplane, bus, train, truck, boat
+]                                    # (* = one of the 11 classes removed from COCO detection)
+
+# The 91 stuff classes in id order (fine ids 91..181).
+COCOSTUFF_STUFF_NAMES = [
+    "banner", "blanket", "branch", "bridge", "building-other", "bush", "cabinet", "cage", "cardboard", "carpet",
+    "ceiling-other", "ceiling-tile", "cloth", "clothes", "clouds", "counter", "cupboard", "curtain", "desk-stuff",
+    "dirt", "door-stuff", "fence", "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood",
+    "flower", "fog", "food-other", "fruit", "furniture-other", "grass", "gravel", "ground-other", "hill", "house",
+    "leaves", "light", "mat", "metal", "mirror-stuff", "moss", "mountain", "mud", "napkin", "net", "paper",
+    "pavement", "pillow", "plant-other", "plastic", "platform", "playingfield", "railing", "railroad", "river",
+    "road", "rock", "roof", "rug", "salad", "sand", "sea", "shelf", "sky-other", "skyscraper", "snow",
+    "solid-other", "stairs", "stone", "straw", "structural-other", "table", "tent", "textile-other", "towel",
+    "tree", "vegetable", "wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile",
+    "wall-wood", "water-other", "waterdrops", "window-blind", "window-other", "wood",
+]
+_FIRST_STUFF_ID = 91
+_STUFF_SUPERCATEGORIES: list[tuple[str, list[str]]] = [
+    ("ceiling", ["ceiling-other", "ceiling-tile"]),
+    ("floor", ["carpet", "floor-marble", "floor-other", "floor-stone", "floor-tile", "floor-wood"]),
+    ("food", ["food-other", "fruit", "salad", "vegetable"]),
+    ("furniture", ["cabinet", "counter", "cupboard", "desk-stuff", "door-stuff", "furniture-other", "light",
+                   "mirror-stuff", "shelf", "stairs", "table"]),
+    ("rawmaterial", ["cardboard", "metal", "paper", "plastic"]),
+    ("textile", ["banner", "blanket", "cloth", "clothes", "curtain", "mat", "napkin", "pillow", "rug",
+                 "textile-other", "towel"]),
+    ("wall", ["wall-brick", "wall-concrete", "wall-other", "wall-panel", "wall-stone", "wall-tile", "wall-wood"]),
+    ("window", ["window-blind", "window-other"]),
+    ("building", ["bridge", "building-other", "house", "roof", "skyscraper", "tent"]),
+    ("ground", ["dirt", "gravel", "ground-other", "mud", "pavement", "platform", "playingfield", "railroad",
+                "road", "sand", "snow"]),
+    ("plant", ["branch", "bush", "flower", "grass", "leaves", "moss", "plant-other", "straw", "tree"]),
+    ("sky", ["clouds", "sky-other"]),
+    ("solid", ["hill", "mountain", "rock", "solid-other", "stone", "wood"]),
+    ("structural", ["cage", "fence", "net", "railing", "structural-other"]),
+    ("water", ["fog", "river", "sea", "water-other", "waterdrops"]),
+]
+
+COCOSTUFF_NUM_FINE = 182
+COCOSTUFF27_CLASSES = ([f"{n}-things" for n, _ in _THING_SUPERCATEGORIES]
+                       + [f"{n}-stuff" for n, _ in _STUFF_SUPERCATEGORIES])
+
+
+def _build_fine_to_coarse() -> np.ndarray:
+    table = np.full(COCOSTUFF_NUM_FINE, -1, np.int16)
+    for coarse, (_, fine_ids) in enumerate(_THING_SUPERCATEGORIES):
+        for f in fine_ids:
+            assert table[f] == -1, f"fine id {f} in two thing supercategories"
+            table[f] = coarse
+    stuff_id = {name: _FIRST_STUFF_ID + i for i, name in enumerate(COCOSTUFF_STUFF_NAMES)}
+    for k, (_, names) in enumerate(_STUFF_SUPERCATEGORIES):
+        for name in names:
+            f = stuff_id[name]
+            assert table[f] == -1, f"stuff class {name} in two supercategories"
+            table[f] = len(_THING_SUPERCATEGORIES) + k
+    assert (table >= 0).all(), f"fine ids without a supercategory: {np.flatnonzero(table < 0).tolist()}"
+    return table.astype(np.uint8)
+
+
+#: fine COCO-Stuff id (0..181) -> coarse class (0..26); a 182-entry uint8 array.
+COCOSTUFF_FINE_TO_COARSE = _build_fine_to_coarse()
+_COCO_LUT = np.full(256, IGNORE_INDEX, np.uint8)
+_COCO_LUT[:COCOSTUFF_NUM_FINE] = COCOSTUFF_FINE_TO_COARSE
+
+
+class CocoStuff27Dataset(SegmentationDataset):
+    """COCO-Stuff 164k with the 27 supercategory classes, in STEGO's layout.
+
+    Images come from the curated list ``curated/<split>/<image_list>`` of each split present (``train2017``,
+    ``val2017``); where that list is absent every image of the split is used and a warning says so.
+    split = the folder name (``train2017`` / ``val2017``), site = ``"coco"`` (no natural sites).
+    """
+
+    SPLITS = ("train2017", "val2017")
+    DEFAULT_LIST = "Coco164kFull_Stuff_Coarse_7.txt"
+
+    def __init__(self, root: str | Path, splits: tuple[str, ...] | list[str] | None = None,
+                 image_list: str | None = DEFAULT_LIST):
+        self.root = Path(root)
+        self.name = "cocostuff27"
+        self.classes = list(COCOSTUFF27_CLASSES)
+        self.num_classes = len(COCOSTUFF27_CLASSES)
+        self.ignore_index = IGNORE_INDEX
+        img_root = self.root / "images"
+        if not img_root.is_dir():
+            raise DataError(f"COCO-Stuff image folder not found: {img_root}")
+        samples = []
+        for split in splits or self.SPLITS:
+            split_dir = img_root / split
+            if not split_dir.is_dir():
+                if splits:
+                    raise DataError(f"COCO-Stuff split folder not found: {split_dir}")
+                continue
+            list_path = self.root / "curated" / split / image_list if image_list else None
+            if list_path is not None and list_path.is_file():
+                ids = [ln.strip() for ln in list_path.read_text().splitlines() if ln.strip()]
+                curated = True
+            else:
+                if list_path is not None:
+                    warnings.warn(f"COCO-Stuff curated image list {list_path} not found: using all "
+                                  f"{split} images", stacklevel=2)
+                ids = sorted(p.stem for p in split_dir.glob("*.jpg"))
+                curated = False
+            for iid in ids:
+                samples.append(Sample(
+                    id=iid, site="coco", split=split, image_path=split_dir / f"{iid}.jpg",
+                    label_path=self.root / "annotations" / split / f"{iid}.png",
+                    extra={"curated": curated},
+                ))
+        if not samples:
+            raise DataError(f"no COCO-Stuff images under {img_root}")
+        self._set_samples(samples)
+
+    def _map_label(self, raw: np.ndarray, path: Path) -> np.ndarray:
+        counts = np.bincount(raw.ravel(), minlength=256)
+        bad = [int(v) for v in np.flatnonzero(counts[COCOSTUFF_NUM_FINE:]) + COCOSTUFF_NUM_FINE
+               if v != IGNORE_INDEX]
+        if bad:
+            raise DataError(f"label {path} has values {bad[:10]} outside the fine COCO-Stuff ids "
+                            f"0..{COCOSTUFF_NUM_FINE - 1} and 255 (unlabeled)")
+        return _COCO_LUT[raw]
+
+
+# ====================================================================== factory
+def open_dataset(name: str, root: str | Path) -> SegmentationDataset:
+    """Open a dataset by name under a data root.
+
+    ``"cityscapes"`` -> :class:`CityscapesDataset` on ``root/cityscapes`` if that folder exists, else ``root``;
+    ``"cocostuff27"`` -> :class:`CocoStuff27Dataset` on ``root/cocostuff`` if it exists, else ``root``;
+    any other name -> :class:`FolderDataset` on ``root/<name>`` (``DataError`` naming the path if missing).
+    """
+    root = Path(root).expanduser()
+    if name == "cityscapes":
+        sub = root / "cityscapes"
+        return CityscapesDataset(sub if sub.is_dir() else root)
+    if name == "cocostuff27":
+        sub = root / "cocostuff"
+        return CocoStuff27Dataset(sub if sub.is_dir() else root)
+    folder = root / name
+    if not folder.is_dir():
+        raise DataError(f"unknown dataset {name!r}: no folder {folder}")
+    return FolderDataset(folder)

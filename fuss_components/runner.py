@@ -1,0 +1,213 @@
+"""In-process reference runs: local-only, centralized, and a federation that calls the same Site, LocalTrainer
+and aggregation functions as the FLARE jobs (so the two can be compared number for number)."""
+
+from __future__ import annotations
+
+import json
+import logging
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+
+from .aggregation import AggregationError, ClientUpdate, aggregate, screen_updates
+from .cache import FeatureCache
+from .config import FussConfig
+from .evaluate import evaluate_model
+from .head import join_state, split_state
+from .partition import Partition
+from .site import Site, init_global_state, open_site_dataset, resolve_partition
+from .trainer import stable_seed
+
+log = logging.getLogger(__name__)
+
+MODEL_FILE = "model.pt"
+
+
+def save_model(path: str | Path, state: dict[str, torch.Tensor], cfg: FussConfig, **extra) -> Path:
+    """Checkpoint ``{"model": state, "config": cfg, ...}``; the same ``model`` key as FLARE's persistor."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": state, "config": cfg.to_dict(), **extra}, path)
+    return path
+
+
+def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
+    """(model state, config dict or None) from our checkpoints or FLARE's ``FL_global_model.pt``."""
+    blob = torch.load(path, map_location="cpu", weights_only=True)
+    if isinstance(blob, dict) and "model" in blob:
+        return blob["model"], blob.get("config")
+    return blob, None
+
+
+def _write_json(path: Path, data: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+
+
+class _Run:
+    """Sites of one run, built once: training sites and validation sites share caches and trainers."""
+
+    def __init__(self, cfg: FussConfig, partition: Partition | None = None):
+        self.cfg = cfg
+        self.dataset = open_site_dataset(cfg)
+        self.partition = partition or resolve_partition(cfg, self.dataset)
+        names = list(self.partition.clients) + [s for s in self.partition.validation if s not in self.partition.clients]
+        self.sites = {name: Site(cfg, name, self.partition, self.dataset) for name in names}
+        self.train_sites = [self.sites[n] for n in sorted(self.partition.clients)]
+        self.validation_sites = [self.sites[n] for n in sorted(self.partition.validation)]
+        self.num_clusters = next(iter(self.sites.values())).num_clusters
+
+    def validate(self, state: dict[str, torch.Tensor], crf: bool = False, overlay_dir: Path | None = None,
+                 num_overlays: int = 0) -> dict[str, dict]:
+        return {s.name: s.validate(state, crf=crf, overlay_dir=overlay_dir and overlay_dir / s.name,
+                                   num_overlays=num_overlays) for s in self.validation_sites}
+
+
+def _summary(per_site: dict[str, dict]) -> dict[str, float]:
+    """Image-weighted mean of validation metrics over validation sites."""
+    total = sum(m["num_images"] for m in per_site.values())
+    return {key: sum(m[key] * m["num_images"] for m in per_site.values()) / total for key in ("miou", "pixel_acc")}
+
+
+def run_federated(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progress: bool = True) -> dict:
+    """Algorithm 1 in one process: every round each training site trains from the global model, the updates
+    are screened and aggregated, and the validation sites evaluate the new global model."""
+    out_dir = Path(out_dir)
+    run = _Run(cfg)
+    fed = cfg.federation
+    min_clients = fed.min_clients or len(run.train_sites)
+    state = init_global_state(cfg, run.num_clusters)
+    history, started = [], time.perf_counter()
+    for round_idx in range(fed.rounds):
+        updates = []
+        for site in run.train_sites:
+            result = site.train(state, round_idx)
+            head, centroids = split_state(result.state)
+            updates.append(ClientUpdate(site.name, head, centroids, result.num_samples, result.metrics))
+        reference, centroids = split_state(state)
+        accepted, rejected = screen_updates(updates, reference, run.num_clusters, centroids.shape[1])
+        for site_name, reason in rejected:
+            log.warning("round %d: rejected update of %s: %s", round_idx, site_name, reason)
+        if len(accepted) < min_clients:
+            raise AggregationError(f"round {round_idx}: {len(accepted)} usable updates, min_clients={min_clients}")
+        state = join_state(*aggregate(accepted, fed, run.num_clusters))
+        validation = run.validate(state)
+        record = {"round": round_idx, "train": {u.site: u.metrics for u in updates},
+                  "rejected": dict(rejected), "validation": validation, **_summary(validation)}
+        history.append(record)
+        if progress:
+            log.info("round %d/%d: validation mIoU %.4f acc %.4f", round_idx + 1, fed.rounds, record["miou"],
+                     record["pixel_acc"])
+    final = run.validate(state, crf=crf, overlay_dir=out_dir / "overlays", num_overlays=4)
+    result = {"mode": "federated", "rounds": history, "final": final, **_summary(final),
+              "seconds": time.perf_counter() - started}
+    save_model(out_dir / MODEL_FILE, state, cfg, rounds=fed.rounds)
+    _finish(out_dir, cfg, result)
+    return result
+
+
+def run_local(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progress: bool = True) -> dict:
+    """Local-only reference: every training site trains alone for the same rounds and steps, and each local
+    model is evaluated on the validation sites. Reports mean, best and worst site."""
+    out_dir = Path(out_dir)
+    run = _Run(cfg)
+    initial = init_global_state(cfg, run.num_clusters)
+    per_site, started = {}, time.perf_counter()
+    for site in run.train_sites:
+        state = initial
+        for round_idx in range(cfg.federation.rounds):
+            state = site.train(state, round_idx).state
+        save_model(out_dir / site.name / MODEL_FILE, state, cfg)
+        per_site[site.name] = {"validation": run.validate(state, crf=crf)}
+        per_site[site.name].update(_summary(per_site[site.name]["validation"]))
+        if progress:
+            log.info("local %s: validation mIoU %.4f", site.name, per_site[site.name]["miou"])
+    mious = [v["miou"] for v in per_site.values()]
+    result = {"mode": "local", "sites": per_site, "miou": statistics.mean(mious), "miou_best": max(mious),
+              "miou_worst": min(mious), "pixel_acc": statistics.mean(v["pixel_acc"] for v in per_site.values()),
+              "seconds": time.perf_counter() - started}
+    _finish(out_dir, cfg, result)
+    return result
+
+
+def pooled_partition(partition: Partition, name: str = "centralized") -> Partition:
+    """All training sites' images as one client (validation unchanged)."""
+    ids = [i for site in sorted(partition.clients) for i in partition.clients[site]]
+    return Partition(dataset=partition.dataset, strategy="pooled", seed=partition.seed,
+                     num_classes=partition.num_classes, clients={name: ids}, validation=dict(partition.validation),
+                     meta={"pooled_from": sorted(partition.clients)})
+
+
+def run_centralized(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progress: bool = True) -> dict:
+    """Centralized reference: all training sites' data pooled in one trainer, same rounds x local epochs."""
+    out_dir = Path(out_dir)
+    run = _Run(cfg, pooled_partition(resolve_partition(cfg)))
+    site = run.train_sites[0]
+    state = init_global_state(cfg, run.num_clusters)
+    history, started = [], time.perf_counter()
+    for round_idx in range(cfg.federation.rounds):
+        result = site.train(state, round_idx)
+        state = result.state
+        validation = run.validate(state)
+        history.append({"round": round_idx, "train": result.metrics, "validation": validation,
+                        **_summary(validation)})
+        if progress:
+            log.info("centralized epoch-round %d/%d: validation mIoU %.4f (clusters used %d)", round_idx + 1,
+                     cfg.federation.rounds, history[-1]["miou"], result.metrics["clusters_used"])
+    final = run.validate(state, crf=crf, overlay_dir=out_dir / "overlays", num_overlays=4)
+    out = {"mode": "centralized", "rounds": history, "final": final, **_summary(final),
+           "seconds": time.perf_counter() - started}
+    save_model(out_dir / MODEL_FILE, state, cfg)
+    _finish(out_dir, cfg, out)
+    return out
+
+
+class RawKMeans:
+    """The floor: k-means on L2-normalised raw backbone features (no head); predicts by cosine."""
+
+    def __init__(self, centroids: torch.Tensor):
+        self.centroids = F.normalize(centroids, dim=1)
+
+    def cluster_logits(self, feats: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bdhw,cd->bchw", F.normalize(feats.float(), dim=1), self.centroids)
+
+
+def run_raw_kmeans(cfg: FussConfig, out_dir: str | Path, crf: bool = False, max_vectors: int = 200_000,
+                   progress: bool = True) -> dict:
+    """Fit k-means (|C| clusters) on the training sites' raw patch features and evaluate like a trained model."""
+    out_dir = Path(out_dir)
+    run = _Run(cfg, pooled_partition(resolve_partition(cfg)))
+    site = run.train_sites[0]
+    site.cache.ensure(run.dataset, site.train_ids, ["train"], device=site.device, desc=site.name)
+    feats = FeatureCache(cfg, run.dataset.name).load_train(site.train_ids, cfg.train.knn).feats
+    vectors = F.normalize(feats.float().permute(0, 2, 3, 1).reshape(-1, feats.shape[1]), dim=1)
+    rng = np.random.default_rng(stable_seed(cfg.federation.seed, "raw-kmeans"))
+    if len(vectors) > max_vectors:
+        vectors = vectors[rng.choice(len(vectors), max_vectors, replace=False)]
+    started = time.perf_counter()
+    kmeans = KMeans(run.num_clusters, n_init=3, random_state=cfg.federation.seed).fit(vectors.numpy())
+    model = RawKMeans(torch.from_numpy(kmeans.cluster_centers_).float())
+    final = {s.name: (s.cache.ensure(run.dataset, s.validation_ids, ["eval"], device=s.device, desc=s.name),
+                      evaluate_model(model, run.dataset, s.validation_ids, s.cache, run.num_clusters, crf=crf,
+                                     overlay_dir=out_dir / "overlays" / s.name, num_overlays=4))[1]
+             for s in run.validation_sites}
+    out = {"mode": "raw-kmeans", "final": final, **_summary(final), "num_vectors": len(vectors),
+           "seconds": time.perf_counter() - started}
+    _finish(out_dir, cfg, out)
+    return out
+
+
+def _finish(out_dir: Path, cfg: FussConfig, result: dict) -> None:
+    cfg.save(out_dir / "config.json")
+    _write_json(out_dir / "metrics.json", result)
+    log.info("%s: mIoU %.4f, pixel accuracy %.4f -> %s", result["mode"], result["miou"], result["pixel_acc"],
+             out_dir)
+
+
+RUNNERS = {"federated": run_federated, "local": run_local, "centralized": run_centralized,
+           "raw-kmeans": run_raw_kmeans}

@@ -1,0 +1,88 @@
+"""Shared fixtures: a tiny synthetic dataset in the standard folder layout, a tiny-backbone config, and the
+location of the real shared assets (tests marked `realdata` skip with a reason when they are absent)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fuss_components.config import FussConfig
+
+TINY_CLASSES = ["background", "red", "blue"]
+TINY_SITES = {"s1": 6, "s2": 5, "s3": 4}  # s3 is held out for validation in `tiny_partition`
+
+
+def make_tiny_dataset(root: Path, sites: dict[str, int] = TINY_SITES, size: tuple[int, int] = (40, 56),
+                      seed: int = 0) -> Path:
+    """Write a dataset 'tiny' under root: each image is a grey-noise background with a red and a blue
+    rectangle at random places; the label marks them 1 and 2, and a 2-pixel border is ignore (255)."""
+    rng = np.random.default_rng(seed)
+    ds = root / "tiny"
+    items = []
+    h, w = size
+    for site, count in sites.items():
+        for i in range(count):
+            iid = f"{site}_{i:03d}"
+            img = (rng.normal(110, 12, (h, w, 3))).clip(0, 255).astype(np.uint8)
+            lab = np.zeros((h, w), np.uint8)
+            for cls, colour in ((1, (200, 30, 30)), (2, (30, 40, 210))):
+                rh, rw = rng.integers(h // 4, h // 2), rng.integers(w // 4, w // 2)
+                y, x = rng.integers(0, h - rh), rng.integers(0, w - rw)
+                img[y:y + rh, x:x + rw] = np.array(colour) + rng.normal(0, 8, (rh, rw, 3))
+                lab[y:y + rh, x:x + rw] = cls
+            lab[:2], lab[-2:], lab[:, :2], lab[:, -2:] = 255, 255, 255, 255
+            split = "test" if site == "s3" else "train"
+            (ds / "images" / split).mkdir(parents=True, exist_ok=True)
+            (ds / "labels" / split).mkdir(parents=True, exist_ok=True)
+            Image.fromarray(img).save(ds / "images" / split / f"{iid}.jpg", quality=95)
+            Image.fromarray(lab).save(ds / "labels" / split / f"{iid}.png")
+            items.append({"id": iid, "split": split, "site": site, "width": w, "height": h})
+    meta = {"name": "tiny", "classes": TINY_CLASSES, "num_classes": len(TINY_CLASSES), "ignore_index": 255,
+            "count": len(items), "items": items}
+    (ds / "meta.json").write_text(json.dumps(meta))
+    return root
+
+
+@pytest.fixture(scope="session")
+def tiny_data_root(tmp_path_factory) -> Path:
+    """Data root holding the synthetic dataset 'tiny' (sites s1, s2 train; s3 test)."""
+    return make_tiny_dataset(tmp_path_factory.mktemp("data"))
+
+
+def tiny_config(data_root: Path, cache_dir: Path, **overrides) -> FussConfig:
+    """A config that runs in seconds: the registered 2-block random ViT, 28 px crops, 2-round federation."""
+    base = {
+        "backbone": {"name": "fuss_tiny_vit_patch14", "weights": "random", "block": -1},
+        "data": {"dataset": "tiny", "root": str(data_root), "train_size": 28, "eval_short_side": 42},
+        "train": {"dim": 8, "batch_size": 4, "num_clusters": 3, "knn": 2, "num_random": 2},
+        "loss": {"grid": 3},
+        "federation": {"rounds": 2, "local_steps": 3},
+        "partition": "site",
+        "cache_dir": str(cache_dir),
+    }
+    cfg = FussConfig.from_dict(base)
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+@pytest.fixture
+def tiny_cfg(tiny_data_root, tmp_path) -> FussConfig:
+    return tiny_config(tiny_data_root, tmp_path / "cache")
+
+
+def shared_dir() -> Path | None:
+    """The real shared assets folder, or None (realdata tests then skip)."""
+    path = Path(os.environ.get("FUSS_SHARED", Path(__file__).resolve().parents[2] / "shared"))
+    return path if (path / "data").is_dir() and (path / "weights").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    path = shared_dir()
+    if path is None:
+        pytest.skip("shared assets not found: set FUSS_SHARED to the folder holding data/ and weights/")
+    return path

@@ -1,0 +1,178 @@
+"""FussConfig: spec defaults, strict parsing (unknown keys, types, impossible values), overrides, round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from fuss_components.config import (
+    BackboneConfig,
+    ConfigError,
+    DataConfig,
+    FederationConfig,
+    FussConfig,
+    LossConfig,
+    TrainConfig,
+)
+
+
+def test_defaults_match_spec():
+    cfg = FussConfig()
+    assert cfg.train.lr_head == 5e-4
+    assert cfg.train.lr_centroids == 5e-3
+    assert cfg.train.batch_size == 8
+    assert cfg.train.dim == 70
+    assert cfg.train.knn == 7
+    assert cfg.train.num_random == 5
+    assert cfg.loss.grid == 11
+    # STEGO's Cityscapes weights / shifts of the three correspondence terms
+    assert (cfg.loss.random_weight, cfg.loss.random_shift) == (0.9059, 0.3136)
+    assert (cfg.loss.knn_weight, cfg.loss.knn_shift) == (0.5775, 0.1754)
+    assert (cfg.loss.self_weight, cfg.loss.self_shift) == (1.0, 0.4583)
+    assert cfg.federation.aggregator == "fedcc-kmeans"
+    assert cfg.backbone.name == "vit_small_patch14_dinov2"
+    # an empty dict gives the same defaults, and they validate
+    assert FussConfig.from_dict({}) == cfg
+    assert FussConfig.from_dict(None) == cfg
+
+
+def test_sections_are_the_documented_types():
+    cfg = FussConfig()
+    assert isinstance(cfg.backbone, BackboneConfig)
+    assert isinstance(cfg.data, DataConfig)
+    assert isinstance(cfg.loss, LossConfig)
+    assert isinstance(cfg.train, TrainConfig)
+    assert isinstance(cfg.federation, FederationConfig)
+
+
+def test_from_dict_sets_nested_values():
+    cfg = FussConfig.from_dict({"train": {"lr_head": 1e-3, "num_clusters": 27},
+                                "federation": {"aggregator": "fedavg", "local_steps": 5},
+                                "partition": "site"})
+    assert cfg.train.lr_head == 1e-3
+    assert cfg.train.num_clusters == 27
+    assert cfg.train.batch_size == 8  # untouched fields keep their defaults
+    assert cfg.federation.aggregator == "fedavg"
+    assert cfg.federation.local_steps == 5
+    assert cfg.partition == "site"
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"bogus": 1}, "bogus"),
+    ({"train": {"lr_hed": 1e-3}}, "train.lr_hed"),
+    ({"loss": {"grid": 5, "gird": 5}}, "loss.gird"),
+    ({"federation": {"aggregatr": "fedavg"}}, "federation.aggregatr"),
+])
+def test_unknown_key_names_dotted_key(data, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        FussConfig.from_dict(data)
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"train": {"batch_size": "8"}}, "train.batch_size"),
+    ({"train": {"lr_head": "fast"}}, "train.lr_head"),
+    ({"train": {"batch_size": 8.0}}, "train.batch_size"),
+    ({"data": {"dataset": 3}}, "data.dataset"),
+    ({"federation": {"weighted": "yes"}}, "federation.weighted"),
+    ({"backbone": {"block": None}}, "backbone.block"),
+    ({"partition": ["a"]}, "partition"),
+])
+def test_wrong_type_names_key(data, key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        FussConfig.from_dict(data)
+
+
+def test_section_must_be_a_mapping():
+    with pytest.raises(ConfigError, match="'train'"):
+        FussConfig.from_dict({"train": 3})
+
+
+@pytest.mark.parametrize("data, key", [
+    ({"train": {"lr_head": -1e-4}}, "train.lr_head"),
+    ({"train": {"lr_centroids": 0.0}}, "train.lr_centroids"),
+    ({"train": {"num_clusters": 0}}, "train.num_clusters"),
+    ({"train": {"batch_size": 0}}, "train.batch_size"),
+    ({"train": {"dropout": 1.0}}, "train.dropout"),
+    ({"federation": {"aggregator": "fedmedian"}}, "federation.aggregator"),
+    ({"federation": {"rounds": 0}}, "federation.rounds"),
+    ({"data": {"crop_ratio": 0}}, "data.crop_ratio"),
+    ({"data": {"crop_ratio": 1.5}}, "data.crop_ratio"),
+    ({"data": {"train_size": -224}}, "data.train_size"),
+    ({"loss": {"shift_mode": "learned"}}, "loss.shift_mode"),
+    ({"loss": {"knn_attract": 1.0}}, "loss.knn_attract"),
+    ({"loss": {"grid": 0}}, "loss.grid"),
+    ({"backbone": {"sha256": "abc"}}, "backbone.sha256"),
+])
+def test_impossible_values_name_key(data, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        FussConfig.from_dict(data)
+
+
+def test_int_accepted_for_float_bool_not_for_int():
+    cfg = FussConfig.from_dict({"train": {"lr_head": 1, "dropout": 0}, "data": {"crop_ratio": 1}})
+    assert cfg.train.lr_head == 1.0 and type(cfg.train.lr_head) is float
+    assert type(cfg.train.dropout) is float and type(cfg.data.crop_ratio) is float
+    with pytest.raises(ConfigError, match="'train.batch_size'"):
+        FussConfig.from_dict({"train": {"batch_size": True}})
+    with pytest.raises(ConfigError, match="'train.lr_head'"):
+        FussConfig.from_dict({"train": {"lr_head": True}})
+    with pytest.raises(ConfigError, match="'train.num_clusters'"):  # int | None: bool still rejected
+        FussConfig.from_dict({"train": {"num_clusters": False}})
+
+
+def test_optional_fields_accept_null():
+    cfg = FussConfig.from_dict({"train": {"num_clusters": None}, "federation": {"local_steps": None}})
+    assert cfg.train.num_clusters is None and cfg.federation.local_steps is None
+
+
+def test_with_overrides_applies_dotted_keys_and_copies():
+    base = FussConfig()
+    new = base.with_overrides({"train.lr_head": 1e-4, "federation.rounds": 3, "partition": "iid"})
+    assert new.train.lr_head == 1e-4 and new.federation.rounds == 3 and new.partition == "iid"
+    assert base.train.lr_head == 5e-4 and base.federation.rounds == 10 and base.partition == "camvid"
+
+
+@pytest.mark.parametrize("key", ["train.nope", "nosection.lr", "bogus", "train.lr_head.x"])
+def test_with_overrides_unknown_key_errors(key):
+    with pytest.raises(ConfigError, match=f"'{key}'"):
+        FussConfig().with_overrides({key: 1})
+
+
+def test_with_overrides_validates():
+    with pytest.raises(ConfigError, match=r"train\.lr_head"):
+        FussConfig().with_overrides({"train.lr_head": -1.0})
+    with pytest.raises(ConfigError, match="'train.batch_size'"):
+        FussConfig().with_overrides({"train.batch_size": "eight"})
+
+
+def test_save_load_round_trip(tmp_path):
+    cfg = FussConfig.from_dict({
+        "backbone": {"block": -1, "weights": "/x/w.safetensors", "sha256": "a" * 64},
+        "data": {"dataset": "polyp", "crop_ratio": 0.75},
+        "train": {"num_clusters": 5, "lr_head": 2e-4, "fedprox_mu": 0.001},
+        "loss": {"shift_mode": "fixed", "pointwise": False},
+        "federation": {"aggregator": "fedcc-maximin", "weighted": False, "local_steps": 7},
+        "partition": "polyp", "cache_dir": "/tmp/c",
+    })
+    path = tmp_path / "sub" / "cfg.json"
+    cfg.save(path)
+    assert json.loads(path.read_text())["train"]["lr_head"] == 2e-4
+    loaded = FussConfig.load(path)
+    assert loaded == cfg
+    assert loaded.to_dict() == cfg.to_dict()
+    assert loaded.backbone.sha256 == "a" * 64 and loaded.federation.local_steps == 7
+
+
+def test_load_rejects_bad_files(tmp_path):
+    missing = tmp_path / "nope.json"
+    with pytest.raises(ConfigError, match="nope.json"):
+        FussConfig.load(missing)
+    broken = tmp_path / "broken.json"
+    broken.write_text("{not json")
+    with pytest.raises(ConfigError, match="broken.json"):
+        FussConfig.load(broken)
+    unknown = tmp_path / "unknown.json"
+    unknown.write_text(json.dumps({"train": {"lr": 1}}))
+    with pytest.raises(ConfigError, match="'train.lr'"):
+        FussConfig.load(unknown)

@@ -1,0 +1,103 @@
+"""LocalTrainer on the tiny synthetic dataset and tiny random backbone."""
+
+import pytest
+import torch
+
+from fuss_components.head import FussModel
+from fuss_components.trainer import _reseed_dead
+from fuss_components.site import Site, init_global_state, resolve_partition
+
+
+def _site(cfg, name="s1"):
+    return Site(cfg, name, resolve_partition(cfg))
+
+
+def _distance(a, b, prefix="head."):
+    return sum(((a[k] - b[k]) ** 2).sum().item() for k in a if k.startswith(prefix)) ** 0.5
+
+
+def test_train_is_deterministic_and_changes_the_model(tiny_cfg):
+    state = init_global_state(tiny_cfg)
+    first = _site(tiny_cfg).train(state, round_idx=0)
+    second = _site(tiny_cfg).train(state, round_idx=0)
+    for key in state:
+        assert torch.equal(first.state[key], second.state[key]), key
+    assert _distance(first.state, state) > 0
+    assert not torch.equal(first.state["centroids"], state["centroids"])
+    assert first.num_samples == 6  # images of s1, not views or batches
+    assert {"loss_self", "loss_knn", "loss_random", "loss_centroids", "clusters_used"} <= set(first.metrics)
+    other_round = _site(tiny_cfg).train(state, round_idx=1)
+    assert not torch.equal(other_round.state["centroids"], first.state["centroids"])
+
+
+def test_steps_per_round_from_local_epochs(tiny_cfg):
+    cfg = tiny_cfg.with_overrides({"federation.local_steps": None, "federation.local_epochs": 2.0})
+    site = _site(cfg)
+    # 6 images x 5 views = 30 views; 2 epochs of batches of 4 -> ceil(60 / 4) = 15 steps
+    assert site.trainer.steps_per_round() == 15
+    assert site.train(init_global_state(cfg), 0).metrics["steps"] == 15
+
+
+@pytest.mark.parametrize("switch,kept", [("federation.average_head", "head."),
+                                         ("federation.aggregate_centroids", "centroids")])
+def test_e_and_c_switches_keep_local_state(tiny_cfg, switch, kept):
+    state = init_global_state(tiny_cfg)
+    # the server sends something else for exactly the switchable part
+    other = {k: (v + 0.05 * torch.randn_like(v) if k.startswith(kept) else v) for k, v in state.items()}
+
+    def second_round(cfg, global_state):
+        site = _site(cfg)
+        site.train(state, 0)  # round 0 sets the site's own previous model
+        return site.train(global_state, 1).state
+
+    off = tiny_cfg.with_overrides({switch: False})
+    a, b = second_round(off, state), second_round(off, other)
+    assert all(torch.equal(a[k], b[k]) for k in a)  # switched off: what the server sent there is ignored
+    a, b = second_round(tiny_cfg, state), second_round(tiny_cfg, other)
+    assert not all(torch.equal(a[k], b[k]) for k in a if k.startswith(kept))  # control: on, it matters
+
+
+def test_fedprox_keeps_head_near_global(tiny_cfg):
+    state = init_global_state(tiny_cfg)
+    free = _site(tiny_cfg).train(state, 0)
+    prox_cfg = tiny_cfg.with_overrides({"train.fedprox_mu": 50.0})
+    prox = _site(prox_cfg).train(state, 0)
+    assert "loss_fedprox" in prox.metrics
+    assert _distance(prox.state, state) < _distance(free.state, state)
+
+
+def test_moon_term_from_second_round(tiny_cfg):
+    cfg = tiny_cfg.with_overrides({"train.moon_weight": 1.0})
+    site = _site(cfg)
+    state = init_global_state(cfg)
+    assert "loss_moon" not in site.train(state, 0).metrics  # no previous local model yet
+    metrics = site.train(state, 1).metrics
+    assert metrics["loss_moon"] > 0
+
+
+def test_dead_centroids_move_to_worst_explained_vectors():
+    model = FussModel(in_dim=4, dim=2, num_clusters=3)
+    optimizer = torch.optim.Adam([model.centroids])
+    code = torch.tensor([[1.0, 0.0], [0.6, 0.8], [0.0, 2.0], [3.0, 0.1]]).T.reshape(1, 2, 2, 2)
+    best = torch.tensor([0.9, 0.5, 0.1, 0.95]).reshape(1, 2, 2)  # positions 2, then 1, are worst explained
+    before = model.centroids.detach().clone()
+    moved = _reseed_dead(model, optimizer, torch.tensor([7, 0, 0]), code, best)
+    assert moved == 2
+    assert torch.equal(model.centroids[0], before[0])  # the used centroid stays
+    assert torch.allclose(model.centroids[1:], torch.tensor([[0.0, 1.0], [0.6, 0.8]]))
+
+
+def test_reseeding_switch(tiny_cfg):
+    state = init_global_state(tiny_cfg)
+    state["centroids"] = state["centroids"][:1].repeat(3, 1)  # identical centroids: argmax ties -> only #0 used
+    off = _site(tiny_cfg.with_overrides({"train.reseed_dead_every": 0})).train(state, 0).metrics
+    on = _site(tiny_cfg.with_overrides({"train.reseed_dead_every": 1})).train(state, 0).metrics
+    assert off["clusters_reseeded"] == 0 and on["clusters_reseeded"] >= 2
+
+
+def test_quantile_shifts_follow_attract_fractions(tiny_cfg):
+    low = _site(tiny_cfg.with_overrides({"loss.self_attract": 0.1})).trainer.calibrate()
+    high = _site(tiny_cfg.with_overrides({"loss.self_attract": 0.6})).trainer.calibrate()
+    assert low.self > high.self  # fewer attracting pairs need a higher shift
+    fixed = _site(tiny_cfg.with_overrides({"loss.shift_mode": "fixed"})).trainer.calibrate()
+    assert (fixed.self, fixed.knn, fixed.random) == (0.4583, 0.1754, 0.3136)
