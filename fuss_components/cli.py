@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
             return job_main(args.job_args)
         return COMMANDS[args.command](args, load_config(args))
     except (ConfigError, FileNotFoundError, ValueError, RuntimeError) as err:
-        log.error("%s", err)
+        print(f"fuss: error: {err}", file=sys.stderr)
         return 2
 
 

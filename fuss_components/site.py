@@ -83,8 +83,10 @@ def build_model(cfg: FussConfig, clusters: int | None = None) -> FussModel:
 
 def init_global_state(cfg: FussConfig, clusters: int | None = None) -> dict[str, torch.Tensor]:
     """The seeded initial global model (unit-norm random centroids); identical wherever it is computed."""
+    in_dim, t = feature_dim(cfg.backbone), cfg.train  # before seeding: may build (and cache) a timm model
+    clusters = clusters or num_clusters(cfg)
     torch.manual_seed(stable_seed(cfg.federation.seed, "init"))
-    model = build_model(cfg, clusters)
+    model = FussModel(in_dim, t.dim, clusters, t.dropout)
     with torch.no_grad():
         model.centroids.copy_(F.normalize(model.centroids, dim=1))
     return {k: v.detach().clone() for k, v in model.state_dict().items()}

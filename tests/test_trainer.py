@@ -101,3 +101,14 @@ def test_quantile_shifts_follow_attract_fractions(tiny_cfg):
     assert low.self > high.self  # fewer attracting pairs need a higher shift
     fixed = _site(tiny_cfg.with_overrides({"loss.shift_mode": "fixed"})).trainer.calibrate()
     assert (fixed.self, fixed.knn, fixed.random) == (0.4583, 0.1754, 0.3136)
+
+
+def test_initial_global_state_is_the_same_on_every_call(tiny_cfg):
+    from fuss_components.backbones import _architecture
+
+    _architecture.cache_clear()  # a cold process: the first call builds timm's model
+    first, second = init_global_state(tiny_cfg), init_global_state(tiny_cfg)
+    assert all(torch.equal(first[k], second[k]) for k in first)
+    other_seed = init_global_state(tiny_cfg.with_overrides({"federation.seed": 1}))
+    assert not torch.equal(first["centroids"], other_seed["centroids"])
+    assert torch.allclose(first["centroids"].norm(dim=1), torch.ones(3))

@@ -28,8 +28,10 @@ from fuss_components.config import FussConfig
 from fuss_flare import CONFIG_FILE, META_NUM_SAMPLES, META_SITE, TASK_SITE_INFO, VALIDATION_METRICS, to_torch_state
 
 SITE_CONFIG_ENV = "FUSS_SITE_CONFIG"
-# TEST-ONLY fault injection: "<flare site name>:<fault>[,...]" with fault in nan | extra_centroid | bad_shape.
-# Used by tests/test_flare_sim.py to prove the server rejects bad updates; never set it in a real deployment.
+# TEST-ONLY fault injection: "<flare site name>:<fault>[+<fault>][,...]", fault in nan | extra_centroid | bad_shape | leak.
+# Used by tests/test_flare_sim.py to prove that the server rejects bad updates (nan, extra_centroid, bad_shape)
+# and that the result filter strips undeclared content before it leaves the site (leak). Never set it in a real
+# deployment; it does nothing when unset.
 TEST_CORRUPT_ENV = "FUSS_TEST_CORRUPT_UPDATE"
 
 
@@ -52,10 +54,10 @@ def _test_corruption(flare_name: str) -> str | None:
     return None
 
 
-def _corrupt(state: dict, fault: str) -> dict:
+def _corrupt(state: dict, meta: dict, fault: str) -> tuple[dict, dict]:
     import torch
 
-    state = dict(state)
+    state, meta = dict(state), dict(meta)
     c = state["centroids"]
     if fault == "nan":
         state["centroids"] = torch.full_like(c, math.nan)
@@ -64,9 +66,12 @@ def _corrupt(state: dict, fault: str) -> dict:
     elif fault == "bad_shape":
         key = next(k for k in state if k != "centroids")
         state[key] = torch.zeros(3, 3)
+    elif fault == "leak":  # undeclared content that FussResultFilter must drop
+        state["backbone.blocks.0.attn.qkv.weight"] = torch.zeros(4, 4)
+        meta["image_ids"] = ["secret_000"]
     else:
         raise ValueError(f"unknown test fault {fault!r}")
-    return state
+    return state, meta
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -99,14 +104,13 @@ def main(argv: list[str] | None = None) -> None:
             round_idx = int(model.current_round or 0)
             result = site.train(to_torch_state(model.params), round_idx)
             state = result.state
-            fault = _test_corruption(name)
-            if fault:
-                print(f"FUSS TEST HOOK: corrupting the update of {name} ({fault})")
-                state = _corrupt(state, fault)
             metrics = {k: float(v) for k, v in result.metrics.items()}
             for key, value in metrics.items():
                 writer.add_scalar(f"train/{key}", value, global_step=round_idx)
             meta = {META_NUM_SAMPLES: int(result.num_samples), META_SITE: site.name}
+            for one in filter(None, (_test_corruption(name) or "").split("+")):
+                print(f"FUSS TEST HOOK: corrupting the update of {name} ({one})")
+                state, meta = _corrupt(state, meta, one)
             flare.send(flare.FLModel(params=state, metrics=metrics, meta=meta))
         elif flare.is_evaluate():
             round_idx = int(model.current_round or 0)

@@ -7,7 +7,8 @@ validation site of the partition) and its number of training images. Per round `
    (byte size of the payload, parameter names and shapes, meta keys, loss terms) and handed to the aggregator;
 2. the aggregator screens and aggregates (``FussAggregator``); its accepted / rejected lists are recorded;
 3. the new global model is persisted (``FL_global_model.pt``) and a resumable checkpoint is written
-   (``fuss_checkpoint.pt``: model + round + history);
+   (``fuss_checkpoint.pt``: model + round + history); after the last round also ``fuss_model.pt``
+   (model + config, the format of ``fuss_components.runner.save_model``);
 4. ``validate`` (the new global model) to the validation sites; their mIoU / pixel accuracy / per-class IoU are
    recorded and streamed to TensorBoard, and a better image-weighted mean mIoU makes it the best model
    (``FL_best_global_model.pt``);
@@ -41,13 +42,16 @@ from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 from nvflare.security.logging import secure_format_exception
 
+from fuss_components.runner import save_model
 from fuss_flare import (
+    CONFIG_FILE,
     META_NUM_SAMPLES,
     META_SITE,
     TASK_SITE_INFO,
     TASK_TRAIN,
     TASK_VALIDATE,
     TRAINING_SITES_PROP,
+    load_job_config,
     to_torch_state,
 )
 
@@ -71,6 +75,8 @@ class FussController(ScatterAndGather):
         checkpoint_file: str = "fuss_checkpoint.pt",
         resume_from: str = "",
         record_updates: bool = False,
+        config_file: str = CONFIG_FILE,
+        final_model_file: str = "fuss_model.pt",
     ):
         """Args (besides ScatterAndGather's):
         min_clients: fewest training sites the job needs (and fewest accepted updates per round; the aggregator
@@ -82,6 +88,9 @@ class FussController(ScatterAndGather):
             continue after its round with its global model, best model and history.
         record_updates: also save what the server received from every site each round (tensors included) to
             ``received/round_<r>.pt``; for tests and audits, off by default.
+        config_file: the job's FussConfig JSON (server app's custom folder), saved with the final model.
+        final_model_file: the final global model as ``{"model": state, "config": cfg, "rounds": R}``
+            (``fuss_components.runner.save_model``), loadable by ``fuss evaluate`` / ``fuss predict``.
         """
         super().__init__(
             min_clients=min_clients,
@@ -105,6 +114,9 @@ class FussController(ScatterAndGather):
         self.checkpoint_file = checkpoint_file
         self.resume_from = resume_from
         self.record_updates = record_updates
+        self.config_file = config_file
+        self.final_model_file = final_model_file
+        self._cfg = None
         self._app_dir: Path | None = None
         self._roles: dict[str, dict] = {}
         self._history: dict = {"sites": {}, "rounds": [], "best": None, "final": None}
@@ -115,6 +127,7 @@ class FussController(ScatterAndGather):
     def start_controller(self, fl_ctx: FLContext) -> None:
         fobs.register(TensorDecomposer)
         self._app_dir = Path(fl_ctx.get_prop(FLContextKey.APP_ROOT))
+        self._cfg = load_job_config(fl_ctx, self.config_file)
         super().start_controller(fl_ctx)
         if self.resume_from:
             self._resume(fl_ctx)
@@ -132,8 +145,14 @@ class FussController(ScatterAndGather):
         try:
             self._control_flow(abort_signal, fl_ctx)
         except Exception as err:
-            msg = f"FussController failed in round {self._current_round}: {secure_format_exception(err)}"
+            where = "during setup" if self._current_round is None else f"in round {self._current_round}"
+            msg = f"FussController failed {where}: {secure_format_exception(err)}"
             self.log_exception(fl_ctx, msg)
+            self._history["error"] = msg
+            if self._round_record and self._round_record not in self._history["rounds"]:
+                self._history["rounds"].append(self._round_record)
+            if self._app_dir is not None:
+                self._write_metrics()
             self.system_panic(msg, fl_ctx)
 
     def _control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
@@ -143,13 +162,11 @@ class FussController(ScatterAndGather):
         train_sites, val_sites = self._discover_sites(abort_signal, fl_ctx)
         if abort_signal.triggered:
             return
-        if len(train_sites) < self._min_clients:
-            self.system_panic(
+        if len(train_sites) < self._min_clients or not train_sites:
+            raise RuntimeError(
                 f"{len(train_sites)} training site(s) {train_sites} answered, fewer than min_clients="
-                f"{self._min_clients}; clients and roles: {self._roles}",
-                fl_ctx,
+                f"{max(self._min_clients, 1)}; clients and roles: {self._roles}"
             )
-            return
         fl_ctx.set_prop(TRAINING_SITES_PROP, train_sites, private=True, sticky=True)
         if not val_sites:
             self.log_warning(fl_ctx, "no validation site among the clients: the global model is not validated")
@@ -162,6 +179,8 @@ class FussController(ScatterAndGather):
             r = self._current_round
             self._round_record = {"round": r, "train": {}, "accepted": [], "rejected": [], "validation": {}}
             self._received = {}
+            if hasattr(self.aggregator, "last_report"):
+                self.aggregator.last_report = {}
             self.log_info(fl_ctx, f"Round {r} started: training on {train_sites}")
             fl_ctx.set_prop(AppConstants.GLOBAL_MODEL, self._global_weights, private=True, sticky=True)
             fl_ctx.set_prop(AppConstants.CURRENT_ROUND, r, private=True, sticky=True)
@@ -219,6 +238,8 @@ class FussController(ScatterAndGather):
             self._stream_round(r, fl_ctx)
             self._history["rounds"].append(self._round_record)
             if last:
+                save_model(self._app_dir / self.final_model_file, to_torch_state(self._global_weights["weights"]),
+                           self._cfg, rounds=self._num_rounds)
                 self._history["final"] = self._final_summary(r)
             self._write_checkpoint(r)
             self._write_metrics()
@@ -247,7 +268,7 @@ class FussController(ScatterAndGather):
             name, result = client_task.client.name, client_task.result
             if result is None or result.get_return_code(ReturnCode.OK) != ReturnCode.OK:
                 rc = None if result is None else result.get_return_code()
-                self.log_error(fl_ctx, f"client {name} did not report its site ({rc}); it takes no part")
+                self.log_error(fl_ctx, f"client {name} did not report its site ({rc}), see its log; it takes no part")
                 continue
             dxo = from_shareable(result)
             info = dxo.data or {}
@@ -257,7 +278,7 @@ class FussController(ScatterAndGather):
                 "is_validation_site": bool(info.get("is_validation_site")),
                 "num_samples": int(info.get("num_samples", 0)),
             }
-        self._history["sites"] = self._roles
+        self._history["sites"] = dict(sorted(self._roles.items()))
         train = sorted(n for n, r in self._roles.items() if r["is_training_site"])
         val = sorted(n for n, r in self._roles.items() if r["is_validation_site"])
         self.log_info(fl_ctx, f"site roles: {self._roles}")
@@ -349,7 +370,7 @@ class FussController(ScatterAndGather):
             "val_miou": rec.get("val_miou"),
             "val_pixel_acc": rec.get("val_pixel_acc"),
             "validation": rec.get("validation", {}),
-            "global_model": str(self._app_dir / "FL_global_model.pt"),
+            "global_model": str(self._app_dir / self.final_model_file),
             "best_model": str(self._app_dir / "FL_best_global_model.pt") if self._history.get("best") else None,
         }
 

@@ -25,7 +25,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fuss_components.config import AGGREGATORS, FussConfig
+from fuss_components.config import AGGREGATORS, ConfigError, FussConfig
 from fuss_flare import ALL_TASKS, CONFIG_FILE
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -152,6 +152,12 @@ def export(job, out_dir: str | Path) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
     for junk in target.rglob("__pycache__"):
         shutil.rmtree(junk, ignore_errors=True)
+    for config in target.glob("*/config/config_fed_*.json"):  # FLARE keeps filter task lists in a set: sort them
+        data = json.loads(config.read_text())
+        for section in ("task_result_filters", "task_data_filters"):
+            for entry in data.get(section, []):
+                entry["tasks"] = sorted(entry["tasks"])
+        config.write_text(json.dumps(data, indent=4))
     return target
 
 
@@ -225,6 +231,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--validate-every", type=int, default=1, help="validate every N rounds (0: only the last)")
     parser.add_argument("--task-request-interval", type=float, default=0.2,
                         help="seconds between a client's task polls (FLARE's default is 2)")
+    parser.add_argument("--resume-from", default="",
+                        help="fuss_checkpoint.pt of an earlier run: continue after its last round (set --rounds to "
+                             "the new total)")
     parser.add_argument("--record-updates", action="store_true",
                         help="server saves every received update (tensors) per round under received/ (audits, tests)")
     return parser
@@ -234,7 +243,8 @@ def config_from_args(args: argparse.Namespace) -> FussConfig:
     if args.preset:
         p = PRESETS[args.preset]
         if args.clients is not None and args.clients != p.clients and args.clients not in p.client_choices:
-            raise SystemExit(f"--clients {args.clients} is not available for preset {args.preset!r}")
+            raise ConfigError(f"--clients {args.clients} is not available for preset {args.preset!r} "
+                              f"(choices: {sorted(set(p.client_choices) | {p.clients})})")
         cfg = preset_config(args.preset, args.clients)
     else:
         cfg = FussConfig.load(args.config)
@@ -262,15 +272,27 @@ def config_from_args(args: argparse.Namespace) -> FussConfig:
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
-def main(args: argparse.Namespace | list[str] | None = None) -> Path:
-    """``fuss job export`` entry point; accepts parsed args or an argv list (a leading "export" is skipped)."""
+def main(args: argparse.Namespace | list[str] | None = None) -> int:
+    """``fuss job export`` entry point: parsed args or an argv list (a leading "export" is skipped; "committed"
+    regenerates the committed jobs). Returns the exit status: 0, or 2 for a bad configuration."""
     if not isinstance(args, argparse.Namespace):
         argv = list(sys.argv[1:] if args is None else args)
         if argv[:1] == ["committed"]:
-            return export_committed(*(argv[2:3] if argv[1:2] == ["--out"] else []))
+            export_committed(*(argv[2:3] if argv[1:2] == ["--out"] else []))
+            return 0
         if argv[:1] == ["export"]:
             argv = argv[1:]
         args = get_args_parser().parse_args(argv)
+    try:
+        export_from_args(args)
+    except (ConfigError, OSError) as err:
+        print(f"fuss job export: error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def export_from_args(args: argparse.Namespace) -> Path:
+    """Export the job that ``args`` describe; prints the folder and the simulator command."""
     cfg = config_from_args(args)
     if args.preset:
         p = PRESETS[args.preset]
@@ -280,10 +302,11 @@ def main(args: argparse.Namespace | list[str] | None = None) -> Path:
         name = args.name or Path(args.config).stem
     n_train, n = count_sites(cfg, args.preset)
     job = build_job(cfg, name, num_training_sites=n_train, validate_every=args.validate_every,
-                    task_request_interval=args.task_request_interval, record_updates=args.record_updates)
+                    task_request_interval=args.task_request_interval, record_updates=args.record_updates,
+                    resume_from=str(Path(args.resume_from).resolve()) if args.resume_from else "")
     path = export(job, args.out)
-    hint = f"-n {n}" if n else "-n <training + validation-only sites>"
-    print(f"exported {path}\nrun: nvflare simulator {path} -w /tmp/{name}_ws {hint} -t {min(n or 2, 4)}")
+    hint = f"-n {n} -t {min(n, 4)}" if n else "-n <training + validation-only sites>"
+    print(f"exported {path}\nrun: nvflare simulator {path} -w workspaces/{name} {hint}")
     return path
 
 
@@ -291,9 +314,9 @@ def export_committed(out: str | Path | None = None) -> Path:
     """Regenerate the committed job folders (default: ``jobs/`` of this repository)."""
     out = Path(out) if out else PACKAGE_DIR.parents[1] / "jobs"
     for preset in ("camvid", "cityscapes", "polyp", "cocostuff"):
-        main(["--preset", preset, "--out", str(out)])
+        export_from_args(get_args_parser().parse_args(["--preset", preset, "--out", str(out)]))
     return out
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -1,0 +1,326 @@
+"""Feature cache: files and shapes, no re-extraction, cache keys, resumable extraction, damage, kNN."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import replace
+from pathlib import Path
+
+import numpy as np
+import pytest
+import timm
+import torch
+from safetensors.torch import save_file
+
+import fuss_components.cache as cache_mod
+from fuss_components.backbones import Backbone, load_backbone
+from fuss_components.cache import CacheError, FeatureCache, build_knn
+from fuss_components.datasets import DataError, open_dataset
+from fuss_components.transforms import eval_size, eval_view, five_crop_views
+
+from conftest import make_tiny_dataset, tiny_config
+
+TINY_H, TINY_W = 40, 56  # image size of make_tiny_dataset
+
+
+class CountingBackbone:
+    """Wraps a Backbone and counts features() calls and images seen; `fail=True` makes every call raise."""
+
+    def __init__(self, inner: Backbone, fail: bool = False):
+        self.inner, self.fail = inner, fail
+        self.calls, self.images = 0, 0
+        self.model, self.patch_size = inner.model, inner.patch_size
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        if self.fail:
+            raise AssertionError("the backbone must not be called")
+        self.calls += 1
+        self.images += images.shape[0]
+        return self.inner.features(images)
+
+
+@pytest.fixture
+def ds(tiny_data_root):
+    return open_dataset("tiny", tiny_data_root)
+
+
+@pytest.fixture
+def ids(ds):
+    return ds.ids(site="s1")  # 6 images
+
+
+@pytest.fixture
+def no_backbone_load(monkeypatch):
+    """Make any attempt of the cache to load a backbone itself fail loudly."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("load_backbone must not be called")
+    monkeypatch.setattr(cache_mod, "load_backbone", refuse)
+
+
+def npy_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.suffix == ".npy")
+
+
+def mtimes(cache: FeatureCache, kind: str, ids) -> dict[str, int]:
+    return {i: cache.path(kind, i).stat().st_mtime_ns for i in ids}
+
+
+# ---------------------------------------------------------------------------- extraction
+
+def test_ensure_writes_one_file_per_id_and_kind(tiny_cfg, ds, ids):
+    cache = FeatureCache(tiny_cfg, "tiny")
+    counts = cache.ensure(ds, ids, ["train", "eval"], progress=False)
+    assert counts == {"train": 6, "eval": 6}
+    eh, ew = eval_size(TINY_H, TINY_W, tiny_cfg.data.eval_short_side, 14)
+    assert (eh, ew) == (42, 56)
+    for kind, shape in (("train", (5, 32, 2, 2)), ("eval", (32, eh // 14, ew // 14))):
+        folder = cache.dir(kind)
+        assert folder.parent == Path(tiny_cfg.cache_dir) and folder.name.startswith(kind + "-")
+        assert npy_files(folder) == sorted(f"{i}.npy" for i in ids)
+        assert not [p for p in folder.iterdir() if p.name.startswith(".tmp")]  # no temporary leftovers
+        assert (folder / "cache.json").is_file()
+        for i in ids:
+            arr = np.load(cache.path(kind, i))
+            assert arr.shape == shape and arr.dtype == np.float16
+            assert np.isfinite(arr).all()
+    assert cache.missing("train", ids) == [] and cache.missing("eval", ids) == []
+
+
+def test_cached_values_are_the_backbone_features(tiny_cfg, ds, ids):
+    cache = FeatureCache(tiny_cfg, "tiny")
+    cache.ensure(ds, ids[:3], ["train", "eval"], progress=False, batch_images=2)
+    backbone = load_backbone(tiny_cfg.backbone)
+    for image_id in ids[:3]:  # batches [0, 1] and [2]: each image's features land in its own file
+        image = ds.load_image(image_id)
+        train = backbone.features(five_crop_views(image, tiny_cfg.data.crop_ratio, 28)).half()
+        cached = torch.from_numpy(np.load(cache.path("train", image_id)))
+        assert torch.allclose(cached.float(), train.float(), atol=2e-3), image_id
+        whole = backbone.features(eval_view(image, tiny_cfg.data.eval_short_side, 14)[None])[0].half()
+        assert torch.allclose(cache.load_eval(image_id).float(), whole.float(), atol=2e-3), image_id
+    # the five views of an image are different crops, so their features differ
+    views = np.load(cache.path("train", ids[0])).astype(np.float32)
+    assert not np.allclose(views[0], views[4], atol=1e-2)
+
+
+def test_rerun_extracts_nothing_and_never_calls_backbone(tiny_cfg, ds, ids, no_backbone_load):
+    cache = FeatureCache(tiny_cfg, "tiny")
+    backbone = CountingBackbone(load_backbone(tiny_cfg.backbone))
+    assert cache.ensure(ds, ids, ["train", "eval"], backbone=backbone, progress=False) == {"train": 6, "eval": 6}
+    assert backbone.calls > 0 and backbone.images == 6 * 5 + 6
+    before = {k: mtimes(cache, k, ids) for k in ("train", "eval")}
+    refusing = CountingBackbone(load_backbone(tiny_cfg.backbone), fail=True)
+    again = FeatureCache(tiny_cfg, "tiny")  # a fresh object, as in a new process
+    assert again.ensure(ds, ids, ["train", "eval"], backbone=refusing, progress=False) == {"train": 0, "eval": 0}
+    # with no backbone given, nothing is loaded either (no_backbone_load would raise)
+    assert again.ensure(ds, ids, ["train", "eval"], progress=False) == {"train": 0, "eval": 0}
+    assert {k: mtimes(cache, k, ids) for k in ("train", "eval")} == before
+
+
+def test_loads_backbone_only_when_needed(tiny_cfg, ds, ids, monkeypatch):
+    loads = []
+    real = cache_mod.load_backbone
+    monkeypatch.setattr(cache_mod, "load_backbone", lambda *a, **k: loads.append(1) or real(*a, **k))
+    cache = FeatureCache(tiny_cfg, "tiny")
+    cache.ensure(ds, ids[:2], ["train", "eval"], progress=False)
+    assert len(loads) == 1  # once for both kinds
+    cache.ensure(ds, ids[:2], ["train", "eval"], progress=False)
+    assert len(loads) == 1
+
+
+def test_train_size_must_be_multiple_of_patch(tiny_data_root, tmp_path, ds, ids):
+    cfg = tiny_config(tiny_data_root, tmp_path / "cache", **{"data.train_size": 30})
+    with pytest.raises(DataError, match="train_size=30"):
+        FeatureCache(cfg, "tiny").ensure(ds, ids[:1], ["train"], progress=False)
+
+
+# ---------------------------------------------------------------------------- cache keys
+
+def _weights_file(path: Path, seed: int) -> Path:
+    torch.manual_seed(seed)
+    model = timm.create_model("fuss_tiny_vit_patch14", pretrained=False, num_classes=0)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+@pytest.mark.parametrize("override, changes", [
+    ({"backbone.block": 0}, {"train", "eval"}),
+    ({"data.train_size": 42}, {"train"}),
+    ({"data.crop_ratio": 0.75}, {"train"}),
+    ({"data.eval_short_side": 56}, {"eval"}),
+    ({"train.lr_head": 1e-3}, set()),
+    ({"train.num_clusters": 5, "federation.rounds": 7, "loss.grid": 5}, set()),
+    ({"data.root": "/elsewhere"}, set()),
+])
+def test_cache_key_invalidation(tiny_data_root, tmp_path, override, changes):
+    base = FeatureCache(tiny_config(tiny_data_root, tmp_path), "tiny")
+    other = FeatureCache(tiny_config(tiny_data_root, tmp_path, **override), "tiny")
+    for kind in ("train", "eval"):
+        if kind in changes:
+            assert other.dir(kind) != base.dir(kind), (override, kind)
+        else:
+            assert other.dir(kind) == base.dir(kind), (override, kind)
+    assert base.dir("train") != base.dir("eval")
+
+
+def test_cache_key_follows_weights_file_and_dataset(tiny_data_root, tmp_path):
+    a = _weights_file(tmp_path / "a.safetensors", 1)
+    b = _weights_file(tmp_path / "b.safetensors", 2)
+    copy = tmp_path / "copy_of_a.safetensors"
+    copy.write_bytes(a.read_bytes())
+
+    def cache(weights: Path | str, name: str = "tiny") -> FeatureCache:
+        return FeatureCache(tiny_config(tiny_data_root, tmp_path / "c", **{"backbone.weights": str(weights)}), name)
+
+    for kind in ("train", "eval"):
+        assert cache(a).dir(kind) != cache(b).dir(kind)
+        assert cache(a).dir(kind) != cache("random").dir(kind)
+        assert cache(a).dir(kind) == cache(copy).dir(kind)  # same content, same numbers
+        assert cache(a).dir(kind) != cache(a, "other").dir(kind)
+    # the same path with new content gets a new key
+    old = cache(a).dir("train")
+    stat = os.stat(a)
+    _weights_file(a, 3)
+    os.utime(a, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10_000_000))
+    assert cache(a).dir("train") != old
+
+
+def test_dataset_name_defaults_to_config(tiny_cfg):
+    assert FeatureCache(tiny_cfg).dir("train") == FeatureCache(tiny_cfg, "tiny").dir("train")
+    with pytest.raises(ValueError, match="kind"):
+        FeatureCache(tiny_cfg).key("test")
+
+
+# ---------------------------------------------------------------------------- interruption and damage
+
+@pytest.mark.parametrize("k", [1, 4, 5])
+def test_interrupted_extraction_resumes(tiny_cfg, ds, ids, monkeypatch, k):
+    """The dataset fails on image k (0-based): images 0..k-1 are kept, a rerun extracts only the rest."""
+    real_load = ds.load_image
+    loaded = []
+
+    def flaky(image_id):
+        if len(loaded) == k:
+            raise DataError(f"simulated failure reading {image_id}")
+        loaded.append(image_id)
+        return real_load(image_id)
+
+    monkeypatch.setattr(ds, "load_image", flaky)
+    cache = FeatureCache(tiny_cfg, "tiny")
+    with pytest.raises(DataError, match=f"simulated failure reading {ids[k]}"):
+        cache.ensure(ds, ids, ["train"], progress=False, batch_images=4)
+    assert npy_files(cache.dir("train")) == sorted(f"{i}.npy" for i in ids[:k])
+    assert cache.missing("train", ids) == ids[k:]
+    before = mtimes(cache, "train", ids[:k])
+
+    monkeypatch.setattr(ds, "load_image", real_load)
+    backbone = CountingBackbone(load_backbone(tiny_cfg.backbone))
+    counts = cache.ensure(ds, ids, ["train"], backbone=backbone, progress=False)
+    assert counts == {"train": len(ids) - k}
+    assert backbone.images == 5 * (len(ids) - k)
+    assert mtimes(cache, "train", ids[:k]) == before  # earlier files untouched
+    assert npy_files(cache.dir("train")) == sorted(f"{i}.npy" for i in ids)
+
+
+def test_unreadable_image_names_path_and_keeps_earlier_files(tiny_cfg, tmp_path):
+    root = make_tiny_dataset(tmp_path / "data", sites={"s1": 6})
+    ds = open_dataset("tiny", root)
+    ids = ds.ids()
+    bad = ds.sample(ids[3]).image_path
+    Path(bad).write_bytes(b"this is not a jpeg")
+    cache = FeatureCache(tiny_cfg, "tiny")
+    with pytest.raises(DataError) as err:
+        cache.ensure(ds, ids, ["train", "eval"], progress=False, batch_images=4)
+    assert str(bad) in str(err.value)
+    assert npy_files(cache.dir("train")) == sorted(f"{i}.npy" for i in ids[:3])
+    for i in ids[:3]:
+        assert np.load(cache.path("train", i)).shape == (5, 32, 2, 2)
+    assert not cache.path("train", ids[4]).exists()
+
+
+def test_truncated_file_is_detected_and_rebuilt(tiny_cfg, ds, ids):
+    cache = FeatureCache(tiny_cfg, "tiny")
+    cache.ensure(ds, ids[:3], ["train"], progress=False)
+    path = cache.path("train", ids[1])
+    good = np.load(path)
+    blob = path.read_bytes()
+    for cut in (len(blob) // 2, 60, 0):  # short data, short header, empty
+        path.write_bytes(blob[:cut])
+        assert not cache.is_valid("train", ids[1])
+        assert cache.missing("train", ids[:3]) == [ids[1]]
+    with pytest.raises(CacheError, match=str(path)):
+        cache.load_train(ids[:3], knn=2)
+    backbone = CountingBackbone(load_backbone(tiny_cfg.backbone))
+    assert cache.ensure(ds, ids[:3], ["train"], backbone=backbone, progress=False) == {"train": 1}
+    assert backbone.images == 5
+    assert cache.is_valid("train", ids[1])
+    np.testing.assert_array_equal(np.load(path), good)
+
+
+# ---------------------------------------------------------------------------- loading and kNN
+
+def test_load_train_and_eval(tiny_cfg, ds, ids):
+    cache = FeatureCache(tiny_cfg, "tiny")
+    cache.ensure(ds, ids, ["train", "eval"], progress=False)
+    tf = cache.load_train(ids, knn=3)
+    assert tf.feats.shape == (30, 32, 2, 2) and tf.feats.dtype == torch.float16
+    assert tf.num_views == 30 and tf.num_images == 6
+    assert tf.view_image_ids == [i for i in ids for _ in range(5)]
+    np.testing.assert_array_equal(tf.feats[10:15].numpy(), np.load(cache.path("train", ids[2])))
+    assert tf.knn.shape == (30, 3) and tf.knn.dtype == torch.long
+    assert (tf.knn != torch.arange(30)[:, None]).all()
+    assert torch.equal(tf.knn, build_knn(tf.feats, 3))
+    ev = cache.load_eval(ids[0])
+    assert ev.shape == (32, 3, 4) and ev.dtype == torch.float16
+
+
+def test_load_train_missing_names_path(tiny_cfg):
+    cache = FeatureCache(tiny_cfg, "tiny")
+    with pytest.raises(CacheError, match="s1_000.npy"):
+        cache.load_train(["s1_000"], knn=2)
+    with pytest.raises(DataError):
+        cache.load_train([], knn=2)
+
+
+def _views_with_descriptors(desc: torch.Tensor, h: int = 2, w: int = 3) -> torch.Tensor:
+    """(N, D, h, w) maps whose spatial mean is exactly `desc` but which vary over space."""
+    n, d = desc.shape
+    wiggle = torch.zeros(n, d, h, w)
+    wiggle[..., 0, 0], wiggle[..., -1, -1] = 5.0, -5.0
+    return desc[:, :, None, None] + wiggle
+
+
+def test_build_knn_expected_order():
+    angles = [0.0, 20.0, 50.0, 120.0]
+    scales = [1.0, 3.0, 0.5, 2.0]  # cosine ignores the norm
+    desc = torch.tensor([[s * math.cos(math.radians(a)), s * math.sin(math.radians(a)), 0.0]
+                         for a, s in zip(angles, scales)])
+    feats = _views_with_descriptors(desc)
+    expected = torch.tensor([[1, 2, 3], [0, 2, 3], [1, 0, 3], [2, 1, 0]])
+    assert torch.equal(build_knn(feats, 3), expected)
+    assert torch.equal(build_knn(feats, 2), expected[:, :2])
+    assert torch.equal(build_knn(feats.half(), 1), expected[:, :1])
+    assert torch.equal(build_knn(feats, 10), expected)  # k is capped at N - 1
+    assert torch.equal(build_knn(feats, 3, chunk=3), expected)  # chunking does not change the result
+
+
+def test_build_knn_never_includes_self():
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(50, 8, 2, 2, generator=gen)
+    feats[7] = feats[3]  # exact duplicates: each is the other's nearest neighbour, never itself
+    knn = build_knn(feats, 6, chunk=16)
+    assert knn.shape == (50, 6)
+    assert (knn != torch.arange(50)[:, None]).all()
+    assert knn[3, 0] == 7 and knn[7, 0] == 3
+    assert all(len(set(row.tolist())) == 6 for row in knn)
+    assert torch.equal(knn, build_knn(feats, 6, chunk=2048))
+    # brute force reference
+    d = torch.nn.functional.normalize(feats.mean(dim=(2, 3)), dim=1)
+    sim = d @ d.T
+    sim.fill_diagonal_(-2)
+    assert torch.equal(knn, sim.topk(6, dim=1).indices)
+
+
+def test_build_knn_needs_two_views():
+    with pytest.raises(DataError, match="2 views"):
+        build_knn(torch.randn(1, 4, 2, 2), 3)

@@ -1,0 +1,103 @@
+"""The `fuss` command line on the tiny dataset, and one short real-data federation."""
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fuss_components.cli import main
+from fuss_components.config import FussConfig
+from fuss_components.partition import Partition
+
+from conftest import tiny_config
+
+
+def _config_file(cfg, tmp_path):
+    path = tmp_path / "config.json"
+    cfg.save(path)
+    return str(path)
+
+
+def test_train_then_evaluate_reproduces_metrics(tiny_data_root, tmp_path, capsys):
+    cfg = _config_file(tiny_config(tiny_data_root, tmp_path / "cache"), tmp_path)
+    out = tmp_path / "fed"
+    assert main(["train", "--mode", "federated", "--config", cfg, "--out", str(out),
+                 "--set", "federation.aggregator=fedcc-maximin"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    saved = FussConfig.load(out / "config.json")
+    assert saved.federation.aggregator == "fedcc-maximin"
+    assert len(metrics["rounds"]) == 2 and set(metrics["rounds"][0]["train"]) == {"s1", "s2"}
+    assert 0 <= metrics["miou"] <= 1 and list(metrics["final"]) == ["s3"]
+    assert any((out / "overlays" / "s3").glob("*.png"))
+    capsys.readouterr()
+    # evaluating the saved model (its config travels inside the checkpoint) gives the same numbers
+    assert main(["evaluate", "--model", str(out / "model.pt"), "--out", str(tmp_path / "eval"), "--crf"]) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert printed["miou"] == pytest.approx(metrics["miou"], abs=1e-9)
+    assert 0 <= printed["crf"]["miou"] <= 1
+
+
+def test_local_and_centralized_modes(tiny_data_root, tmp_path):
+    cfg = _config_file(tiny_config(tiny_data_root, tmp_path / "cache"), tmp_path)
+    assert main(["train", "--mode", "local", "--config", cfg, "--out", str(tmp_path / "local")]) == 0
+    local = json.loads((tmp_path / "local" / "metrics.json").read_text())
+    assert set(local["sites"]) == {"s1", "s2"}
+    assert local["miou_worst"] <= local["miou"] <= local["miou_best"]
+    assert main(["train", "--mode", "centralized", "--config", cfg, "--out", str(tmp_path / "central")]) == 0
+    central = json.loads((tmp_path / "central" / "metrics.json").read_text())
+    assert central["rounds"][0]["train"]["steps"] == 3
+
+
+def test_partition_manifest_drives_training(tiny_data_root, tmp_path):
+    cfg = tiny_config(tiny_data_root, tmp_path / "cache")
+    manifest = tmp_path / "iid.json"
+    assert main(["partition", "--config", _config_file(cfg, tmp_path), "--strategy", "iid", "--clients", "3",
+                 "--out", str(manifest)]) == 0
+    partition = Partition.load(manifest)
+    assert sorted(len(v) for v in partition.clients.values()) == [5, 5, 5]
+    partition.validation = {"s3": [i for i in sum(partition.clients.values(), []) if i.startswith("s3")]}
+    partition.save(manifest)
+    cfg = cfg.with_overrides({"partition": str(manifest), "federation.rounds": 1})
+    assert main(["train", "--mode", "federated", "--config", _config_file(cfg, tmp_path), "--out",
+                 str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert set(metrics["rounds"][0]["train"]) == set(partition.clients)
+
+
+def test_predict_writes_masks(tiny_data_root, tmp_path):
+    cfg = _config_file(tiny_config(tiny_data_root, tmp_path / "cache"), tmp_path)
+    assert main(["train", "--mode", "centralized", "--config", cfg, "--out", str(tmp_path / "run")]) == 0
+    images = tmp_path / "images"
+    images.mkdir()
+    Image.fromarray(np.full((30, 50, 3), 128, np.uint8)).save(images / "a.png")
+    assert main(["predict", "--model", str(tmp_path / "run" / "model.pt"), "--images", str(images),
+                 "--out", str(tmp_path / "pred")]) == 0
+    mask = np.asarray(Image.open(tmp_path / "pred" / "masks" / "a.png"))
+    assert mask.shape == (30, 50) and mask.max() < 3
+
+
+def test_bad_config_fails_before_work(tmp_path, capsys):
+    assert main(["train", "--mode", "local", "--set", "train.lr_hed=1", "--out", str(tmp_path / "x")]) == 2
+    assert "train.lr_hed" in capsys.readouterr().err
+    assert not (tmp_path / "x").exists()
+
+
+@pytest.mark.realdata
+def test_short_real_federation(shared, tmp_path):
+    """Two camvid sequences x 6 images, 2 rounds, real backbone; validation on 4 Seq05VD frames."""
+    from fuss_components.datasets import open_dataset
+
+    ds = open_dataset("camvid", shared / "data")
+    clients = {s: ds.ids(site=s)[::20][:6] for s in ("0001TP", "0016E5")}
+    Partition("camvid", "site", 0, 11, clients, {"Seq05VD": ds.ids(site="Seq05VD")[::40][:4]}, {}).save(
+        tmp_path / "p.json")
+    cfg = FussConfig.from_dict({"partition": str(tmp_path / "p.json"), "cache_dir": str(tmp_path / "cache"),
+                                "federation": {"rounds": 2, "local_steps": 4}})
+    assert main(["train", "--mode", "federated", "--config", _config_file(cfg, tmp_path), "--out",
+                 str(tmp_path / "run")]) == 0
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    final = metrics["final"]["Seq05VD"]
+    assert 0.05 < final["miou"] < 1 and final["num_images"] == 4
+    assert final["clusters_used"] >= 3
+    assert all(np.isfinite(v) for v in metrics["rounds"][-1]["train"]["0001TP"].values())
