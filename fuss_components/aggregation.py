@@ -20,6 +20,12 @@ given), weights by sample counts, takes ``|C|`` from the caller, normalises cent
 and maximin, and makes the result independent of the order in which updates arrive (they are sorted by site
 name before any floating-point summation or pooling).
 
+Robust mode (``FederationConfig.robust``, off by default): ``"median"`` / ``"trimmed-mean"`` replace the head's
+FedAvg by an unweighted coordinate-wise median / trimmed mean (:func:`robust_average_states`), so one client can
+neither drag a coordinate arbitrarily far nor buy influence with an inflated sample count; and
+:func:`screen_updates` (given the federation config) rejects an update whose centroids are an outlier
+(:func:`centroid_outliers`). The centroid rule itself (FedAvg / FedCC) is unchanged and runs on what is accepted.
+
 No FLARE import: the FLARE aggregator and the in-process runner both call :func:`aggregate`.
 """
 
@@ -33,7 +39,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from fuss_components.config import AGGREGATORS, FederationConfig
+from fuss_components.config import AGGREGATORS, ROBUST_MODES, FederationConfig
 
 __all__ = [
     "AggregationError",
@@ -41,12 +47,15 @@ __all__ = [
     "aggregate",
     "average_centroids",
     "average_states",
+    "centroid_outliers",
     "fedavg",
     "fedavg_weights",
     "fedcc_kmeans",
     "fedcc_maximin",
     "normalize_rows",
+    "robust_average_states",
     "screen_updates",
+    "trimmed_count",
 ]
 
 _EPS = 1e-12
@@ -152,6 +161,51 @@ def normalize_rows(x: torch.Tensor, eps: float = _EPS) -> torch.Tensor:
     """L2-normalise the rows (last dimension) of ``x``; a zero row stays zero instead of becoming NaN."""
     norms = torch.linalg.vector_norm(x, dim=-1, keepdim=True)
     return x / norms.clamp_min(eps)
+
+
+def trimmed_count(n: int, trim_fraction: float) -> int:
+    """How many values the trimmed mean cuts at EACH end of ``n``: ``ceil(trim_fraction * n)``, at most
+    ``(n - 1) // 2`` (at least one value stays). 0.2 of 3 clients cuts 1 (= the median), of 12 cuts 3."""
+    if n < 1:
+        raise ValueError("trimmed_count: no values")
+    if not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trimmed_count: trim_fraction must be in [0, 0.5), got {trim_fraction!r}")
+    return min(math.ceil(trim_fraction * n - 1e-9), (n - 1) // 2)
+
+
+def robust_average_states(
+    states: Sequence[Mapping[str, torch.Tensor]], mode: str, trim_fraction: float = 0.2
+) -> dict[str, torch.Tensor]:
+    """Unweighted coordinate-wise robust average of state dicts (same keys and shapes as :func:`average_states`).
+
+    ``mode="median"``: per coordinate the median of the ``n`` values (even ``n``: mean of the two middle ones);
+    ``mode="trimmed-mean"``: per coordinate the mean of the values left after dropping the
+    :func:`trimmed_count` smallest and largest. Values are sorted per coordinate (float64) before anything is
+    summed, so the result does not depend on the order of ``states``, bit for bit. Float32 result on the CPU;
+    non-floating tensors must be equal in every state and are returned unchanged. Sample counts are ignored on
+    purpose: an inflated count must not buy influence.
+    """
+    if mode not in ("median", "trimmed-mean"):
+        raise ValueError(f"robust_average_states: mode must be 'median' or 'trimmed-mean', got {mode!r}")
+    n = len(states)
+    if n == 0:
+        raise ValueError("robust_average_states: no states")
+    average_states(states, [1.0] * n)  # the same key / shape / counter checks (and messages)
+    if mode == "median":
+        lo, hi = (n - 1) // 2, n // 2
+    else:
+        k = trimmed_count(n, trim_fraction)
+        lo, hi = k, n - 1 - k
+    out: dict[str, torch.Tensor] = {}
+    for key in states[0]:
+        first = states[0][key]
+        if not (torch.is_floating_point(first) or torch.is_complex(first)):
+            out[key] = first.detach().cpu().clone()
+            continue
+        stacked = torch.stack([s[key].detach().to(device="cpu", dtype=torch.float64) for s in states])
+        ordered = stacked.sort(dim=0).values[lo:hi + 1]
+        out[key] = (ordered.sum(dim=0) / ordered.shape[0]).to(torch.float32).contiguous()
+    return out
 
 
 def _check_sets(sets: Sequence[torch.Tensor], what: str) -> None:
@@ -281,7 +335,8 @@ def aggregate(
     The updates are sorted by site name first, so the result does not depend on their arrival order.
 
     * Head: FedAvg (Eq. 8) with weights from :func:`fedavg_weights` (``cfg.weighted``, switch W); FedCC uses
-      FedAvg for the head too.
+      FedAvg for the head too. With ``cfg.robust`` ``"median"`` / ``"trimmed-mean"`` the head is
+      :func:`robust_average_states` instead (unweighted; ``cfg.trim_fraction``).
     * Centroids by ``cfg.aggregator``: ``"fedavg"`` -> :func:`average_centroids` with the same weights;
       ``"fedcc-kmeans"`` -> :func:`fedcc_kmeans` (seed ``cfg.seed``, ``n_init=cfg.kmeans_n_init``);
       ``"fedcc-maximin"`` -> :func:`fedcc_maximin` (seed ``cfg.seed``).
@@ -305,7 +360,13 @@ def aggregate(
             raise AggregationError(f"site {u.site!r}: centroids have shape {shape}, expected {expected}")
         dim = shape[1]
     weights = fedavg_weights([u.num_samples for u in ordered], cfg.weighted)
-    head = average_states([u.head for u in ordered], weights)
+    robust = getattr(cfg, "robust", "none")
+    if robust == "none":
+        head = average_states([u.head for u in ordered], weights)
+    elif robust in ROBUST_MODES:
+        head = robust_average_states([u.head for u in ordered], robust, cfg.trim_fraction)
+    else:
+        raise ValueError(f"unknown robust mode {robust!r}; expected one of {ROBUST_MODES}")
     sets = [u.centroids for u in ordered]
     if cfg.aggregator == "fedavg":
         centroids = average_centroids(sets, weights)
@@ -364,12 +425,41 @@ def _head_distance(head: Mapping[str, torch.Tensor], reference: Mapping[str, tor
     return math.sqrt(total)
 
 
+def centroid_outliers(updates: Sequence[ClientUpdate], ratio_limit: float) -> list[tuple[str, str]]:
+    """Robust mode's centroid check: ``(site, reason)`` for every update whose centroids are an outlier.
+
+    Each client's centroids are row-normalised (everything downstream uses cosine, so a norm-only change is
+    harmless and ignored); ``M`` is the coordinate-wise median of those normalised sets over the clients, and
+    ``d_k = ||normalize_rows(C_k) - M||_F`` is how far client k's centroids lie from it. An update with
+    ``d_k > ratio_limit * median_k(d_k)`` is an outlier. Needs at least 3 updates (with 2 there is no majority)
+    and a positive median distance; the result does not depend on the order of ``updates``.
+    """
+    if len(updates) < 3:
+        return []
+    sets = torch.stack([normalize_rows(u.centroids.detach().to(device="cpu", dtype=torch.float64)) for u in updates])
+    middle = sets.median(dim=0).values if len(updates) % 2 else sets.sort(dim=0).values[
+        len(updates) // 2 - 1:len(updates) // 2 + 1].mean(dim=0)
+    dists = torch.linalg.vector_norm((sets - middle).flatten(1), dim=1).tolist()
+    median = float(np.median(dists))
+    if median <= _EPS:
+        return []
+    return [
+        (u.site, f"site {u.site!r}: centroids lie {d:.4g} from the clients' median centroids, more than "
+                 f"{ratio_limit:g} x the median distance {median:.4g} over {len(dists)} clients")
+        for u, d in zip(updates, dists)
+        if d > ratio_limit * median
+    ]
+
+
 def screen_updates(
     updates: Sequence[ClientUpdate],
     reference_head: Mapping[str, torch.Tensor],
     num_clusters: int,
     dim: int,
     norm_ratio_limit: float = 1e3,
+    *,
+    federation: FederationConfig | None = None,
+    reject_all_duplicates: bool = False,
 ) -> tuple[list[ClientUpdate], list[tuple[str, str]]]:
     """Split ``updates`` into (accepted, rejected); each rejection is ``(site, reason)`` and the reason names the site.
 
@@ -380,17 +470,30 @@ def screen_updates(
     remain, one whose head moved from ``reference_head`` by more than ``norm_ratio_limit`` times the median
     distance (L2 norm of the whole parameter-vector difference) is rejected; skipped when that median is 0.
 
+    With ``federation`` in a robust mode (``federation.robust`` not ``"none"``), the updates that passed all of
+    the above then go through :func:`centroid_outliers` with ``federation.centroid_outlier_ratio``.
+
+    ``reject_all_duplicates=True`` rejects EVERY update of a site name that occurs more than once (the server
+    cannot tell the genuine one, and keeping the first to arrive would make the result depend on arrival order);
+    the default keeps the first and rejects the later ones.
+
     Pure: nothing is logged or raised; the caller logs the rejections and decides whether enough clients remain
     (and raises :class:`AggregationError` if none does). Accepted updates keep their input order.
     """
     accepted: list[ClientUpdate] = []
     rejected: list[tuple[str, str]] = []
     seen: set[Any] = set()
+    names = [getattr(u, "site", None) for u in updates]
+    repeated = {n for n in names if isinstance(n, str) and names.count(n) > 1} if reject_all_duplicates else set()
     for u in updates:
         site = getattr(u, "site", None)
         label = str(site)
         if not isinstance(site, str) or not site:
             rejected.append((label, f"site {site!r}: site name must be a non-empty string"))
+            continue
+        if site in repeated:
+            rejected.append((site, f"site {site!r}: duplicated site name ({names.count(site)} updates claim it; "
+                                   f"all are rejected)"))
             continue
         if site in seen:
             rejected.append((site, f"site {site!r}: duplicated site name (an earlier update from it was received)"))
@@ -418,4 +521,10 @@ def screen_updates(
                 else:
                     kept.append(u)
             accepted = kept
+    if federation is not None and getattr(federation, "robust", "none") != "none":
+        outliers = centroid_outliers(accepted, federation.centroid_outlier_ratio)
+        if outliers:
+            out_sites = {site for site, _ in outliers}
+            accepted = [u for u in accepted if u.site not in out_sites]
+            rejected.extend(outliers)
     return accepted, rejected

@@ -38,6 +38,9 @@ class BackboneConfig:
             raise ConfigError("backbone.sha256 must be 64 hex digits")
 
 
+BAD_IMAGE_POLICIES = ("fail", "skip")
+
+
 @dataclass
 class DataConfig:
     """Which dataset, where it lives, and how images become backbone inputs."""
@@ -47,12 +50,17 @@ class DataConfig:
     train_size: int = 224  # each five-crop view is resized to this (a multiple of the patch size)
     crop_ratio: float = 0.5  # five-crop side = crop_ratio * short side
     eval_short_side: int = 322  # evaluation: whole image, short side resized to this (rounded to patch size)
+    # An image that cannot be read while building the feature cache: "fail" stops with its path; "skip" leaves
+    # it out (its path is logged, the site's metrics count it as `skipped_images`). Not part of the cache key.
+    on_bad_image: str = "fail"
 
     def validate(self) -> None:
         if self.train_size <= 0 or self.eval_short_side <= 0:
             raise ConfigError("data.train_size and data.eval_short_side must be positive")
         if not 0.0 < self.crop_ratio <= 1.0:
             raise ConfigError("data.crop_ratio must be in (0, 1]")
+        if self.on_bad_image not in BAD_IMAGE_POLICIES:
+            raise ConfigError(f"data.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {self.on_bad_image!r}")
 
 
 @dataclass
@@ -125,6 +133,7 @@ class TrainConfig:
 
 
 AGGREGATORS = ("fedavg", "fedcc-kmeans", "fedcc-maximin")
+ROBUST_MODES = ("none", "median", "trimmed-mean")
 
 
 @dataclass
@@ -141,6 +150,14 @@ class FederationConfig:
     kmeans_n_init: int = 10
     min_clients: int | None = None  # None = all training clients
     seed: int = 0
+    # Robust aggregation (fuss_components.aggregation): "none" = FedAvg of the head (Eq. 8); "median" /
+    # "trimmed-mean" = unweighted coordinate-wise median / trimmed mean of the heads, and updates whose
+    # centroids lie more than centroid_outlier_ratio x the median distance from the clients' median centroids
+    # are rejected (needs >= 3 updates). trim_fraction: share of the clients cut at EACH end per coordinate
+    # (rounded up, at most (n - 1) // 2).
+    robust: str = "none"
+    trim_fraction: float = 0.2
+    centroid_outlier_ratio: float = 3.0
 
     def validate(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -155,6 +172,12 @@ class FederationConfig:
             raise ConfigError("federation.kmeans_n_init must be >= 1")
         if self.min_clients is not None and self.min_clients < 1:
             raise ConfigError("federation.min_clients must be >= 1")
+        if self.robust not in ROBUST_MODES:
+            raise ConfigError(f"federation.robust must be one of {ROBUST_MODES}, got {self.robust!r}")
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ConfigError(f"federation.trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
+        if not self.centroid_outlier_ratio > 1.0:
+            raise ConfigError(f"federation.centroid_outlier_ratio must be > 1, got {self.centroid_outlier_ratio!r}")
 
 
 @dataclass
@@ -172,6 +195,26 @@ class FussConfig:
     def validate(self) -> "FussConfig":
         for section in (self.backbone, self.data, self.loss, self.train, self.federation):
             section.validate()
+        return self
+
+    def check_sites(self, num_training_sites: int, num_clusters: int | None = None) -> "FussConfig":
+        """Checks that need the partition (how many training sites there are); ConfigError naming the key.
+
+        * ``federation.min_clients`` larger than the partition's training sites can never be met: every round
+          would fail after all the work, so fail now.
+        * FedCC clusters the pool of all accepted clients' centroids (``clients x |C|`` rows) into ``|C|``: with
+          every client sending exactly ``|C|`` centroids (screening rejects any other count) the pool holds at
+          least ``|C|`` rows as soon as one site trains, so ``train.num_clusters`` can only exceed the pool when
+          there is no training site at all.
+        """
+        fed = self.federation
+        if fed.min_clients is not None and fed.min_clients > num_training_sites:
+            raise ConfigError(f"federation.min_clients={fed.min_clients} exceeds the {num_training_sites} training "
+                              f"site(s) of partition {self.partition!r}")
+        clusters = num_clusters if num_clusters is not None else self.train.num_clusters
+        if fed.aggregator.startswith("fedcc") and clusters is not None and clusters > num_training_sites * clusters:
+            raise ConfigError(f"train.num_clusters={clusters} exceeds the FedCC pool of {num_training_sites} "
+                              f"site(s) x {clusters} centroids")
         return self
 
     def to_dict(self) -> dict[str, Any]:

@@ -90,7 +90,8 @@ def run_federated(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progr
             head, centroids = split_state(result.state)
             updates.append(ClientUpdate(site.name, head, centroids, result.num_samples, result.metrics))
         reference, centroids = split_state(state)
-        accepted, rejected = screen_updates(updates, reference, run.num_clusters, centroids.shape[1])
+        accepted, rejected = screen_updates(updates, reference, run.num_clusters, centroids.shape[1],
+                                            federation=fed, reject_all_duplicates=True)
         for site_name, reason in rejected:
             log.warning("round %d: rejected update of %s: %s", round_idx, site_name, reason)
         if len(accepted) < min_clients:

@@ -101,3 +101,14 @@ def test_short_real_federation(shared, tmp_path):
     assert 0.05 < final["miou"] < 1 and final["num_images"] == 4
     assert final["clusters_used"] >= 3
     assert all(np.isfinite(v) for v in metrics["rounds"][-1]["train"]["0001TP"].values())
+
+
+def test_extract_builds_every_site_once(tiny_data_root, tmp_path, caplog):
+    cfg = _config_file(tiny_config(tiny_data_root, tmp_path / "cache"), tmp_path)
+    assert main(["extract", "--config", cfg]) == 0
+    files = sorted(p.name for p in (tmp_path / "cache").rglob("*.npy"))
+    assert len(files) == 6 + 5 + 4  # s1, s2 training views; s3 evaluation views
+    caplog.clear()
+    with caplog.at_level("INFO", logger="fuss"):
+        assert main(["extract", "--config", cfg]) == 0
+    assert "{'train': 0}" in caplog.text and "{'eval': 0}" in caplog.text

@@ -223,13 +223,11 @@ def test_simulator_job_end_to_end(runs, aggregator):
 def test_parity_with_in_process_runner(runs, tmp_path):
     """`fuss train --mode federated` (runner.run_federated) and the FLARE simulator: same global model."""
     from fuss_components.runner import load_model, run_federated
-    from fuss_components.site import build_model
+    from fuss_components.backbones import _architecture
 
     cfg, sim = runs("fedcc-kmeans")
     assert sim.rc == 0, sim.log[-4000:]
-    # Work-around, see the report: fuss_components.site.init_global_state() differs on its first call in a process
-    # (timm builds the architecture inside the seeded section); FussModelPersistor warms it up, so do the same here.
-    build_model(cfg)
+    _architecture.cache_clear()  # like a fresh process: the initial global model must not depend on it
     result = run_federated(cfg, tmp_path / "ref", progress=False)
     ref, _ = load_model(tmp_path / "ref" / "model.pt")
     flare = sim.global_state()
@@ -308,3 +306,29 @@ def test_resume_from_checkpoint_continues_the_run(runs, tmp_path):
     state = sim.global_state()
     for key in MODEL_KEYS:
         assert torch.allclose(ref[key], state[key], atol=1e-5), key
+
+
+@pytest.mark.realdata
+def test_real_camvid_simulator_matches_in_process_runner(shared, tmp_path):
+    """The real backbone on a small CamVid federation (3 sequences x 6 frames, 4 Seq05VD frames for validation,
+    2 rounds x 4 steps, FedCC-kmeans): the FLARE simulator and `run_federated` give the same global model."""
+    from fuss_components.datasets import open_dataset
+    from fuss_components.partition import Partition
+    from fuss_components.runner import load_model, run_federated
+
+    ds = open_dataset("camvid", shared / "data")
+    clients = {s: ds.ids(site=s)[::17][:6] for s in ("0001TP", "0006R0", "0016E5")}
+    Partition("camvid", "site", 0, 11, clients, {"Seq05VD": ds.ids(site="Seq05VD")[::40][:4]}, {}).save(
+        tmp_path / "partition.json")
+    cfg = FussConfig.from_dict({"partition": str(tmp_path / "partition.json"), "cache_dir": str(tmp_path / "cache"),
+                                "federation": {"rounds": 2, "local_steps": 4}})
+    sim = simulate(export_job(cfg, tmp_path, "real_camvid"), tmp_path / "ws", n=4)
+    assert sim.rc == 0, sim.log[-3000:]
+    flare_state, saved_cfg = load_model(sim.app / "fuss_model.pt")
+    assert FussConfig.from_dict(saved_cfg).partition == cfg.partition
+    reference = run_federated(cfg, tmp_path / "inproc", progress=False)
+    local_state, _ = load_model(tmp_path / "inproc" / "model.pt")
+    for key, value in local_state.items():
+        torch.testing.assert_close(flare_state[key], value, rtol=1e-5, atol=1e-5, msg=key)
+    assert sim.metrics["rounds"][-1]["val_miou"] == pytest.approx(reference["rounds"][-1]["miou"], abs=1e-6)
+    assert 0.05 < reference["rounds"][-1]["miou"] < 1

@@ -112,3 +112,16 @@ def test_initial_global_state_is_the_same_on_every_call(tiny_cfg):
     other_seed = init_global_state(tiny_cfg.with_overrides({"federation.seed": 1}))
     assert not torch.equal(first["centroids"], other_seed["centroids"])
     assert torch.allclose(first["centroids"].norm(dim=1), torch.ones(3))
+
+
+def test_projection_head_is_linear_plus_nonlinear_branch():
+    from fuss_components.head import ProjectionHead, join_state, split_state
+
+    head = ProjectionHead(in_dim=6, dim=3, dropout=0.0).eval()
+    x = torch.randn(2, 6, 4, 5)
+    expected = head.linear(x) + head.nonlinear[2](torch.relu(head.nonlinear[0](x)))
+    assert torch.allclose(head(x), expected)
+    assert head(x).shape == (2, 3, 4, 5)
+    model = FussModel(6, 3, num_clusters=4)
+    parts = split_state(model.state_dict())
+    assert parts[1].shape == (4, 3) and set(join_state(*parts)) == set(model.state_dict())
