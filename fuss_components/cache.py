@@ -4,11 +4,25 @@ Layout: ``<cache_dir>/<kind>-<key>/<image id>.npy`` (float16), ``kind`` in ``tra
 ``(5, D', s/p, s/p)``) and ``eval`` (whole image, ``(D', h, w)``). The key hashes everything that changes the
 numbers (backbone, weights sha256, block, preprocessing, dataset, format version), so a different setting never
 reuses a stale cache. Each file is written atomically, so an interrupted extraction resumes where it stopped.
+
+Integrity: beside every ``<image id>.npy`` a sidecar ``<image id>.npy.sha256`` records the file's size and sha256.
+The sidecar is written first and the data file last (any older data file is removed before), so a write that
+fails half-way (disk full, permission, crash) leaves either nothing or a data file whose checksum cannot match:
+never a file a later run would trust. A file is valid only when its size and sha256 match its sidecar; anything
+else (truncated, corrupted, sidecar missing after a failed rewrite) is rebuilt by :meth:`FeatureCache.ensure`.
+Files written before sidecars existed (no sidecar at all) are checked structurally once (``.npy`` header and
+length) and then adopted: their sidecar is written from their current content.
+
+Unreadable images: ``data.on_bad_image`` = ``"fail"`` stops the extraction with the image's path (the images read
+before it are kept); ``"skip"`` logs the path, leaves the image out and records it in
+:attr:`FeatureCache.skipped` (the site's metrics report the count as ``skipped_images``).
 """
 
 from __future__ import annotations
 
+import errno
 import hashlib
+import io
 import json
 import logging
 import os
@@ -34,6 +48,7 @@ log = logging.getLogger(__name__)
 CACHE_FORMAT = 1
 KINDS = ("train", "eval")
 VIEWS_PER_IMAGE = 5
+CHECKSUM_SUFFIX = ".sha256"  # sidecar: <image id>.npy.sha256 = {"sha256": hex, "size": bytes}
 
 
 class CacheError(RuntimeError):
@@ -81,6 +96,8 @@ class FeatureCache:
         self.root = cache_dir(cfg.cache_dir)
         self.dataset_name = dataset_name or cfg.data.dataset
         self._identity = backbone_identity(cfg.backbone)
+        # ids left out because their image could not be read (data.on_bad_image = "skip"), per kind
+        self.skipped: dict[str, set[str]] = {kind: set() for kind in KINDS}
 
     def key(self, kind: str) -> str:
         if kind == "train":
@@ -99,17 +116,46 @@ class FeatureCache:
     def path(self, kind: str, image_id: str) -> Path:
         return self.dir(kind) / f"{image_id}.npy"
 
-    def is_valid(self, kind: str, image_id: str) -> bool:
-        """True when the file exists and its header and length are intact (a truncated file is not)."""
+    @staticmethod
+    def checksum_path(path: Path) -> Path:
+        """The sidecar of a cache file: ``<image id>.npy.sha256``."""
+        return path.with_name(path.name + CHECKSUM_SUFFIX)
+
+    def damage(self, kind: str, image_id: str) -> str | None:
+        """Why the cached file of ``image_id`` cannot be trusted (``"missing"``, size or checksum mismatch,
+        unreadable), or None when it is intact. Legacy files without a sidecar are adopted (see module doc)."""
         path = self.path(kind, image_id)
         if not path.is_file():
-            return False
-        try:
-            np.load(path, mmap_mode="r")
-            return True
-        except (ValueError, OSError, EOFError):
-            log.warning("feature cache file %s is damaged; it will be rebuilt", path)
-            return False
+            return "missing"
+        expected = _read_checksum(self.checksum_path(path))
+        if expected == {}:
+            return f"its checksum file {self.checksum_path(path).name} is unreadable"
+        if expected is None:  # written before sidecars existed
+            try:
+                np.load(path, mmap_mode="r")
+            except (ValueError, OSError, EOFError) as err:
+                return f"not a complete .npy file ({err})"
+            try:
+                data = path.read_bytes()
+                _atomic_write(self.checksum_path(path), _checksum_blob(data))
+            except (OSError, CacheError) as err:  # read-only cache: still usable, just not adopted
+                log.warning("cannot record the checksum of %s: %s", path, err)
+            return None
+        size = path.stat().st_size
+        if size != expected["size"]:
+            return f"size {size} bytes, expected {expected['size']}"
+        digest = _sha256_file(path)
+        if digest != expected["sha256"]:
+            return f"sha256 {digest[:12]}..., expected {expected['sha256'][:12]}..."
+        return None
+
+    def is_valid(self, kind: str, image_id: str) -> bool:
+        """True when the file exists and its size and sha256 match its sidecar (truncated / corrupted: False)."""
+        reason = self.damage(kind, image_id)
+        if reason is not None and reason != "missing":
+            log.warning("feature cache file %s is damaged (%s); it will be rebuilt", self.path(kind, image_id),
+                        reason)
+        return reason is None
 
     def missing(self, kind: str, ids: Iterable[str]) -> list[str]:
         return [i for i in ids if not self.is_valid(kind, i)]
@@ -119,11 +165,12 @@ class FeatureCache:
                progress: bool = True, desc: str = "") -> dict[str, int]:
         """Extract the features of every id that is not cached yet; returns counts per kind.
 
-        The backbone is only loaded when something is missing.
+        The backbone is only loaded when something is missing. Images this object already skipped as unreadable
+        (``data.on_bad_image = "skip"``) are not retried; a new process retries them once.
         """
         counts = {}
         for kind in kinds:
-            todo = self.missing(kind, ids)
+            todo = [i for i in self.missing(kind, ids) if i not in self.skipped[kind]]
             counts[kind] = len(todo)
             if not todo:
                 continue
@@ -132,6 +179,10 @@ class FeatureCache:
             self._extract(dataset, todo, kind, backbone, batch_images, progress, desc)
         return counts
 
+    def usable(self, kind: str, ids: Sequence[str]) -> list[str]:
+        """``ids`` without the ones skipped as unreadable (after :meth:`ensure`), in their order."""
+        return [i for i in ids if i not in self.skipped[kind]]
+
     def _extract(self, dataset: SegmentationDataset, ids: list[str], kind: str, backbone: Backbone,
                  batch_images: int, progress: bool, desc: str) -> None:
         data = self.cfg.data
@@ -139,7 +190,10 @@ class FeatureCache:
             raise DataError(f"data.train_size={data.train_size} is not a multiple of the patch size "
                             f"{backbone.patch_size}")
         out_dir = self.dir(kind)
-        out_dir.mkdir(parents=True, exist_ok=True)
+        try:
+            out_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise CacheError(f"cannot create feature cache folder {out_dir}: {err}") from err
         self._write_info(out_dir, kind)
         device = next(backbone.model.parameters()).device
         bar = tqdm(total=len(ids), desc=f"extract {kind} {desc}".strip(), unit="img", disable=not progress)
@@ -163,8 +217,17 @@ class FeatureCache:
                     views = five_crop_views(image, data.crop_ratio, data.train_size)
                 else:
                     views = eval_view(image, data.eval_short_side, backbone.patch_size)[None]
-            except Exception:
+            except DataError as err:
+                if data.on_bad_image == "skip":
+                    log.warning("%s: skipping image %s: %s (data.on_bad_image='skip')", desc or kind, image_id, err)
+                    self.skipped[kind].add(image_id)
+                    bar.update(1)
+                    continue
                 if pending:  # keep the images read before the failing one: a rerun resumes right at it
+                    flush()
+                raise DataError(f"{err} (data.on_bad_image='fail'; 'skip' leaves such images out)") from err
+            except Exception:
+                if pending:
                     flush()
                 raise
             # whole-image views of different sizes cannot share a batch
@@ -182,11 +245,25 @@ class FeatureCache:
                 "backbone_config": self.cfg.to_dict()["backbone"], "data_config": self.cfg.to_dict()["data"]}
         info_path = out_dir / "cache.json"
         if not info_path.exists():
-            _atomic_write(info_path, lambda f: f.write(json.dumps(info, indent=2).encode()))
+            _atomic_write(info_path, json.dumps(info, indent=2).encode())
 
-    @staticmethod
-    def _save(path: Path, array: np.ndarray) -> None:
-        _atomic_write(path, lambda f: np.save(f, array))
+    @classmethod
+    def _save(cls, path: Path, array: np.ndarray) -> None:
+        """Old data file out, sidecar in, data file in (each atomic): see the module docstring."""
+        buf = io.BytesIO()
+        np.save(buf, array)
+        data = buf.getvalue()
+        sidecar = cls.checksum_path(path)
+        try:
+            path.unlink(missing_ok=True)
+            _atomic_write(sidecar, _checksum_blob(data))
+            _atomic_write(path, data)
+        except OSError as err:
+            sidecar.unlink(missing_ok=True)
+            raise CacheError(f"cannot write feature cache file {path}: {err}") from err
+        except BaseException:
+            sidecar.unlink(missing_ok=True)
+            raise
 
     def load_train(self, ids: Sequence[str], knn: int) -> TrainFeatures:
         """Stack the cached training views of ``ids`` (all must be cached) and compute their kNN lists."""
@@ -203,24 +280,73 @@ class FeatureCache:
         """Cached whole-image features ``(D', h, w)`` float16 of one image."""
         return torch.from_numpy(self._load(self.path("eval", image_id)))
 
-    @staticmethod
-    def _load(path: Path) -> np.ndarray:
+    @classmethod
+    def _load(cls, path: Path) -> np.ndarray:
+        """The array of a cache file, after checking it against its sidecar (size and sha256)."""
+        hint = "rerun `fuss extract` (or the job) to rebuild it"
         try:
-            return np.load(path)
+            data = path.read_bytes()
+        except OSError as err:
+            raise CacheError(f"cannot read cached features {path} ({err}); {hint}") from err
+        expected = _read_checksum(cls.checksum_path(path))
+        if expected == {}:
+            raise CacheError(f"the checksum file of cached features {path} is unreadable; {hint}")
+        if expected is not None:
+            if len(data) != expected["size"]:
+                raise CacheError(f"cached features {path} have {len(data)} bytes, their checksum file says "
+                                 f"{expected['size']} (truncated or replaced); {hint}")
+            if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+                raise CacheError(f"cached features {path} do not match their sha256 (corrupted); {hint}")
+        try:
+            return np.load(io.BytesIO(data))
         except (OSError, ValueError, EOFError) as err:
-            raise CacheError(f"cannot read cached features {path} ({err}); run `fuss extract` to rebuild") from err
+            raise CacheError(f"cannot read cached features {path} ({err}); {hint}") from err
 
 
-def _atomic_write(path: Path, write) -> None:
-    """Write through a temporary file in the same folder, then rename: readers never see half a file."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
+def _checksum_blob(data: bytes) -> bytes:
+    return json.dumps({"sha256": hashlib.sha256(data).hexdigest(), "size": len(data)}).encode()
+
+
+def _read_checksum(path: Path) -> dict | None:
+    """The sidecar's ``{"sha256", "size"}``; None when there is no sidecar; ``{}`` when it is unreadable."""
     try:
+        blob = json.loads(path.read_text())
+    except FileNotFoundError:
+        return None
+    except (OSError, ValueError):
+        return {}
+    if not isinstance(blob, dict) or not isinstance(blob.get("sha256"), str) or not isinstance(blob.get("size"), int):
+        return {}
+    return blob
+
+
+def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` through a temporary file in the same folder, then rename: readers never see half a file.
+
+    Any OSError (disk full, permission, the folder is not a folder) becomes a :class:`CacheError` naming ``path``;
+    the temporary file is removed, and ``path`` is left as it was (absent or the complete previous content).
+    """
+    tmp = None
+    try:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
         with os.fdopen(fd, "wb") as handle:
-            write(handle)
+            handle.write(data)
+            handle.flush()
         os.replace(tmp, path)
     except OSError as err:
-        Path(tmp).unlink(missing_ok=True)
-        raise CacheError(f"cannot write feature cache file {path}: {err}") from err
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        what = "disk full" if err.errno == errno.ENOSPC else err.strerror or type(err).__name__
+        raise CacheError(f"cannot write feature cache file {path}: {what} ({err})") from err
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
         raise

@@ -1,11 +1,22 @@
 """One federation site, independent of transport: its images, its feature cache, its local trainer.
 
 The FLARE client script and the in-process runners both drive sites through this class.
+
+Resume. The only state a site carries from one round to the next is the trainer's ``previous_state`` (MOON's
+negative; the kept head / centroids when switch E or C is off); the optimisers are re-created every round (the
+FedAvg convention) and the calibrated shifts and every random draw are recomputed from (seed, site, round). When
+``previous_state`` matters, :meth:`Site.train` writes it after each round to the site's own disk,
+``<cache dir>/site_state/<run key>/<site>/round_<r>.pt`` (the run key hashes the configuration except the number
+of rounds and the paths, plus the site's image ids), and a fresh process that is asked for round ``r > 0`` loads
+round ``r - 1`` from there: a job stopped after round k and restarted continues exactly.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import logging
+import os
 import re
 from pathlib import Path
 
@@ -13,7 +24,7 @@ import torch
 import torch.nn.functional as F
 
 from .backbones import feature_dim
-from .cache import FeatureCache
+from .cache import CacheError, FeatureCache
 from .config import FussConfig
 from .datasets import DataError, SegmentationDataset, open_dataset
 from .evaluate import evaluate_model
@@ -121,7 +132,8 @@ class Site:
         return len(self.train_ids)
 
     def prepare(self, progress: bool = True) -> dict[str, int]:
-        """Extract whatever features this site still lacks (training views and/or evaluation views)."""
+        """Extract whatever features this site still lacks (training views and/or evaluation views); unreadable
+        images stop it or are skipped per ``data.on_bad_image`` (see :attr:`skipped_images`)."""
         counts = {}
         if self.train_ids:
             counts.update(self.cache.ensure(self.dataset, self.train_ids, ["train"], device=self.device,
@@ -132,18 +144,90 @@ class Site:
         return counts
 
     @property
+    def skipped_images(self) -> dict[str, list[str]]:
+        """Image ids left out because they could not be read (``data.on_bad_image = "skip"``), per cache kind."""
+        return {kind: sorted(ids) for kind, ids in self.cache.skipped.items() if ids}
+
+    @property
     def trainer(self) -> LocalTrainer:
         if self._trainer is None:
             if not self.train_ids:
                 raise DataError(f"site {self.name!r} has no training images in the partition")
             self.cache.ensure(self.dataset, self.train_ids, ["train"], device=self.device, desc=self.name)
-            feats = self.cache.load_train(self.train_ids, self.cfg.train.knn)
+            ids = self.cache.usable("train", self.train_ids)
+            if len(ids) < len(self.train_ids):
+                log.warning("site %s: %d of %d training images skipped as unreadable: %s", self.name,
+                            len(self.train_ids) - len(ids), len(self.train_ids), self.skipped_images["train"])
+            if not ids:
+                raise DataError(f"site {self.name!r}: none of its {len(self.train_ids)} training images is readable")
+            feats = self.cache.load_train(ids, self.cfg.train.knn)
             self._trainer = LocalTrainer(feats, self.cfg, self.name, self.num_clusters)
         return self._trainer
 
+    @property
+    def keeps_local_state(self) -> bool:
+        """Whether the trainer's previous local model feeds the next round (MOON, or switch E / C off)."""
+        fed = self.cfg.federation
+        return self.cfg.train.moon_weight > 0 or not fed.average_head or not fed.aggregate_centroids
+
+    def state_dir(self) -> Path:
+        """Where this site keeps its per-round local state (see the module docstring)."""
+        cfg = self.cfg.to_dict()
+        cfg["federation"].pop("rounds")
+        cfg["data"].pop("root")
+        cfg.pop("cache_dir")
+        blob = json.dumps({"config": cfg, "site": self.name, "ids": self.train_ids}, sort_keys=True)
+        key = hashlib.sha256(blob.encode()).hexdigest()[:16]
+        safe = re.sub(r"[^A-Za-z0-9_.-]", "_", self.name)
+        return self.cache.root / "site_state" / key / safe
+
+    def _state_file(self, round_idx: int) -> Path:
+        return self.state_dir() / f"round_{round_idx:04d}.pt"
+
     def train(self, global_state: dict[str, torch.Tensor], round_idx: int) -> LocalResult:
-        """One round of local training from the received global state."""
-        return self.trainer.train(global_state, round_idx)
+        """One round of local training from the received global state (resumable, see the module docstring).
+
+        The metrics carry ``skipped_images``: the training images left out as unreadable."""
+        trainer = self.trainer
+        if self.keeps_local_state and trainer.previous_state is None and round_idx > 0:
+            trainer.previous_state = self._load_state(round_idx - 1)
+        result = trainer.train(global_state, round_idx)
+        if self.keeps_local_state:
+            self._save_state(round_idx, result.state)
+        result.metrics["skipped_images"] = float(len(self.cache.skipped["train"] & set(self.train_ids)))
+        return result
+
+    def _load_state(self, round_idx: int) -> dict[str, torch.Tensor] | None:
+        path = self._state_file(round_idx)
+        try:
+            blob = torch.load(path, map_location="cpu", weights_only=True)
+        except FileNotFoundError:
+            log.warning("site %s: no local state of round %d at %s; this round starts like round 0 (MOON without a "
+                        "previous model, E/C-off switches from the global model), so a resumed run is not exact",
+                        self.name, round_idx, path)
+            return None
+        except Exception as err:
+            raise CacheError(f"site {self.name!r}: cannot read its local state {path}: {err}") from err
+        if blob.get("round") != round_idx or blob.get("site") != self.name:
+            raise CacheError(f"site {self.name!r}: {path} holds round {blob.get('round')} of site "
+                             f"{blob.get('site')!r}, expected round {round_idx}")
+        log.info("site %s: resumed its local state of round %d from %s", self.name, round_idx, path)
+        return {k: v.clone() for k, v in blob["state"].items()}
+
+    def _save_state(self, round_idx: int, state: dict[str, torch.Tensor]) -> None:
+        folder = self.state_dir()
+        path = self._state_file(round_idx)
+        tmp = path.with_name(f".tmp-{path.name}")
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            torch.save({"round": round_idx, "site": self.name, "state": state}, tmp)
+            os.replace(tmp, path)
+            for old in folder.glob("round_*.pt"):  # keep this round and the one before
+                if old.name < self._state_file(round_idx - 1).name:
+                    old.unlink(missing_ok=True)
+        except OSError as err:
+            tmp.unlink(missing_ok=True)
+            raise CacheError(f"site {self.name!r}: cannot write its local state {path}: {err}") from err
 
     def validate(self, global_state: dict[str, torch.Tensor], crf: bool = False, overlay_dir: str | Path | None = None,
                  num_overlays: int = 0, progress: bool = False) -> dict:
@@ -151,7 +235,12 @@ class Site:
         if not self.validation_ids:
             raise DataError(f"site {self.name!r} has no validation images in the partition")
         self.cache.ensure(self.dataset, self.validation_ids, ["eval"], device=self.device, desc=self.name)
+        ids = self.cache.usable("eval", self.validation_ids)
+        if not ids:
+            raise DataError(f"site {self.name!r}: none of its {len(self.validation_ids)} validation images is readable")
         model = build_model(self.cfg, self.num_clusters)
         model.load_state_dict(global_state)
-        return evaluate_model(model.eval(), self.dataset, self.validation_ids, self.cache, self.num_clusters,
-                              crf=crf, overlay_dir=overlay_dir, num_overlays=num_overlays, progress=progress)
+        result = evaluate_model(model.eval(), self.dataset, ids, self.cache, self.num_clusters,
+                                crf=crf, overlay_dir=overlay_dir, num_overlays=num_overlays, progress=progress)
+        result["skipped_images"] = len(self.validation_ids) - len(ids)
+        return result

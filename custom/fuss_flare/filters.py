@@ -83,7 +83,8 @@ class FussResultFilter(Filter):
                 dropped.append(f"meta[{key!r}]")
         if dropped:
             self.log_info(fl_ctx, f"FussResultFilter: not sent: {', '.join(sorted(dropped))}")
-        _audit(self, fl_ctx, f"{dxo.data_kind} {len(data)} item(s) sent"
+        kind = getattr(dxo.data_kind, "value", dxo.data_kind)
+        _audit(self, fl_ctx, f"{kind} {len(data)} item(s) sent"
                + (f", {len(dropped)} dropped: {', '.join(sorted(dropped))}" if dropped else ", nothing dropped"))
         return DXO(data_kind=dxo.data_kind, data=data, meta=meta).update_shareable(_strip_payload(shareable))
 

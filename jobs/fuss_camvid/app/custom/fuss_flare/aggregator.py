@@ -1,7 +1,9 @@
 """Server-side aggregator: FLARE results -> ``fuss_components.aggregation`` (screen, then aggregate).
 
 One class serves FedAvg (switch W from ``federation.weighted``), FedCC-kmeans and FedCC-maximin: the rule is
-``federation.aggregator`` of the job's config. The switches E and C and FedProx / MOON act on the sites
+``federation.aggregator`` of the job's config, the robust mode ``federation.robust``. Two results claiming the
+same site name are both rejected (the genuine one cannot be told apart, and keeping the first to arrive would
+make the global model depend on arrival order). The switches E and C and FedProx / MOON act on the sites
 (``fuss_components.site.Site.train``), so they work with every rule. No aggregation math lives here.
 """
 
@@ -71,7 +73,8 @@ class FussAggregator(ModelAggregator):
         global_model = self.fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
         ref_head, ref_centroids = split_state(to_torch_state(global_model["weights"]))
         num_clusters, dim = (int(n) for n in ref_centroids.shape)
-        accepted, rejected = screen_updates(self._updates, ref_head, num_clusters, dim)
+        accepted, rejected = screen_updates(self._updates, ref_head, num_clusters, dim,
+                                            federation=self._cfg.federation, reject_all_duplicates=True)
         rejected = self._unreadable + rejected
         for site, reason in rejected:
             self.warning(f"round {round_idx}: rejected the update of {site}: {reason}")

@@ -12,7 +12,12 @@ FussAggregator, FussModelPersistor, FullModelShareableGenerator, TBAnalyticsRece
 root and cache come from ``$FUSS_DATA_ROOT`` / ``$FUSS_CACHE_DIR`` / ``$FUSS_SITE_CONFIG`` or ``../shared``.
 
 Run with ``nvflare simulator <job> -w <workspace> -n <clients> -t <threads>``, where ``-n`` counts training sites
-plus validation-only sites (simulator names ``site-N`` map to the partition's sites in that order).
+plus validation-only sites (simulator names ``site-N`` map to the partition's sites in that order); on a POC or
+provisioned federation with ``nvflare job submit`` or ``poc/run.sh`` (``docs/deployment.md``).
+
+Privacy options: ``--centroid-noise SIGMA --centroid-clip C`` add ``CentroidPrivacyFilter`` after
+``FussResultFilter``; ``--privacy-scope NAME`` asks the sites for a scope of their ``privacy.json``;
+``--server-param KEY=VALUE`` sets FLARE server settings such as ``dead_client_grace_period``.
 """
 
 from __future__ import annotations
@@ -74,11 +79,25 @@ def build_job(
     task_request_interval: float = 0.2,
     record_updates: bool = False,
     resume_from: str = "",
+    centroid_clip: float | None = None,
+    centroid_noise: float = 0.0,
+    privacy_delta: float = 1e-5,
+    privacy_scope: str = "",
+    server_params: dict | None = None,
 ):
     """A FedJob running ``cfg`` (rounds, aggregator, FedProx / MOON, E/C/W switches all come from ``cfg``).
 
-    ``num_training_sites`` only sets the job's deployment minimum (FLARE's ``min_clients`` in meta.json) when
-    ``federation.min_clients`` is unset; the controller discovers the sites' roles at run time.
+    ``num_training_sites`` (the partition's training sites, when known at export time) is the minimum used when
+    ``federation.min_clients`` is unset: FLARE's deployment minimum (``min_clients`` in meta.json) and the
+    controller's (fewer training sites answering ``site_info`` fails the job, e.g. a site started with a wrong data
+    path). The controller discovers the sites' roles at run time.
+
+    Privacy (see ``docs/deployment.md``): ``centroid_clip`` / ``centroid_noise`` add ``CentroidPrivacyFilter``
+    (clip each centroid row to norm C, add N(0, (sigma C)^2)) to the train results after ``FussResultFilter``;
+    ``privacy_scope`` names the sites' ``privacy.json`` scope the job asks for (meta.json ``scope``; a site
+    without that scope refuses the job). ``server_params``: top-level FLARE settings of the server app, e.g.
+    ``{"dead_client_grace_period": 0, "dead_client_check_lead_time": 5}`` (how soon a site that died is treated as
+    gone: FLARE waits 60 s and 30 s by default).
     """
     from nvflare.job_config.defs import FilterType
     from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
@@ -90,7 +109,7 @@ def build_job(
 
     from fuss_flare.aggregator import FussAggregator
     from fuss_flare.controller import FussController
-    from fuss_flare.filters import FussResultFilter
+    from fuss_flare.filters import CentroidPrivacyFilter, FussResultFilter
     from fuss_flare.persistor import FussModelPersistor
 
     fed = cfg.federation
@@ -100,7 +119,7 @@ def build_job(
     # server
     job.to_server(
         FussController(
-            min_clients=fed.min_clients or 1,
+            min_clients=deploy_min,  # unset federation.min_clients: every training site of the partition
             num_rounds=fed.rounds,
             validate_every=validate_every,
             record_updates=record_updates,
@@ -113,6 +132,8 @@ def build_job(
     job.to_server(FullModelShareableGenerator(), id="shareable_generator")
     job.to_server(TBAnalyticsReceiver(), id="tb_receiver")
     job.to_server({"server": {"task_request_interval": task_request_interval}})
+    if server_params:
+        job.to_server(dict(server_params))
 
     # clients
     executor = ClientAPIExecutor(
@@ -125,6 +146,12 @@ def build_job(
     job.to_clients(executor, id="executor", tasks=list(ALL_TASKS))
     job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"]), id="event_to_fed")
     job.to_clients(FussResultFilter(), filter_type=FilterType.TASK_RESULT, tasks=list(ALL_TASKS))
+    if centroid_clip is not None or centroid_noise:
+        job.to_clients(
+            CentroidPrivacyFilter(clip=centroid_clip or 1.0, noise_multiplier=centroid_noise, delta=privacy_delta,
+                                  rounds=fed.rounds),
+            filter_type=FilterType.TASK_RESULT, tasks=list(ALL_TASKS),  # one chain per task set; acts on WEIGHTS only
+        )
 
     # code and configuration shipped with the job (BYOC): the package (clean copy) and the run's config
     staging = Path(tempfile.mkdtemp(prefix="fuss_job_"))
@@ -134,6 +161,7 @@ def build_job(
         add(str(staging / "fuss_flare"), dest_dir="fuss_flare")
         add(str(staging / CONFIG_FILE))
     job._fuss_staging = staging  # removed by export()
+    job._fuss_meta = {"scope": privacy_scope} if privacy_scope else {}  # merged into meta.json by export()
     return job
 
 
@@ -152,6 +180,11 @@ def export(job, out_dir: str | Path) -> Path:
             shutil.rmtree(staging, ignore_errors=True)
     for junk in target.rglob("__pycache__"):
         shutil.rmtree(junk, ignore_errors=True)
+    extra_meta = getattr(job, "_fuss_meta", None)
+    if extra_meta:
+        meta = json.loads((target / "meta.json").read_text())
+        meta.update(extra_meta)
+        (target / "meta.json").write_text(json.dumps(meta, indent=4))
     for config in target.glob("*/config/config_fed_*.json"):  # FLARE keeps filter task lists in a set: sort them
         data = json.loads(config.read_text())
         for section in ("task_result_filters", "task_data_filters"):
@@ -236,6 +269,20 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "the new total)")
     parser.add_argument("--record-updates", action="store_true",
                         help="server saves every received update (tensors) per round under received/ (audits, tests)")
+    priv = parser.add_argument_group("privacy (docs/deployment.md)")
+    priv.add_argument("--centroid-noise", type=float, metavar="SIGMA",
+                      help="add CentroidPrivacyFilter: Gaussian noise of std SIGMA*C per centroid coordinate")
+    priv.add_argument("--centroid-clip", type=float, metavar="C",
+                      help="clip every centroid row to L2 norm C before it leaves a site (default 1 with noise)")
+    priv.add_argument("--privacy-delta", type=float, default=1e-5,
+                      help="delta of the per-round (epsilon, delta) accounting in the audit log (default 1e-5)")
+    priv.add_argument("--privacy-scope", default="",
+                      help="privacy scope the job asks for (meta.json 'scope'; every site's privacy.json must "
+                           "define it)")
+    parser.add_argument("--server-param", dest="server_params", action="append", type=_parse_override, default=[],
+                        metavar="KEY=VALUE",
+                        help="top-level FLARE setting of the server app, e.g. dead_client_grace_period=0 and "
+                             "dead_client_check_lead_time=5 (how soon a dead site is given up; FLARE: 60 s, 30 s)")
     return parser
 
 
@@ -301,9 +348,18 @@ def export_from_args(args: argparse.Namespace) -> Path:
     else:
         name = args.name or Path(args.config).stem
     n_train, n = count_sites(cfg, args.preset)
+    if args.centroid_noise is not None and args.centroid_noise < 0:
+        raise ConfigError(f"--centroid-noise must be >= 0, got {args.centroid_noise}")
+    if args.centroid_clip is not None and not args.centroid_clip > 0:
+        raise ConfigError(f"--centroid-clip must be > 0, got {args.centroid_clip}")
+    if not 0 < args.privacy_delta < 1:
+        raise ConfigError(f"--privacy-delta must be in (0, 1), got {args.privacy_delta}")
     job = build_job(cfg, name, num_training_sites=n_train, validate_every=args.validate_every,
                     task_request_interval=args.task_request_interval, record_updates=args.record_updates,
-                    resume_from=str(Path(args.resume_from).resolve()) if args.resume_from else "")
+                    resume_from=str(Path(args.resume_from).resolve()) if args.resume_from else "",
+                    centroid_clip=args.centroid_clip, centroid_noise=args.centroid_noise or 0.0,
+                    privacy_delta=args.privacy_delta, privacy_scope=args.privacy_scope,
+                    server_params=dict(args.server_params))
     path = export(job, args.out)
     hint = f"-n {n} -t {min(n, 4)}" if n else "-n <training + validation-only sites>"
     print(f"exported {path}\nrun: nvflare simulator {path} -w workspaces/{name} {hint}")
