@@ -78,12 +78,31 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--crf", action="store_true")
     p.add_argument("--out", required=True)
 
-    p = sub.add_parser("bench", help="benchmarks that write their figures to JSON")
-    p.add_argument("what", choices=["extract"])
-    _add_config_args(p)
-    p.add_argument("--images", type=int, default=48, help="number of images")
-    p.add_argument("--batch-images", type=int, default=4)
-    p.add_argument("--out", required=True, help="JSON file for the figures")
+    p = sub.add_parser("bench", help="benchmarks that write their figures to files")
+    bench = p.add_subparsers(dest="what", required=True)
+    b = bench.add_parser("extract", help="feature-extraction throughput vs a bare backbone loop, peak RSS")
+    _add_config_args(b)
+    b.add_argument("--images", type=int, default=48, help="number of images")
+    b.add_argument("--batch-images", type=int, default=4)
+    b.add_argument("--out", required=True, help="JSON file for the figures")
+    b = bench.add_parser("paper", help="the paper's Tables 1-3 through the FLARE simulator (fuss_components.paper)")
+    _add_config_args(b)
+    b.add_argument("--dataset", choices=["camvid", "polyp"], default="camvid")
+    b.add_argument("--budget", choices=["full", "reduced"], default="full",
+                   help="full: 10 rounds x 1 local epoch, CRF on every image; reduced: 3 rounds x 15 steps, "
+                        "CRF on every 4th validation image (about an hour for camvid on 2 cores)")
+    b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    b.add_argument("--only", nargs="+", metavar="SETTING", help="run only these settings (names as in the tables)")
+    b.add_argument("--out", default="docs/results", help="folder for paper_<dataset>.json / .md (default %(default)s)")
+    b.add_argument("--figures", default="docs/figures", help="folder for the PNG figures (default %(default)s)")
+    b.add_argument("--work", default="runs/bench_paper", help="folder for jobs, workspaces and models")
+    b = bench.add_parser("flare", help="FLARE simulator vs in-process federation: wall time, bytes, parity")
+    _add_config_args(b)
+    b.add_argument("--rounds", type=int, default=3)
+    b.add_argument("--local-steps", type=int, help="default: one local epoch per round")
+    b.add_argument("--threads-per-site", type=int, help="OMP_NUM_THREADS of the simulator's site processes")
+    b.add_argument("--work", default="runs/bench_flare")
+    b.add_argument("--out", required=True, help="JSON file for the figures")
 
     p = sub.add_parser("job", help="export FLARE job folders (needs the fuss_flare layer)")
     p.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments of `fuss job export ...`")
@@ -214,7 +233,30 @@ def cmd_predict(args, cfg: FussConfig) -> int:
     return 0
 
 
+def _overrides(args) -> dict:
+    return {k: _parse_value(v) for k, _, v in (item.partition("=") for item in args.set or [])}
+
+
 def cmd_bench(args, cfg: FussConfig) -> int:
+    if args.what == "paper":
+        from .paper import bench_paper, figures, overlay_grid
+
+        records = bench_paper(args.dataset, args.out, args.work, args.seeds, args.budget, args.only,
+                              _overrides(args))
+        dataset = records[0]["dataset"]
+        written = figures(Path(args.out) / f"paper_{dataset}.json", args.figures)
+        grid = overlay_grid(args.work, dataset, args.seeds[0],
+                            ["raw-kmeans", "centralized", "FedAvg", "FedAvg+FedCC"], args.figures)
+        print(Path(args.out, f"paper_{dataset}.md").read_text())
+        print("figures:", *[str(p) for p in written + ([grid] if grid else [])])
+        return 0
+    if args.what == "flare":
+        from .paper import bench_flare
+
+        result = bench_flare(args.out, args.work, args.rounds, args.local_steps, args.threads_per_site,
+                             _overrides(args))
+        print(json.dumps(result, indent=2))
+        return 0
     from .bench import bench_extract
 
     result = bench_extract(cfg, args.images, args.batch_images)

@@ -26,6 +26,7 @@ from .trainer import stable_seed
 log = logging.getLogger(__name__)
 
 MODEL_FILE = "model.pt"
+KMEANS_FILE = "kmeans_centroids.pt"
 
 
 def save_model(path: str | Path, state: dict[str, torch.Tensor], cfg: FussConfig, **extra) -> Path:
@@ -194,6 +195,8 @@ def run_raw_kmeans(cfg: FussConfig, out_dir: str | Path, crf: bool = False, max_
     started = time.perf_counter()
     kmeans = KMeans(run.num_clusters, n_init=3, random_state=cfg.federation.seed).fit(vectors.numpy())
     model = RawKMeans(torch.from_numpy(kmeans.cluster_centers_).float())
+    out_dir.mkdir(parents=True, exist_ok=True)
+    torch.save(model.centroids, out_dir / KMEANS_FILE)  # normalised centres: RawKMeans(torch.load(...))
     final = {s.name: (s.cache.ensure(run.dataset, s.validation_ids, ["eval"], device=s.device, desc=s.name),
                       evaluate_model(model, run.dataset, s.validation_ids, s.cache, run.num_clusters, crf=crf,
                                      overlay_dir=out_dir / "overlays" / s.name, num_overlays=4))[1]

@@ -1,0 +1,523 @@
+"""The paper's comparisons on real data (``fuss bench paper``) and the FLARE-overhead figure (``fuss bench flare``).
+
+Every federated setting runs through the real NVIDIA FLARE simulator: the job is exported with ``fuss job export``
+and run with ``nvflare simulator`` in subprocesses (this module imports no FLARE code). The references that are
+not federations (local-only, centralized, raw-feature k-means) run in-process with ``fuss_components.runner``.
+Every final model is then evaluated here the same way, on the validation sites' whole images, without and with
+dense CRF.
+
+Settings (the paper's Tables 1-3): ``raw-kmeans``, ``local`` (mean, best and worst site), ``centralized``,
+FedAvg / FedProx (mu 0.001) / FedMoon (weight 1, tau 0.5), each with FedAvg centroids and with FedCC-kmeans,
+FedAvg + FedCC-maximin, and the W/E/C ablation (one switch off at a time) for FedAvg and FedCC-kmeans.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, FussConfig
+from .evaluate import evaluate_model
+from .paths import cache_dir, data_root
+from .site import build_model, resolve_partition
+
+log = logging.getLogger(__name__)
+
+BACKBONE_CAVEAT = ("backbone dinov2_vits14_imgfocus (shared/weights): DINOv2 ViT-S/14 weights very probably "
+                   "fine-tuned end to end for image saliency; features from block index 8; not comparable in "
+                   "absolute terms with the paper's DINO ViT-B/8 numbers")
+
+# Budgets: "full" is the paper's schedule; "reduced" finishes in about an hour per dataset on 2 CPU cores.
+# crf_every: dense CRF on every k-th validation image (CRF costs about 0.3 s per image here, the rest is cached).
+BUDGETS = {
+    "full": {"rounds": 10, "local_steps": None, "local_epochs": 1.0, "crf_every": 1},
+    "reduced": {"rounds": 3, "local_steps": 15, "local_epochs": 1.0, "crf_every": 4},
+}
+PRESET_CLUSTERS = {"camvid": 11, "polyp": 2}
+FEDPROX_MU, MOON_WEIGHT, MOON_TAU = 0.001, 1.0, 0.5  # the authors' baseline settings (spec, section 2)
+
+
+@dataclass(frozen=True)
+class Setting:
+    """One row of the paper's tables."""
+
+    name: str
+    kind: str  # "flare" | "local" | "centralized" | "raw-kmeans"
+    table: str = "main"  # "main" | "ablation"
+    aggregator: str = "fedavg"
+    regulariser: str = "none"  # "none" | "fedprox" | "fedmoon"
+    weighted: bool = True  # W
+    average_head: bool = True  # E
+    aggregate_centroids: bool = True  # C
+
+    @property
+    def wec(self) -> str:
+        return "".join(s if on else "-" for s, on in zip("WEC", (self.weighted, self.average_head,
+                                                              self.aggregate_centroids)))
+
+    def overrides(self) -> dict:
+        out = {"federation.aggregator": self.aggregator, "federation.weighted": self.weighted,
+               "federation.average_head": self.average_head,
+               "federation.aggregate_centroids": self.aggregate_centroids}
+        if self.regulariser == "fedprox":
+            out["train.fedprox_mu"] = FEDPROX_MU
+        elif self.regulariser == "fedmoon":
+            out.update({"train.moon_weight": MOON_WEIGHT, "train.moon_tau": MOON_TAU})
+        return out
+
+
+def paper_settings() -> list[Setting]:
+    rows = [Setting("raw-kmeans", "raw-kmeans"), Setting("local-only", "local"),
+            Setting("centralized", "centralized")]
+    for reg, label in (("none", "FedAvg"), ("fedprox", "FedProx"), ("fedmoon", "FedMoon")):
+        rows.append(Setting(label, "flare", regulariser=reg))
+        rows.append(Setting(f"{label}+FedCC", "flare", aggregator="fedcc-kmeans", regulariser=reg))
+    rows.append(Setting("FedAvg+FedCC-maximin", "flare", aggregator="fedcc-maximin"))
+    for agg, label in (("fedavg", "FedAvg"), ("fedcc-kmeans", "FedAvg+FedCC")):
+        for switch, wec in (("weighted", "-EC"), ("average_head", "W-C"), ("aggregate_centroids", "WE-")):
+            rows.append(Setting(f"{label} [{wec}]", "flare", "ablation", aggregator=agg, **{switch: False}))
+    return rows
+
+
+# ------------------------------------------------------------------------------------------- the FLARE path
+
+
+def _nvflare() -> str:
+    exe = Path(sys.executable).with_name("nvflare")
+    if not exe.exists():
+        raise RuntimeError(f"nvflare is not installed beside {sys.executable} (pip install nvflare==2.9.0)")
+    return str(exe)
+
+
+def _sim_env(threads_per_site: int | None) -> dict:
+    env = dict(os.environ)
+    if threads_per_site:
+        env["OMP_NUM_THREADS"] = str(threads_per_site)  # sites share the cores; see docs/reliability.md
+    return env
+
+
+@dataclass
+class SimRun:
+    """One finished ``nvflare simulator`` run."""
+
+    workspace: Path
+    seconds: float
+    metrics: dict = field(default_factory=dict)
+
+    @property
+    def app(self) -> Path:
+        return self.workspace / "server" / "simulate_job" / "app_server"
+
+    @property
+    def model_file(self) -> Path:
+        return self.app / "fuss_model.pt"
+
+
+def simulate(cfg: FussConfig, work: Path, name: str, threads_per_site: int | None = None,
+             timeout: float = 7200) -> SimRun:
+    """Export ``cfg`` as a FLARE job (``fuss job export``) and run it in the simulator with one thread per site.
+
+    Raises ``RuntimeError`` with the tail of the simulator's log when the job fails."""
+    work.mkdir(parents=True, exist_ok=True)
+    cfg_file = work / f"{name}.json"
+    cfg.save(cfg_file)
+    export = subprocess.run([sys.executable, "-m", "fuss_components.cli", "job", "export", "--config",
+                             str(cfg_file), "--out", str(work / "jobs"), "--name", name],
+                            capture_output=True, text=True)
+    if export.returncode != 0:
+        raise RuntimeError(f"job export of {name} failed: {export.stderr[-2000:]}")
+    partition = resolve_partition(cfg)
+    n = len(set(partition.clients) | set(partition.validation))
+    ws = work / "ws" / name
+    started = time.perf_counter()
+    proc = subprocess.run([_nvflare(), "simulator", str(work / "jobs" / name), "-w", str(ws), "-n", str(n),
+                           "-t", str(n)], capture_output=True, text=True, timeout=timeout,
+                          env=_sim_env(threads_per_site))
+    seconds = time.perf_counter() - started
+    run = SimRun(ws, seconds)
+    if proc.returncode != 0 or not run.model_file.exists():
+        tail = (proc.stdout + proc.stderr)[-3000:]
+        raise RuntimeError(f"simulator run {name} failed (rc {proc.returncode}); workspace {ws}:\n{tail}")
+    run.metrics = json.loads((run.app / "metrics.json").read_text())
+    return run
+
+
+# ------------------------------------------------------------------------------------------- evaluation
+
+
+def evaluate_state(cfg: FussConfig, model, crf_every: int, overlay_dir: Path | None = None,
+                   num_overlays: int = 0) -> dict:
+    """mIoU / pixel accuracy on all validation images, and after dense CRF on every ``crf_every``-th image
+    (image-weighted over validation sites, like the runners' summaries)."""
+    from .runner import _Run
+
+    run = _Run(cfg)
+    plain, refined = {}, {}
+    for site in run.validation_sites:
+        site.cache.ensure(run.dataset, site.validation_ids, ["eval"], device=site.device, desc=site.name)
+        ids = site.cache.usable("eval", site.validation_ids)
+        plain[site.name] = evaluate_model(model, run.dataset, ids, site.cache, run.num_clusters,
+                                          overlay_dir=overlay_dir and overlay_dir / site.name,
+                                          num_overlays=num_overlays)
+        refined[site.name] = evaluate_model(model, run.dataset, ids[::crf_every], site.cache, run.num_clusters,
+                                            crf=True)["crf"] | {"num_images": len(ids[::crf_every])}
+
+    def mean(per_site: dict, key: str) -> float:
+        total = sum(m["num_images"] for m in per_site.values())
+        return sum(m[key] * m["num_images"] for m in per_site.values()) / total
+
+    return {"miou": mean(plain, "miou"), "acc": mean(plain, "pixel_acc"), "crf_miou": mean(refined, "miou"),
+            "crf_acc": mean(refined, "pixel_acc"), "crf_images": sum(m["num_images"] for m in refined.values()),
+            "clusters_used": {n: m.get("clusters_used") for n, m in plain.items()}}
+
+
+def _load_segmenter(path: Path, cfg: FussConfig):
+    from .runner import load_model
+
+    state, _ = load_model(path)
+    model = build_model(cfg, state["centroids"].shape[0])
+    model.load_state_dict(state)
+    return model.eval(), state
+
+
+# ------------------------------------------------------------------------------------------- the benchmark
+
+
+def _git_commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent)
+        dirty = subprocess.run(["git", "status", "--porcelain", "--", "fuss_components", "custom"],  # the code
+                               capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1]).stdout.strip()
+        return out.stdout.strip() + ("-dirty" if dirty else "") if out.returncode == 0 else "unknown"
+    except OSError:
+        return "unknown"
+
+
+def base_config(dataset: str, budget: dict, seed: int, overrides: dict | None = None) -> FussConfig:
+    """The dataset's preset configuration with the budget's schedule and ``seed`` for every random draw."""
+    if dataset not in PRESET_CLUSTERS:
+        raise ConfigError(f"bench paper: dataset must be one of {sorted(PRESET_CLUSTERS)}, got {dataset!r}")
+    cfg = FussConfig.from_dict({"data": {"dataset": dataset}, "partition": dataset,
+                                "train": {"num_clusters": PRESET_CLUSTERS[dataset]}})
+    cfg = cfg.with_overrides({
+        "data.root": str(data_root(cfg.data.root)), "cache_dir": str(cache_dir(cfg.cache_dir)),
+        "federation.rounds": budget["rounds"], "federation.local_steps": budget["local_steps"],
+        "federation.local_epochs": budget["local_epochs"], "federation.seed": seed, "train.seed": seed,
+    })
+    return cfg.with_overrides(overrides) if overrides else cfg
+
+
+def run_setting(setting: Setting, cfg: FussConfig, work: Path, crf_every: int, threads_per_site: int | None,
+                overlays: int = 0) -> dict:
+    """Train one setting for one seed and evaluate its final model(s); returns its record (no CRF and CRF)."""
+    from .runner import KMEANS_FILE, RawKMeans, run_centralized, run_local, run_raw_kmeans
+
+    cfg = cfg.with_overrides(setting.overrides())
+    started = time.perf_counter()
+    out: dict = {"setting": setting.name}
+    overlay_dir = work / "overlays" if overlays else None
+    if setting.kind == "flare":
+        sim = simulate(cfg, work, "job", threads_per_site)
+        model, state = _load_segmenter(sim.model_file, cfg)
+        out["eval"] = evaluate_state(cfg, model, crf_every, overlay_dir, overlays)
+        out["curve"] = [r.get("val_miou") for r in sim.metrics["rounds"]]
+        out["bytes_per_client_round"] = statistics.mean(
+            e["bytes"] for r in sim.metrics["rounds"] for e in r["train"].values() if "bytes" in e)
+        out["centroids"] = state["centroids"].tolist()
+        out["flare_seconds"] = sim.seconds
+    elif setting.kind == "centralized":
+        res = run_centralized(cfg, work, progress=False)
+        model, state = _load_segmenter(work / "model.pt", cfg)
+        out["eval"] = evaluate_state(cfg, model, crf_every, overlay_dir, overlays)
+        out["curve"] = [r["miou"] for r in res["rounds"]]
+        out["centroids"] = state["centroids"].tolist()
+    elif setting.kind == "local":
+        res = run_local(cfg, work, progress=False)
+        out["sites"] = {}
+        for name in sorted(res["sites"]):
+            model, _ = _load_segmenter(work / name / "model.pt", cfg)
+            out["sites"][name] = evaluate_state(cfg, model, crf_every)
+        per = list(out["sites"].values())
+        out["eval"] = {k: statistics.mean(e[k] for e in per) for k in ("miou", "acc", "crf_miou", "crf_acc")}
+        out["eval"].update({"miou_best": max(e["miou"] for e in per), "miou_worst": min(e["miou"] for e in per),
+                            "crf_miou_best": max(e["crf_miou"] for e in per),
+                            "crf_miou_worst": min(e["crf_miou"] for e in per)})
+    elif setting.kind == "raw-kmeans":
+        run_raw_kmeans(cfg, work, progress=False)
+        centroids = torch.load(work / KMEANS_FILE, weights_only=True)
+        out["eval"] = evaluate_state(cfg, RawKMeans(centroids), crf_every, overlay_dir, overlays)
+    else:
+        raise ValueError(setting.kind)
+    out["seconds"] = time.perf_counter() - started
+    return out
+
+
+def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: list[int], budget_name: str,
+                only: list[str] | None = None, overrides: dict | None = None,
+                threads_per_site: int | None = 1, overlays: int = 2) -> list[dict]:
+    """Run every setting of :func:`paper_settings` (or those named in ``only``) for every seed; write one JSON
+    record per (setting, seed, crf) to ``<out_dir>/paper_<dataset>.json`` after each run (so an interrupted
+    benchmark keeps its finished runs and a re-run skips them) and the tables to ``<out_dir>/paper_<dataset>.md``.
+    """
+    if budget_name not in BUDGETS:
+        raise ConfigError(f"bench paper: budget must be one of {sorted(BUDGETS)}, got {budget_name!r}")
+    budget = BUDGETS[budget_name]
+    preset = dataset
+    settings = paper_settings()
+    if only:
+        unknown = sorted(set(only) - {s.name for s in settings})
+        if unknown:
+            raise ConfigError(f"bench paper: unknown setting(s) {unknown}; known: {[s.name for s in settings]}")
+        settings = [s for s in settings if s.name in only]
+    out_dir, work_dir = Path(out_dir), Path(work_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    dataset = base_config(dataset, budget, seeds[0], overrides).data.dataset  # overrides may name another
+    results_file = out_dir / f"paper_{dataset}.json"
+    done = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
+    runs = {(r["setting"], r["seed"]): r for r in done["runs"]
+            if r.get("budget") == budget_name and r.get("overrides", {}) == (overrides or {})}
+    commit = _git_commit()
+    for seed in seeds:
+        cfg = base_config(preset, budget, seed, overrides)
+        for setting in settings:
+            if (setting.name, seed) in runs:
+                log.info("bench paper: %s seed %d already done", setting.name, seed)
+                continue
+            safe = setting.name.replace("+", "_").replace(" ", "").replace("[", "_").replace("]", "")
+            log.info("bench paper: %s, seed %d ...", setting.name, seed)
+            result = run_setting(setting, cfg, work_dir / dataset / f"seed{seed}" / safe, budget["crf_every"],
+                                 threads_per_site, overlays=overlays if seed == seeds[0] else 0)
+            steps = cfg.federation.local_steps
+            result.update({
+                "dataset": dataset, "seed": seed, "budget": budget_name, "overrides": overrides or {},
+                "kind": setting.kind, "table": setting.table, "strategy": setting.regulariser,
+                "aggregator": setting.aggregator if setting.kind == "flare" else None, "wec": setting.wec,
+                "regulariser": setting.regulariser, "rounds": cfg.federation.rounds,
+                "local_steps": steps if steps else f"{cfg.federation.local_epochs} epoch(s)",
+                "crf_every": budget["crf_every"], "commit": commit, "backbone": cfg.backbone.name,
+                "block": cfg.backbone.block, "caveat": BACKBONE_CAVEAT,
+            })
+            runs[(setting.name, seed)] = result
+            log.info("bench paper: %s seed %d: mIoU %.4f (CRF %.4f) in %.0f s", setting.name, seed,
+                     result["eval"]["miou"], result["eval"]["crf_miou"], result["seconds"])
+            done["runs"] = [r for r in done["runs"] if (r["setting"], r["seed"]) != (setting.name, seed)
+                            or r.get("budget") != budget_name] + [result]
+            results_file.write_text(json.dumps(done, indent=1) + "\n")
+    records = flat_records(list(runs.values()))
+    (out_dir / f"paper_{dataset}_records.json").write_text(json.dumps(records, indent=1) + "\n")
+    (out_dir / f"paper_{dataset}.md").write_text(markdown_tables(list(runs.values()), dataset, budget_name))
+    return records
+
+
+def flat_records(runs: list[dict]) -> list[dict]:
+    """One record per (setting, seed, crf): the fields the issue asks for."""
+    keys = ("dataset", "setting", "kind", "table", "strategy", "aggregator", "regulariser", "wec", "seed",
+            "rounds", "local_steps", "budget", "commit", "backbone", "block", "caveat")
+    out = []
+    for r in sorted(runs, key=lambda r: (r["setting"], r["seed"])):
+        for crf in (False, True):
+            e = r["eval"]
+            rec = {k: r.get(k) for k in keys} | {"crf": crf, "miou": e["crf_miou" if crf else "miou"],
+                                                  "acc": e["crf_acc" if crf else "acc"]}
+            if crf:
+                rec["crf_every"] = r.get("crf_every")
+            out.append(rec)
+    return out
+
+
+def _mean_std(values: list[float]) -> str:
+    values = [100 * v for v in values]
+    if len(values) == 1:
+        return f"{values[0]:.2f}"
+    return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
+
+
+def summarize(runs: list[dict]) -> dict[str, dict]:
+    """setting -> {metric: [value per seed]} in the order of :func:`paper_settings`."""
+    order = [s.name for s in paper_settings()]
+    table: dict[str, dict] = {}
+    for r in sorted(runs, key=lambda r: (order.index(r["setting"]) if r["setting"] in order else 99, r["seed"])):
+        row = table.setdefault(r["setting"], {"table": r["table"], "seeds": []})
+        row["seeds"].append(r["seed"])
+        for key, value in r["eval"].items():
+            if isinstance(value, float):
+                row.setdefault(key, []).append(value)
+        if "flare_seconds" in r:
+            row.setdefault("flare_seconds", []).append(r["flare_seconds"])
+    return table
+
+
+def markdown_tables(runs: list[dict], dataset: str, budget_name: str) -> str:
+    table = summarize(runs)
+    first = runs[0] if runs else {}
+    lines = [f"### {dataset}: budget `{budget_name}` ({first.get('rounds')} rounds x {first.get('local_steps')} "
+             f"local steps; CRF on every {first.get('crf_every')}th validation image), commit `{first.get('commit')}`",
+             "", f"> {BACKBONE_CAVEAT}.", "",
+             "mIoU / pixel accuracy in %, mean ± standard deviation over seeds "
+             f"{sorted({r['seed'] for r in runs})}.", ""]
+    for name, title in (("main", "Tables 1-2: strategies"), ("ablation", "Table 3: W/E/C ablation")):
+        lines += [f"#### {title}", "", "| setting | mIoU | acc. | mIoU + CRF | acc. + CRF | seeds |",
+                  "|---|---|---|---|---|---|"]
+        for setting, row in table.items():
+            if row["table"] != name:
+                continue
+            label = setting
+            if "miou_best" in row:
+                label += (f" (best {_mean_std(row['miou_best'])}, worst {_mean_std(row['miou_worst'])})")
+            lines.append(f"| {label} | {_mean_std(row['miou'])} | {_mean_std(row['acc'])} | "
+                         f"{_mean_std(row['crf_miou'])} | {_mean_std(row['crf_acc'])} | {len(row['seeds'])} |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
+# ------------------------------------------------------------------------------------------- figures
+
+
+def figures(results_file: str | Path, fig_dir: str | Path) -> list[Path]:
+    """PNG figures from ``paper_<dataset>.json``: validation mIoU per round per strategy, a PCA projection and
+    the cosine-similarity matrices of the global centroids of FedAvg vs FedCC (first seed)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    data = json.loads(Path(results_file).read_text())
+    runs = data["runs"]
+    dataset = runs[0]["dataset"]
+    fig_dir = Path(fig_dir)
+    fig_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    seed0 = min(r["seed"] for r in runs)
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for name, row in summarize(runs).items():
+        curves = [r["curve"] for r in runs if r["setting"] == name and r.get("curve") and r["table"] == "main"]
+        if not curves:
+            continue
+        curve = 100 * np.mean(np.array(curves, dtype=float), axis=0)
+        ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
+    ax.set_xlabel("round (centralized: epoch-round)")
+    ax.set_ylabel("validation mIoU (%), no CRF, mean over seeds")
+    ax.set_title(f"{dataset}: validation mIoU per round")
+    ax.legend(fontsize=7)
+    ax.grid(alpha=0.3)
+    written.append(fig_dir / f"{dataset}_miou_per_round.png")
+    fig.tight_layout()
+    fig.savefig(written[-1], dpi=110)
+    plt.close(fig)
+
+    pair = {r["setting"]: np.array(r["centroids"]) for r in runs
+            if r["seed"] == seed0 and r["setting"] in ("FedAvg", "FedAvg+FedCC") and "centroids" in r}
+    if len(pair) == 2:
+        unit = {k: v / np.linalg.norm(v, axis=1, keepdims=True) for k, v in pair.items()}
+        stacked = np.concatenate(list(unit.values()))
+        centred = stacked - stacked.mean(0)
+        _, _, vt = np.linalg.svd(centred, full_matrices=False)
+        proj = centred @ vt[:2].T
+        fig, ax = plt.subplots(figsize=(5.5, 5))
+        k = len(next(iter(unit.values())))
+        for i, (name, marker) in enumerate(zip(unit, ("o", "^"))):
+            pts = proj[i * k:(i + 1) * k]
+            ax.scatter(pts[:, 0], pts[:, 1], marker=marker, s=60, label=name)
+        ax.set_title(f"{dataset}: global centroids, PCA of both sets (seed {seed0})")
+        ax.legend()
+        ax.grid(alpha=0.3)
+        written.append(fig_dir / f"{dataset}_centroids_pca.png")
+        fig.tight_layout()
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4.5))
+        for ax, (name, u) in zip(axes, unit.items()):
+            sim = u @ u.T
+            off = sim[~np.eye(len(sim), dtype=bool)]
+            im = ax.imshow(sim, vmin=-1, vmax=1, cmap="coolwarm")
+            ax.set_title(f"{name}: mean off-diagonal cos {off.mean():.2f}")
+        fig.colorbar(im, ax=axes, shrink=0.8)
+        written.append(fig_dir / f"{dataset}_centroid_cosine.png")
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
+    return written
+
+
+def overlay_grid(work_dir: str | Path, dataset: str, seed: int, settings: list[str], fig_dir: str | Path,
+                 per_setting: int = 2) -> Path | None:
+    """Stack the saved overlays (image | prediction | label) of a few held-out images, one row per setting."""
+    from PIL import Image, ImageDraw
+
+    rows = []
+    for name in settings:
+        safe = name.replace("+", "_").replace(" ", "").replace("[", "_").replace("]", "")
+        files = sorted((Path(work_dir) / dataset / f"seed{seed}" / safe / "overlays").rglob("*.png"))[:per_setting]
+        if files:
+            images = [Image.open(f).convert("RGB") for f in files]
+            width = sum(i.width for i in images)
+            row = Image.new("RGB", (width, images[0].height + 18), "white")
+            x = 0
+            for img in images:
+                row.paste(img, (x, 18))
+                x += img.width
+            ImageDraw.Draw(row).text((4, 3), name, fill="black")
+            rows.append(row)
+    if not rows:
+        return None
+    grid = Image.new("RGB", (max(r.width for r in rows), sum(r.height for r in rows)), "white")
+    y = 0
+    for row in rows:
+        grid.paste(row, (0, y))
+        y += row.height
+    scale = min(1.0, 1600 / grid.width)
+    grid = grid.resize((int(grid.width * scale), int(grid.height * scale)))
+    path = Path(fig_dir) / f"{dataset}_overlays.png"
+    grid.save(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------- FLARE overhead
+
+
+def bench_flare(out_file: str | Path, work_dir: str | Path, rounds: int = 3, local_steps: int | None = None,
+                threads_per_site: int | None = None, overrides: dict | None = None) -> dict:
+    """Wall time of the camvid federation through the FLARE simulator vs the in-process reference federation,
+    same configuration (default: one local epoch per round) and seeds; also the final models' difference,
+    both validation mIoUs, the bytes a client sends per round and the backbone's size."""
+    from .backbones import load_backbone
+    from .runner import load_model, run_federated
+
+    budget = {"rounds": rounds, "local_steps": local_steps, "local_epochs": 1.0}
+    cfg = base_config("camvid", budget, 0, overrides)
+    work_dir = Path(work_dir)
+    started = time.perf_counter()
+    ref = run_federated(cfg, work_dir / "inprocess", progress=True)
+    t_inprocess = time.perf_counter() - started
+    sim = simulate(cfg, work_dir, "camvid_flare", threads_per_site)
+    flare_state, _ = load_model(sim.model_file)
+    ref_state, _ = load_model(work_dir / "inprocess" / "model.pt")
+    max_diff = max(float((flare_state[k] - v).abs().max()) for k, v in ref_state.items())
+    backbone = load_backbone(cfg.backbone, torch.device("cpu"))
+    backbone_bytes = sum(p.numel() * p.element_size() for p in backbone.model.parameters())
+    sent = [e["bytes"] for r in sim.metrics["rounds"] for e in r["train"].values() if "bytes" in e]
+    result = {
+        "rounds": rounds, "local_steps": local_steps or "1 epoch", "threads": torch.get_num_threads(),
+        "simulator_threads_per_site": threads_per_site, "inprocess_seconds": t_inprocess,
+        "flare_seconds": sim.seconds, "flare_over_inprocess": sim.seconds / t_inprocess,
+        "inprocess_val_miou": [r["miou"] for r in ref["rounds"]],
+        "flare_val_miou": [r.get("val_miou") for r in sim.metrics["rounds"]],
+        "max_abs_model_difference": max_diff, "bytes_per_client_round": statistics.mean(sent),
+        "backbone_bytes": backbone_bytes, "bytes_over_backbone": statistics.mean(sent) / backbone_bytes,
+        "commit": _git_commit(), "caveat": BACKBONE_CAVEAT,
+    }
+    Path(out_file).parent.mkdir(parents=True, exist_ok=True)
+    Path(out_file).write_text(json.dumps(result, indent=2) + "\n")
+    return result

@@ -1,0 +1,106 @@
+"""`fuss bench paper`: the settings of the paper's tables, the tables and records it writes, and one end-to-end run
+through the real FLARE simulator on the tiny synthetic dataset (run twice: same numbers)."""
+
+from __future__ import annotations
+
+import json
+import statistics
+
+import pytest
+
+from fuss_components.config import ConfigError
+from fuss_components.paper import (
+    BUDGETS,
+    FEDPROX_MU,
+    bench_paper,
+    flat_records,
+    markdown_tables,
+    paper_settings,
+)
+
+
+def test_settings_cover_the_papers_tables():
+    rows = {s.name: s for s in paper_settings()}
+    main = [n for n, s in rows.items() if s.table == "main"]
+    assert main == ["raw-kmeans", "local-only", "centralized", "FedAvg", "FedAvg+FedCC", "FedProx", "FedProx+FedCC",
+                    "FedMoon", "FedMoon+FedCC", "FedAvg+FedCC-maximin"]
+    assert rows["FedProx+FedCC"].overrides()["train.fedprox_mu"] == FEDPROX_MU
+    assert rows["FedProx+FedCC"].overrides()["federation.aggregator"] == "fedcc-kmeans"
+    assert rows["FedMoon"].overrides()["train.moon_weight"] == 1.0 and "train.fedprox_mu" not in rows["FedMoon"].overrides()
+    assert rows["FedAvg+FedCC-maximin"].overrides()["federation.aggregator"] == "fedcc-maximin"
+    ablation = {n: s for n, s in rows.items() if s.table == "ablation"}
+    assert len(ablation) == 6
+    for name, s in ablation.items():
+        flags = (s.weighted, s.average_head, s.aggregate_centroids)
+        assert flags.count(False) == 1 and s.wec in name  # the label says which switch is off
+        o = s.overrides()
+        assert (o["federation.weighted"], o["federation.average_head"], o["federation.aggregate_centroids"]) == flags
+    assert BUDGETS["full"]["rounds"] == 10 and BUDGETS["full"]["local_steps"] is None  # one epoch per round
+
+
+def _run(setting, seed, miou, crf_miou, **extra):
+    return {"setting": setting, "seed": seed, "table": "main", "dataset": "camvid", "kind": "flare",
+            "eval": {"miou": miou, "acc": 0.5, "crf_miou": crf_miou, "crf_acc": 0.6}, "rounds": 3,
+            "local_steps": 15, "crf_every": 4, "commit": "abc", **extra}
+
+
+def test_tables_and_records_hold_mean_and_spread_over_seeds():
+    runs = [_run("FedAvg", 0, 0.20, 0.22), _run("FedAvg", 1, 0.24, 0.25), _run("FedAvg+FedCC", 0, 0.30, 0.31)]
+    text = markdown_tables(runs, "camvid", "reduced")
+    std = statistics.stdev([20.0, 24.0])
+    assert f"| FedAvg | 22.00 ± {std:.2f} | 50.00 ± 0.00 | 23.50 ± {statistics.stdev([22.0, 25.0]):.2f} |" in text
+    assert "| FedAvg+FedCC | 30.00 | 50.00 | 31.00 | 60.00 | 1 |" in text
+    assert "saliency" in text  # the backbone caveat travels with every table
+    records = flat_records(runs)
+    assert len(records) == 6
+    fedavg0 = [r for r in records if r["setting"] == "FedAvg" and r["seed"] == 0]
+    assert {(r["crf"], r["miou"]) for r in fedavg0} == {(False, 0.20), (True, 0.22)}
+    assert all(set(r) >= {"dataset", "strategy", "aggregator", "regulariser", "wec", "seed", "crf", "miou", "acc",
+                          "rounds", "local_steps", "commit"} for r in records)
+
+
+def test_unknown_setting_or_budget_fails_before_work(tmp_path):
+    with pytest.raises(ConfigError, match="FedAvgg"):
+        bench_paper("camvid", tmp_path / "out", tmp_path / "work", [0], "reduced", only=["FedAvgg"])
+    with pytest.raises(ConfigError, match="budget"):
+        bench_paper("camvid", tmp_path / "out", tmp_path / "work", [0], "huge")
+    assert not (tmp_path / "work").exists()
+
+
+def _tiny_overrides(data_root, cache):
+    return {"backbone.name": "fuss_tiny_vit_patch14", "backbone.weights": "random", "backbone.block": -1,
+            "data.dataset": "tiny", "data.root": str(data_root), "data.train_size": 28, "data.eval_short_side": 42,
+            "train.dim": 8, "train.batch_size": 4, "train.num_clusters": 3, "train.knn": 2, "train.num_random": 2,
+            "loss.grid": 3, "federation.rounds": 2, "federation.local_steps": 3, "partition": "site",
+            "cache_dir": str(cache)}
+
+
+@pytest.mark.flare
+def test_bench_paper_end_to_end_is_reproducible(tiny_data_root, tmp_path):
+    from fuss_components.paper import figures
+
+    only = ["raw-kmeans", "local-only", "FedAvg", "FedAvg+FedCC"]
+    overrides = _tiny_overrides(tiny_data_root, tmp_path / "cache")
+    first = bench_paper("camvid", tmp_path / "a", tmp_path / "wa", [0], "reduced", only, overrides, overlays=1)
+    second = bench_paper("camvid", tmp_path / "b", tmp_path / "wb", [0], "reduced", only, overrides, overlays=1)
+    assert [(r["setting"], r["crf"], r["miou"], r["acc"]) for r in first] == \
+           [(r["setting"], r["crf"], r["miou"], r["acc"]) for r in second]
+    assert {r["setting"] for r in first} == set(only) and len(first) == 2 * len(only)
+    assert all(0 <= r["miou"] <= 1 for r in first)
+
+    runs = {r["setting"]: r for r in json.loads((tmp_path / "a" / "paper_tiny.json").read_text())["runs"]}
+    fedavg = runs["FedAvg"]
+    # our evaluation of the downloaded global model = the validation the FLARE job ran on its last round
+    assert fedavg["eval"]["miou"] == pytest.approx(fedavg["curve"][-1], abs=1e-9)
+    assert len(fedavg["curve"]) == 2 and fedavg["bytes_per_client_round"] > 0
+    assert runs["local-only"]["eval"]["miou_worst"] <= runs["local-only"]["eval"]["miou"] \
+        <= runs["local-only"]["eval"]["miou_best"]
+    assert "| FedAvg+FedCC |" in (tmp_path / "a" / "paper_tiny.md").read_text()
+
+    # a re-run into the same folder keeps the finished runs (no simulator started: it returns at once)
+    again = bench_paper("camvid", tmp_path / "a", tmp_path / "wa", [0], "reduced", only, overrides)
+    assert again == first
+    pngs = figures(tmp_path / "a" / "paper_tiny.json", tmp_path / "fig")
+    assert {p.name for p in pngs} == {"tiny_miou_per_round.png", "tiny_centroids_pca.png",
+                                      "tiny_centroid_cosine.png"}
+    assert all(p.stat().st_size > 5000 for p in pngs)
