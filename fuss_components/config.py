@@ -93,29 +93,132 @@ class LossConfig:
             raise ConfigError("loss.grid must be >= 1")
 
 
+OBJECTIVES = ("stego", "smooseg", "primaps", "ppap")
+
+
+def _check_lr(section: str, obj: Any) -> None:
+    for key in ("lr_head", "lr_prototypes"):
+        if not getattr(obj, key) > 0:
+            raise ConfigError(f"{section}.{key} must be > 0")
+
+
+@dataclass
+class SmoosegConfig:
+    """SmooSeg (Lan et al., NeurIPS 2023): smoothness prior, teacher/student prototypes (docs/objectives.md).
+
+    Shifts as in the authors' Cityscapes / COCO-Stuff configuration: the within-image term uses -0.02 (Potsdam:
+    0.1) and the cross-image term 0.5 (COCO-Stuff: 0.48). The head dimension is ``train.dim`` (SmooSeg: 64).
+    """
+
+    within_shift: float = -0.02  # b of the smoothness term of an image with itself
+    cross_shift: float = 0.5  # b of the smoothness term of an image with another image of the batch
+    temperature: float = 0.1  # teacher soft assignment softmax(cos / T)
+    teacher_ema: float = 0.998  # teacher <- ema * teacher + (1 - ema) * student, every step
+    lr_head: float = 1e-4
+    lr_prototypes: float = 5e-4  # student prototypes
+
+    def validate(self) -> None:
+        if not self.temperature > 0:
+            raise ConfigError("train.smooseg.temperature must be > 0")
+        if not 0.0 <= self.teacher_ema < 1.0:
+            raise ConfigError("train.smooseg.teacher_ema must be in [0, 1)")
+        _check_lr("train.smooseg", self)
+
+
+@dataclass
+class PrimapsConfig:
+    """PriMaPs-EM (Hahn et al., arXiv 2404.16818): principal mask proposals + stochastic EM prototypes."""
+
+    threshold: float = 0.4  # psi: a mask holds the positions with cosine >= psi * max to its anchor feature
+    coverage: float = 0.95  # stop proposing masks once this fraction of an image's positions is covered
+    max_masks: int = 16  # at most this many masks per image (bounds the cost on a noisy image)
+    focal_gamma: float = 2.0  # class weight (1 - mean confidence of the class) ** gamma
+    temperature: float = 0.1  # logits = cos(code, prototype) / T
+    ema_decay: float = 0.98  # momentum prototypes <- decay * momentum + (1 - decay) * fast ...
+    ema_every: int = 10  # ... every this many steps
+    kmeans_iters: int = 10  # round 0: cosine k-means iterations on the first batch's codes; 0 = off
+    lr_head: float = 5e-4
+    lr_prototypes: float = 5e-3  # fast prototypes
+
+    def validate(self) -> None:
+        if not 0.0 < self.threshold <= 1.0:
+            raise ConfigError("train.primaps.threshold must be in (0, 1]")
+        if not 0.0 < self.coverage <= 1.0:
+            raise ConfigError("train.primaps.coverage must be in (0, 1]")
+        if self.max_masks < 1 or self.ema_every < 1:
+            raise ConfigError("train.primaps.max_masks and train.primaps.ema_every must be >= 1")
+        if self.focal_gamma < 0 or self.kmeans_iters < 0:
+            raise ConfigError("train.primaps.focal_gamma and train.primaps.kmeans_iters must be >= 0")
+        if not self.temperature > 0:
+            raise ConfigError("train.primaps.temperature must be > 0")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError("train.primaps.ema_decay must be in [0, 1)")
+        _check_lr("train.primaps", self)
+
+
+@dataclass
+class PpapConfig:
+    """PPAP (Seong et al., ECCV 2024): progressive proxy anchor propagation; authors' Cityscapes values."""
+
+    positive_threshold: float = 0.6  # initial positiveness boundary (COCO-Stuff: 0.55)
+    ambiguity_threshold: float = 0.2  # initial lower edge of the ambiguity zone (COCO-Stuff: 0.15)
+    propagation_steps: int = 3  # proxy relocations (COCO-Stuff: 2)
+    sigma_positive: float = 3.0  # the positiveness boundary drops by (1 - cos moved) / sigma_positive per step
+    sigma_ambiguity: float = 3.0  # the ambiguity edge rises by (1 - cos moved) / sigma_ambiguity (COCO-Stuff: 4)
+    temperature: float = 0.8
+    anchor_fraction: float = 0.0625  # share of the batch's patches used as anchors (Cityscapes 1/16, COCO 1/4)
+    lr_head: float = 1e-3
+    lr_prototypes: float = 1e-3  # centroids (cluster loss on the detached codes)
+
+    def validate(self) -> None:
+        if not -1.0 <= self.ambiguity_threshold <= self.positive_threshold <= 1.0:
+            raise ConfigError("train.ppap.ambiguity_threshold <= train.ppap.positive_threshold must lie in [-1, 1]")
+        if self.propagation_steps < 0:
+            raise ConfigError("train.ppap.propagation_steps must be >= 0")
+        for key in ("sigma_positive", "sigma_ambiguity", "temperature"):
+            if not getattr(self, key) > 0:
+                raise ConfigError(f"train.ppap.{key} must be > 0")
+        if not 0.0 < self.anchor_fraction <= 1.0:
+            raise ConfigError("train.ppap.anchor_fraction must be in (0, 1]")
+        _check_lr("train.ppap", self)
+
+
 @dataclass
 class TrainConfig:
     """Local training of head and centroids on one client's cached features."""
 
+    # Client objective (docs/objectives.md): "stego" = FUSS's correspondence distillation + centroid loss (the
+    # settings below and `loss`); "smooseg", "primaps", "ppap" use their own section below. Every objective trains
+    # the same head and (C, D) centroids, so aggregation and evaluation do not depend on it.
+    objective: str = "stego"
     dim: int = 70  # D, output channels of the projection head
     num_clusters: int | None = None  # |C|; None = number of classes of the dataset
     batch_size: int = 8
-    lr_head: float = 5e-4
-    lr_centroids: float = 5e-3
+    lr_head: float = 5e-4  # stego (the other objectives have lr_head / lr_prototypes in their section)
+    lr_centroids: float = 5e-3  # stego
     dropout: float = 0.1
-    centroid_lambda: float = 0.0  # weight of the inter-centroid similarity term (paper Eq. 5); 0 = authors' code
+    # weight of the inter-centroid similarity term (paper Eq. 5; stego and ppap); 0 = authors' code
+    centroid_lambda: float = 0.0
     knn: int = 7
     num_random: int = 5
     # Every this many steps a centroid that was nobody's argmax since the last check is moved onto the worst
-    # explained feature of the batch (keeps all |C| clusters alive); 0 = off.
+    # explained feature of the batch (keeps all |C| clusters alive); 0 = off. stego and ppap (whose centroids are
+    # trained by the centroid loss); smooseg / primaps prototypes move by EMA and are not reseeded.
     reseed_dead_every: int = 25
     fedprox_mu: float = 0.0  # FedProx: mu/2 * ||theta - theta_global||^2 on the head; authors use 0.001
     moon_weight: float = 0.0  # FedMoon contrastive term weight (paper: 1.0); 0 = off
     moon_tau: float = 0.5
     seed: int = 0
     device: str = "auto"  # "auto" = cuda when present, else cpu
+    smooseg: SmoosegConfig = field(default_factory=SmoosegConfig)
+    primaps: PrimapsConfig = field(default_factory=PrimapsConfig)
+    ppap: PpapConfig = field(default_factory=PpapConfig)
 
     def validate(self) -> None:
+        if self.objective not in OBJECTIVES:
+            raise ConfigError(f"train.objective must be one of {OBJECTIVES}, got {self.objective!r}")
+        for section in (self.smooseg, self.primaps, self.ppap):
+            section.validate()
         if self.dim < 1 or self.batch_size < 1 or self.knn < 1 or self.num_random < 1:
             raise ConfigError("train.dim, train.batch_size, train.knn and train.num_random must be >= 1")
         if self.num_clusters is not None and self.num_clusters < 1:

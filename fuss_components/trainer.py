@@ -19,6 +19,9 @@ from .config import FussConfig
 from .head import FussModel
 from .losses import (centered_feature_correlation, centroid_loss, correspondence_term, fedprox_term, moon_term,
                      quantile_shift, random_grid, sample_at)
+from .objectives import (confidence_focal_loss, cosine_to_prototypes, ema_update_, masks_to_pseudo_labels,
+                         principal_mask_proposals, proxy_anchor_contrastive_loss, proxy_anchor_partition,
+                         smoothness_term, soft_assignment, spherical_kmeans, student_prototype_loss)
 
 log = logging.getLogger(__name__)
 
@@ -52,10 +55,12 @@ class LocalResult:
 
 
 class LocalTrainer:
-    """Runs local steps of FUSS on one site's :class:`TrainFeatures`.
+    """Runs local steps of FUSS on one site's :class:`TrainFeatures`, with the client objective
+    ``train.objective`` (one step class per objective, see :data:`OBJECTIVE_STEPS`).
 
-    Stateful across rounds only in what the algorithm needs: the calibrated shifts, and the site's previous
-    local model (MOON's negative; the kept head/centroids when the E/C switches are off).
+    Stateful across rounds only in what the algorithm needs: the calibrated shifts (stego), the PriMaPs mask
+    proposals of the views seen so far (a pure function of the cached features), and the site's previous local
+    model (MOON's negative; the kept head/centroids when the E/C switches are off).
     """
 
     def __init__(self, feats: TrainFeatures, cfg: FussConfig, site: str, num_clusters: int):
@@ -72,6 +77,7 @@ class LocalTrainer:
         self._knn = feats.knn
         self.shifts: Shifts | None = None
         self.previous_state: dict[str, torch.Tensor] | None = None
+        self.mask_proposals: dict[int, torch.Tensor] = {}  # view index -> PriMaPs mask ids (h, w), on the CPU
 
     def steps_per_round(self) -> int:
         fed = self.cfg.federation
@@ -108,10 +114,10 @@ class LocalTrainer:
 
     def train(self, global_state: dict[str, torch.Tensor], round_idx: int, steps: int | None = None) -> LocalResult:
         """Start from the global model (or this site's own head/centroids when E/C are off), run the local
-        steps and return the new local state. Deterministic for (seed, site, round)."""
-        tc, lc, fed = self.cfg.train, self.cfg.loss, self.cfg.federation
+        steps of the configured objective and return the new local state. Deterministic for (seed, site, round)."""
+        tc, fed = self.cfg.train, self.cfg.federation
         steps = steps or self.steps_per_round()
-        if self.shifts is None:
+        if tc.objective == "stego" and self.shifts is None:
             self.shifts = self.calibrate()
         seed = stable_seed(tc.seed, self.site, round_idx)
         torch.manual_seed(seed)  # dropout
@@ -126,9 +132,9 @@ class LocalTrainer:
         model = FussModel(self.in_dim, tc.dim, self.num_clusters, tc.dropout)
         model.load_state_dict(start_state)
         model.to(self.device).train()
-        head_params = dict(model.head.named_parameters())
-        opt_head = torch.optim.Adam(head_params.values(), lr=tc.lr_head)
-        opt_centroids = torch.optim.Adam([model.centroids], lr=tc.lr_centroids)
+        objective = OBJECTIVE_STEPS[tc.objective](self)
+        objective.begin_round(model, round_idx)
+        opt_head = torch.optim.Adam(dict(model.head.named_parameters()).values(), lr=objective.lr_head)
 
         global_head = previous_head = None
         global_params = {}
@@ -140,38 +146,19 @@ class LocalTrainer:
             previous_head = copy.deepcopy(global_head)
             previous_head.load_state_dict({k[5:]: v for k, v in self.previous_state.items() if k.startswith("head.")})
 
-        n, g, b, r = self.feats.num_views, lc.grid, tc.batch_size, tc.num_random
+        n, b = self.feats.num_views, tc.batch_size
         order = torch.randperm(n, generator=gen)
         cursor = 0
-        usage = torch.zeros(self.num_clusters, dtype=torch.long)
         totals: dict[str, float] = {}
-        reseeded = 0
         started = time.perf_counter()
         for step in range(steps):
             if cursor + b > n:  # next local epoch
                 order, cursor = torch.randperm(n, generator=gen), 0
             q = order[cursor:cursor + b]
             cursor += b
-            bq = len(q)
-            pos = self._knn[q, torch.randint(self._knn.shape[1], (bq,), generator=gen)]
-            neg = _random_others(q, n, r, gen).flatten()
-            coords_q, coords_p = random_grid(bq, g, gen), random_grid(bq, g, gen)
-            coords_n = random_grid(bq * r, g, gen)
-
             feats_q = self._batch(q)
             code_q = model(feats_q)
-            fq, cq = sample_at(feats_q, coords_q), sample_at(code_q, coords_q)
-            fp = sample_at(self._batch(pos), coords_p)
-            fn = sample_at(self._batch(neg), coords_n)
-            cp, cn = model(fp), model(fn)  # 1x1 convs: sampling then projecting = projecting then sampling
-            fq_rep, cq_rep = fq.repeat_interleave(r, 0), cq.repeat_interleave(r, 0)
-            terms = {
-                "loss_self": correspondence_term(fq, fq, cq, cq, self.shifts.self, lc.pointwise),
-                "loss_knn": correspondence_term(fq, fp, cq, cp, self.shifts.knn, lc.pointwise),
-                "loss_random": correspondence_term(fq_rep, fn, cq_rep, cn, self.shifts.random, lc.pointwise),
-            }
-            loss = (lc.self_weight * terms["loss_self"] + lc.knn_weight * terms["loss_knn"]
-                    + lc.random_weight * terms["loss_random"])
+            loss, terms = objective.head_loss(model, q, feats_q, code_q, gen)
             if tc.fedprox_mu > 0:
                 terms["loss_fedprox"] = fedprox_term(model.head, global_params, tc.fedprox_mu)
                 loss = loss + terms["loss_fedprox"]
@@ -183,26 +170,204 @@ class LocalTrainer:
             opt_head.zero_grad(set_to_none=True)
             loss.backward()
             opt_head.step()
-
-            closs, assignment, best = centroid_loss(code_q, model.centroids, tc.centroid_lambda)
-            opt_centroids.zero_grad(set_to_none=True)
-            closs.backward()
-            opt_centroids.step()
-            terms["loss_centroids"] = closs
-            usage += torch.bincount(assignment.flatten().cpu(), minlength=self.num_clusters)
-            if tc.reseed_dead_every and (step + 1) % tc.reseed_dead_every == 0:
-                reseeded += _reseed_dead(model, opt_centroids, usage, code_q.detach(), best)
-                usage.zero_()
+            terms.update(objective.update_prototypes(model, code_q, step))
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach())
 
         state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
         self.previous_state = state
         metrics = {k: v / steps for k, v in totals.items()}
-        metrics.update(steps=float(steps), clusters_reseeded=float(reseeded),
+        metrics.update(steps=float(steps), clusters_reseeded=float(objective.reseeded),
                        clusters_used=float(_clusters_used(model, self._pool, self.device)),
                        seconds=time.perf_counter() - started)
         return LocalResult(state, self.feats.num_images, metrics)
+
+    def mask_proposals_of(self, views: torch.Tensor) -> torch.Tensor:
+        """PriMaPs mask ids ``(B, h, w)`` of ``views``, computed once per view from the cached features."""
+        pc = self.cfg.train.primaps
+        for view in views.tolist():
+            if view not in self.mask_proposals:
+                self.mask_proposals[view] = principal_mask_proposals(
+                    self._pool[view].float(), pc.threshold, pc.coverage, pc.max_masks).cpu()
+        return torch.stack([self.mask_proposals[v] for v in views.tolist()]).to(self.device)
+
+
+# --------------------------------------------------------------------------------------- one step class per objective
+# A step object lives for one round: ``begin_round`` sets up the prototype optimiser(s), ``head_loss`` returns the
+# head's loss (and the terms to report) for a batch of views, ``update_prototypes`` then moves the prototypes on the
+# batch's (pre-step) codes. What travels is always ``model.centroids``; any other prototype set is round-local.
+
+
+class _CentroidLossStep:
+    """Shared by stego and ppap: the centroids are trained by their own Adam on the detached codes (paper Eq. 5,
+    hard assignment, plus ``centroid_lambda`` times the inter-centroid similarity), with dead-centroid reseeding."""
+
+    lr_head: float
+    lr_centroids: float
+
+    def __init__(self, trainer: LocalTrainer):
+        self.trainer = trainer
+        self.tc = trainer.cfg.train
+        self.reseeded = 0
+
+    def begin_round(self, model: FussModel, round_idx: int) -> None:
+        self.optimizer = torch.optim.Adam([model.centroids], lr=self.lr_centroids)
+        self.usage = torch.zeros(self.trainer.num_clusters, dtype=torch.long)
+
+    def update_prototypes(self, model: FussModel, code_q: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        closs, assignment, best = centroid_loss(code_q, model.centroids, self.tc.centroid_lambda)
+        self.optimizer.zero_grad(set_to_none=True)
+        closs.backward()
+        self.optimizer.step()
+        self.usage += torch.bincount(assignment.flatten().cpu(), minlength=self.trainer.num_clusters)
+        if self.tc.reseed_dead_every and (step + 1) % self.tc.reseed_dead_every == 0:
+            self.reseeded += _reseed_dead(model, self.optimizer, self.usage, code_q.detach(), best)
+            self.usage.zero_()
+        return {"loss_centroids": closs}
+
+
+class _StegoStep(_CentroidLossStep):
+    """FUSS / STEGO: correspondence distillation (paper Eq. 6) with self, kNN and random-image terms."""
+
+    def __init__(self, trainer: LocalTrainer):
+        super().__init__(trainer)
+        self.lr_head, self.lr_centroids = self.tc.lr_head, self.tc.lr_centroids
+
+    def head_loss(self, model, q, feats_q, code_q, gen):
+        trainer, lc, shifts = self.trainer, self.trainer.cfg.loss, self.trainer.shifts
+        n, g, r, bq = trainer.feats.num_views, lc.grid, self.tc.num_random, len(q)
+        pos = trainer._knn[q, torch.randint(trainer._knn.shape[1], (bq,), generator=gen)]
+        neg = _random_others(q, n, r, gen).flatten()
+        coords_q, coords_p = random_grid(bq, g, gen), random_grid(bq, g, gen)
+        coords_n = random_grid(bq * r, g, gen)
+        fq, cq = sample_at(feats_q, coords_q), sample_at(code_q, coords_q)
+        fp = sample_at(trainer._batch(pos), coords_p)
+        fn = sample_at(trainer._batch(neg), coords_n)
+        cp, cn = model(fp), model(fn)  # 1x1 convs: sampling then projecting = projecting then sampling
+        fq_rep, cq_rep = fq.repeat_interleave(r, 0), cq.repeat_interleave(r, 0)
+        terms = {
+            "loss_self": correspondence_term(fq, fq, cq, cq, shifts.self, lc.pointwise),
+            "loss_knn": correspondence_term(fq, fp, cq, cp, shifts.knn, lc.pointwise),
+            "loss_random": correspondence_term(fq_rep, fn, cq_rep, cn, shifts.random, lc.pointwise),
+        }
+        loss = (lc.self_weight * terms["loss_self"] + lc.knn_weight * terms["loss_knn"]
+                + lc.random_weight * terms["loss_random"])
+        return loss, terms
+
+
+class _PpapStep(_CentroidLossStep):
+    """PPAP: patch-wise contrastive loss on the head codes, positives / negatives chosen on the cached features by
+    propagated proxy anchors with an ambiguity zone; centroids as in stego."""
+
+    def __init__(self, trainer: LocalTrainer):
+        super().__init__(trainer)
+        self.pc = self.tc.ppap
+        self.lr_head, self.lr_centroids = self.pc.lr_head, self.pc.lr_prototypes
+
+    def head_loss(self, model, q, feats_q, code_q, gen):
+        pc = self.pc
+        feats = feats_q.permute(0, 2, 3, 1).reshape(-1, feats_q.shape[1])  # every patch of the batch
+        codes = code_q.permute(0, 2, 3, 1).reshape(-1, code_q.shape[1])
+        num_anchors = max(1, round(pc.anchor_fraction * len(feats)))
+        anchors = torch.randperm(len(feats), generator=gen)[:num_anchors].to(feats.device)
+        positive, negative = proxy_anchor_partition(feats[anchors], feats, anchors, pc.positive_threshold,
+                                                    pc.ambiguity_threshold, pc.propagation_steps,
+                                                    pc.sigma_positive, pc.sigma_ambiguity)
+        loss = proxy_anchor_contrastive_loss(codes[anchors], codes, positive, negative, pc.temperature)
+        return loss, {"loss_ppap": loss, "ppap_positives": positive.sum(dim=1).float().mean(),
+                      "ppap_negatives": negative.sum(dim=1).float().mean()}
+
+
+class _SmoosegStep:
+    """SmooSeg: smoothness terms within an image and with another image of the batch, on the teacher's soft
+    assignments; student prototypes by cross-entropy to the teacher's argmax; teacher = EMA of the student.
+
+    ``model.centroids`` is the teacher (what travels). The student is round-local: re-initialised from the
+    received teacher at the start of every round (fresh optimiser, like the head's)."""
+
+    reseeded = 0
+
+    def __init__(self, trainer: LocalTrainer):
+        self.sc = trainer.cfg.train.smooseg
+        self.pointwise = trainer.cfg.loss.pointwise
+        self.lr_head = self.sc.lr_head
+
+    def begin_round(self, model: FussModel, round_idx: int) -> None:
+        model.centroids.requires_grad_(False)  # the teacher moves only by EMA
+        self.student = torch.nn.Parameter(model.centroids.detach().clone())
+        self.optimizer = torch.optim.Adam([self.student], lr=self.sc.lr_prototypes)
+
+    def head_loss(self, model, q, feats_q, code_q, gen):
+        sc = self.sc
+        probs = soft_assignment(code_q, model.centroids.detach(), sc.temperature)
+        within = smoothness_term(feats_q, feats_q, probs, probs, sc.within_shift, self.pointwise)
+        if len(q) > 1:  # pair each view with another view of the batch (a random cyclic shift: never itself)
+            other = (torch.arange(len(q)) + torch.randint(1, len(q), (1,), generator=gen)) % len(q)
+            other = other.to(feats_q.device)
+            cross = smoothness_term(feats_q, feats_q[other], probs, probs[other], sc.cross_shift, self.pointwise)
+        else:
+            cross = within * 0.0
+        return within + cross, {"loss_smooth_within": within, "loss_smooth_cross": cross}
+
+    def update_prototypes(self, model: FussModel, code_q: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        loss = student_prototype_loss(code_q, self.student, model.centroids)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        ema_update_(model.centroids.data, self.student, self.sc.teacher_ema)
+        return {"loss_prototypes": loss}
+
+
+class _PrimapsStep:
+    """PriMaPs-EM: pseudo labels from the principal mask proposals of the cached features (E-step: each mask takes
+    the majority class of the momentum prototypes), fast prototypes and head fitted to them by the
+    confidence-weighted focal loss (M-step), momentum prototypes = EMA of the fast ones.
+
+    ``model.centroids`` holds the momentum prototypes (what travels); the fast prototypes are round-local,
+    re-initialised from them every round. In round 0 both start from a cosine k-means of the first batch's codes
+    seeded with the received centroids."""
+
+    reseeded = 0
+
+    def __init__(self, trainer: LocalTrainer):
+        self.trainer = trainer
+        self.pc = trainer.cfg.train.primaps
+        self.lr_head = self.pc.lr_head
+
+    def begin_round(self, model: FussModel, round_idx: int) -> None:
+        model.centroids.requires_grad_(False)  # the momentum prototypes move only by EMA
+        self.fast = torch.nn.Parameter(model.centroids.detach().clone())
+        self.optimizer = torch.optim.Adam([self.fast], lr=self.pc.lr_prototypes)
+        self.initialise = round_idx == 0 and self.pc.kmeans_iters > 0
+
+    def head_loss(self, model, q, feats_q, code_q, gen):
+        pc = self.pc
+        if self.initialise:
+            points = code_q.detach().permute(0, 2, 3, 1).reshape(-1, code_q.shape[1])
+            centres = spherical_kmeans(points, model.centroids, pc.kmeans_iters)
+            model.centroids.data.copy_(centres)
+            self.fast.data.copy_(centres)
+            self.initialise = False
+        with torch.no_grad():
+            predictions = cosine_to_prototypes(code_q, model.centroids).argmax(dim=1)
+        self.labels = masks_to_pseudo_labels(self.trainer.mask_proposals_of(q), predictions,
+                                             self.trainer.num_clusters)
+        logits = cosine_to_prototypes(code_q, self.fast.detach()) / pc.temperature
+        loss = confidence_focal_loss(logits, self.labels, pc.focal_gamma)
+        return loss, {"loss_focal": loss, "pseudo_labelled": (self.labels >= 0).float().mean()}
+
+    def update_prototypes(self, model: FussModel, code_q: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
+        logits = cosine_to_prototypes(code_q.detach(), self.fast) / self.pc.temperature
+        loss = confidence_focal_loss(logits, self.labels, self.pc.focal_gamma)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        self.optimizer.step()
+        if (step + 1) % self.pc.ema_every == 0:
+            ema_update_(model.centroids.data, self.fast, self.pc.ema_decay)
+        return {}
+
+
+OBJECTIVE_STEPS = {"stego": _StegoStep, "smooseg": _SmoosegStep, "primaps": _PrimapsStep, "ppap": _PpapStep}
 
 
 def _random_others(index: torch.Tensor, n: int, count: int, gen: torch.Generator) -> torch.Tensor:

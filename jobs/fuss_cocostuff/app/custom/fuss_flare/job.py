@@ -2,6 +2,7 @@
 
     python -m fuss_flare.job export --preset camvid --rounds 5 --local-steps 50 --aggregator fedcc-kmeans --out DIR
     fuss job export --preset cityscapes --clients 6 --fedprox-mu 0.001 --out DIR
+    fuss job export --preset camvid --objective smooseg --out DIR     # client objective (docs/objectives.md)
     python -m fuss_flare.job committed --out jobs        # regenerate jobs/fuss_{camvid,cityscapes,polyp,cocostuff}
 
 A job folder holds one app for the server and all clients: ``config_fed_server.json`` (FussController,
@@ -30,7 +31,7 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
-from fuss_components.config import AGGREGATORS, ConfigError, FussConfig
+from fuss_components.config import AGGREGATORS, OBJECTIVES, ConfigError, FussConfig
 from fuss_flare import ALL_TASKS, CONFIG_FILE
 
 PACKAGE_DIR = Path(__file__).resolve().parent
@@ -248,6 +249,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--local-steps", type=int, help="local steps per round (default: local epochs)")
     parser.add_argument("--local-epochs", type=float, help="local epochs per round when --local-steps is unset")
     parser.add_argument("--aggregator", choices=AGGREGATORS, help="centroid aggregation rule")
+    parser.add_argument("--objective", choices=OBJECTIVES,
+                        help="client objective (train.objective; docs/objectives.md), default stego")
     parser.add_argument("--unweighted", action="store_true", help="switch W off: uniform client weights")
     parser.add_argument("--no-average-head", action="store_true", help="switch E off: sites keep their own head")
     parser.add_argument("--no-aggregate-centroids", action="store_true",
@@ -300,6 +303,7 @@ def config_from_args(args: argparse.Namespace) -> FussConfig:
         "federation.local_steps": args.local_steps,
         "federation.local_epochs": args.local_epochs,
         "federation.aggregator": args.aggregator,
+        "train.objective": args.objective,
         "federation.min_clients": args.min_clients,
         "federation.seed": args.seed,
         "train.fedprox_mu": args.fedprox_mu,
