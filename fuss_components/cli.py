@@ -96,6 +96,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     b.add_argument("--out", default="docs/results", help="folder for paper_<dataset>.json / .md (default %(default)s)")
     b.add_argument("--figures", default="docs/figures", help="folder for the PNG figures (default %(default)s)")
     b.add_argument("--work", default="runs/bench_paper", help="folder for jobs, workspaces and models")
+    b.add_argument("--tag", default="", help="name of a variant (e.g. with --set train.objective=smooseg): "
+                                             "results go to paper_<dataset>_<tag>.*")
     b = bench.add_parser("flare", help="FLARE simulator vs in-process federation: wall time, bytes, parity")
     _add_config_args(b)
     b.add_argument("--rounds", type=int, default=3)
@@ -242,12 +244,12 @@ def cmd_bench(args, cfg: FussConfig) -> int:
         from .paper import bench_paper, figures, overlay_grid
 
         records = bench_paper(args.dataset, args.out, args.work, args.seeds, args.budget, args.only,
-                              _overrides(args))
-        dataset = records[0]["dataset"]
-        written = figures(Path(args.out) / f"paper_{dataset}.json", args.figures)
-        grid = overlay_grid(args.work, dataset, args.seeds[0],
+                              _overrides(args), tag=args.tag)
+        stem = f"{records[0]['dataset']}_{args.tag}" if args.tag else records[0]["dataset"]
+        written = figures(Path(args.out) / f"paper_{stem}.json", args.figures, stem)
+        grid = overlay_grid(args.work, stem, args.seeds[0],
                             ["raw-kmeans", "centralized", "FedAvg", "FedAvg+FedCC"], args.figures)
-        print(Path(args.out, f"paper_{dataset}.md").read_text())
+        print(Path(args.out, f"paper_{stem}.md").read_text())
         print("figures:", *[str(p) for p in written + ([grid] if grid else [])])
         return 0
     if args.what == "flare":

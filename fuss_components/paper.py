@@ -265,10 +265,12 @@ def run_setting(setting: Setting, cfg: FussConfig, work: Path, crf_every: int, t
 
 def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: list[int], budget_name: str,
                 only: list[str] | None = None, overrides: dict | None = None,
-                threads_per_site: int | None = 1, overlays: int = 2) -> list[dict]:
+                threads_per_site: int | None = 1, overlays: int = 2, tag: str = "") -> list[dict]:
     """Run every setting of :func:`paper_settings` (or those named in ``only``) for every seed; write one JSON
-    record per (setting, seed, crf) to ``<out_dir>/paper_<dataset>.json`` after each run (so an interrupted
-    benchmark keeps its finished runs and a re-run skips them) and the tables to ``<out_dir>/paper_<dataset>.md``.
+    record per (setting, seed, crf) to ``<out_dir>/paper_<dataset>[_<tag>].json`` after each run (so an
+    interrupted benchmark keeps its finished runs and a re-run skips them) and the tables to
+    ``<out_dir>/paper_<dataset>[_<tag>].md``. ``overrides`` (dotted config keys, e.g. another client objective)
+    apply to every setting; give such a variant its own ``tag``.
     """
     if budget_name not in BUDGETS:
         raise ConfigError(f"bench paper: budget must be one of {sorted(BUDGETS)}, got {budget_name!r}")
@@ -283,10 +285,14 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = base_config(dataset, budget, seeds[0], overrides).data.dataset  # overrides may name another
-    results_file = out_dir / f"paper_{dataset}.json"
+    stem = f"paper_{dataset}_{tag}" if tag else f"paper_{dataset}"
+    results_file = out_dir / f"{stem}.json"
     done = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
-    runs = {(r["setting"], r["seed"]): r for r in done["runs"]
-            if r.get("budget") == budget_name and r.get("overrides", {}) == (overrides or {})}
+
+    def same_variant(r: dict) -> bool:
+        return r.get("budget") == budget_name and r.get("overrides", {}) == (overrides or {})
+
+    runs = {(r["setting"], r["seed"]): r for r in done["runs"] if same_variant(r)}
     commit = _git_commit()
     for seed in seeds:
         cfg = base_config(preset, budget, seed, overrides)
@@ -296,7 +302,7 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
                 continue
             safe = setting.name.replace("+", "_").replace(" ", "").replace("[", "_").replace("]", "")
             log.info("bench paper: %s, seed %d ...", setting.name, seed)
-            result = run_setting(setting, cfg, work_dir / dataset / f"seed{seed}" / safe, budget["crf_every"],
+            result = run_setting(setting, cfg, work_dir / (stem[len("paper_"):]) / f"seed{seed}" / safe, budget["crf_every"],
                                  threads_per_site, overlays=overlays if seed == seeds[0] else 0)
             steps = cfg.federation.local_steps
             result.update({
@@ -312,11 +318,11 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
             log.info("bench paper: %s seed %d: mIoU %.4f (CRF %.4f) in %.0f s", setting.name, seed,
                      result["eval"]["miou"], result["eval"]["crf_miou"], result["seconds"])
             done["runs"] = [r for r in done["runs"] if (r["setting"], r["seed"]) != (setting.name, seed)
-                            or r.get("budget") != budget_name] + [result]
+                            or not same_variant(r)] + [result]
             results_file.write_text(json.dumps(done, indent=1) + "\n")
     records = flat_records(list(runs.values()))
-    (out_dir / f"paper_{dataset}_records.json").write_text(json.dumps(records, indent=1) + "\n")
-    (out_dir / f"paper_{dataset}.md").write_text(markdown_tables(list(runs.values()), dataset, budget_name))
+    (out_dir / f"{stem}_records.json").write_text(json.dumps(records, indent=1) + "\n")
+    (out_dir / f"{stem}.md").write_text(markdown_tables(list(runs.values()), dataset, budget_name, overrides))
     return records
 
 
@@ -358,11 +364,14 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
     return table
 
 
-def markdown_tables(runs: list[dict], dataset: str, budget_name: str) -> str:
+def markdown_tables(runs: list[dict], dataset: str, budget_name: str, overrides: dict | None = None) -> str:
     table = summarize(runs)
     first = runs[0] if runs else {}
+    commits = sorted({r.get("commit") for r in runs})
+    variant = f", overrides `{json.dumps(overrides)}`" if overrides else ""
     lines = [f"### {dataset}: budget `{budget_name}` ({first.get('rounds')} rounds x {first.get('local_steps')} "
-             f"local steps; CRF on every {first.get('crf_every')}th validation image), commit `{first.get('commit')}`",
+             f"local steps; CRF on every {first.get('crf_every')}th validation image){variant}, "
+             f"commit {', '.join(f'`{c}`' for c in commits)}",
              "", f"> {BACKBONE_CAVEAT}.", "",
              "mIoU / pixel accuracy in %, mean ± standard deviation over seeds "
              f"{sorted({r['seed'] for r in runs})}.", ""]
@@ -384,7 +393,7 @@ def markdown_tables(runs: list[dict], dataset: str, budget_name: str) -> str:
 # ------------------------------------------------------------------------------------------- figures
 
 
-def figures(results_file: str | Path, fig_dir: str | Path) -> list[Path]:
+def figures(results_file: str | Path, fig_dir: str | Path, name: str | None = None) -> list[Path]:
     """PNG figures from ``paper_<dataset>.json``: validation mIoU per round per strategy, a PCA projection and
     the cosine-similarity matrices of the global centroids of FedAvg vs FedCC (first seed)."""
     import matplotlib
@@ -394,7 +403,7 @@ def figures(results_file: str | Path, fig_dir: str | Path) -> list[Path]:
 
     data = json.loads(Path(results_file).read_text())
     runs = data["runs"]
-    dataset = runs[0]["dataset"]
+    dataset = name or runs[0]["dataset"]  # file prefix and title
     fig_dir = Path(fig_dir)
     fig_dir.mkdir(parents=True, exist_ok=True)
     written = []
