@@ -16,7 +16,8 @@ Set ``OMP_NUM_THREADS=1`` in the environment to give each process one intra-op t
 on 2 cores, many processes with torch's default of 2 threads each spin against each other).
 
 Memory is sampled from /proc every 0.25 s over the simulator and all its descendants: per process the peak
-resident set (``VmHWM``), and the largest sum of resident sets at one instant. Round times are the server's
+resident set (``VmHWM``), and the largest sum of resident sets at one instant (a fork that has not exec'd yet
+shares its parent's pages and is not counted). Round times are the server's
 "Round r started" -> "Round r finished." log timestamps (round 0 includes loading and checking each client's
 cached features and building its kNN index).
 """
@@ -145,10 +146,13 @@ def run_monitored(cmd: list[str], env: dict, log_path: Path, timeout: float, int
                     proc.kill()
                     break
                 total = 0
-                for pid in _tree(proc.pid):
-                    st = _status(pid)
+                tree = {pid: _status(pid) for pid in _tree(proc.pid)}
+                for pid, st in tree.items():
                     if not st.get("VmHWM"):
                         continue
+                    parent = tree.get(int(st.get("PPid", "0") or 0), {})
+                    if parent and parent.get("cmdline") == st.get("cmdline"):
+                        continue  # a fork that has not exec'd yet (e.g. a subprocess call): shares its parent's pages
                     total += _kb(st.get("VmRSS"))
                     entry = peaks.setdefault(pid, {"role": "?", "hwm_kb": 0})
                     entry["role"] = _role(st.get("cmdline", ""))  # latest: a fresh fork still shows its parent's
