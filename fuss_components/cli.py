@@ -24,15 +24,21 @@ def _parse_value(text: str):
         return text  # bare strings need no quotes: --set data.dataset=polyp
 
 
-def load_config(args: argparse.Namespace) -> FussConfig:
-    """Config file (or defaults) plus ``--set`` overrides, validated before any work starts."""
-    cfg = FussConfig.load(args.config) if args.config else FussConfig()
+def set_overrides(args: argparse.Namespace) -> dict:
+    """The ``--set key=value`` items as a dict of dotted keys to JSON values."""
     overrides = {}
     for item in args.set or []:
         key, sep, value = item.partition("=")
         if not sep:
             raise ConfigError(f"--set expects key=value, got {item!r}")
         overrides[key] = _parse_value(value)
+    return overrides
+
+
+def load_config(args: argparse.Namespace) -> FussConfig:
+    """Config file (or defaults) plus ``--set`` overrides, validated before any work starts."""
+    cfg = FussConfig.load(args.config) if args.config else FussConfig()
+    overrides = set_overrides(args)
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
@@ -235,16 +241,12 @@ def cmd_predict(args, cfg: FussConfig) -> int:
     return 0
 
 
-def _overrides(args) -> dict:
-    return {k: _parse_value(v) for k, _, v in (item.partition("=") for item in args.set or [])}
-
-
 def cmd_bench(args, cfg: FussConfig) -> int:
     if args.what == "paper":
         from .paper import bench_paper, figures, overlay_grid
 
         records = bench_paper(args.dataset, args.out, args.work, args.seeds, args.budget, args.only,
-                              _overrides(args), tag=args.tag)
+                              set_overrides(args), tag=args.tag)
         stem = f"{records[0]['dataset']}_{args.tag}" if args.tag else records[0]["dataset"]
         written = figures(Path(args.out) / f"paper_{stem}.json", args.figures, stem)
         grid = overlay_grid(args.work, stem, args.seeds[0],
@@ -256,7 +258,7 @@ def cmd_bench(args, cfg: FussConfig) -> int:
         from .paper import bench_flare
 
         result = bench_flare(args.out, args.work, args.rounds, args.local_steps, args.threads_per_site,
-                             _overrides(args))
+                             set_overrides(args))
         print(json.dumps(result, indent=2))
         return 0
     from .bench import bench_extract
