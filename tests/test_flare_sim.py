@@ -40,6 +40,8 @@ MODEL_KEYS = {
 }
 DECLARED_META = {"num_samples", "site", "initial_metrics"}  # initial_metrics = FLModel's metrics slot
 TIMINGS: dict[str, float] = {}
+SIMULATOR_START_FLAKES = ("Can not find fuss_flare/client.py",
+                          "Failed to create connection to the child process in SimulatorClientRunner")
 
 
 @dataclass
@@ -87,9 +89,10 @@ def simulate(job: Path, ws: Path, n: int, env: dict | None = None, timeout: int 
             capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
         )
         sim = Sim(proc.returncode, proc.stdout + proc.stderr, run_ws, time.perf_counter() - started)
-        # FLARE 2.9's simulator sometimes starts a client before its app's custom/ folder is deployed ("Can not
-        # find fuss_flare/client.py", seen once in a fresh-clone CI run): a deployment race, retried once
-        if sim.rc == 0 or "Can not find fuss_flare/client.py" not in sim.all_logs():
+        # FLARE 2.9's simulator start-up races, each seen once in a fresh-clone CI run: a client started before
+        # its app's custom/ folder was deployed, or a client process that never connected. Retried once.
+        logs = sim.all_logs()
+        if sim.rc == 0 or not any(flake in logs for flake in SIMULATOR_START_FLAKES):
             break
     TIMINGS[job.name] = sim.seconds
     return sim
