@@ -1,9 +1,10 @@
 """Scale benchmark (issue 6, point 5): CamVid split further by frame ranges into N simulated clients, a short FUSS job
 through the NVIDIA FLARE simulator with the real backbone's cached features, peak RSS per process and wall time per
-round against N.
+round against N, and (several ``--local-steps``) wall time against the local steps per round.
 
     FUSS_SHARED=../shared FUSS_CACHE_DIR=/path/to/camvid/cache \
         python benchmarks/reliability_scale.py --clients 3 6 12 --out docs/results/reliability_scale.json
+    ... python benchmarks/reliability_scale.py --clients 3 --local-steps 5 20 80 --out docs/results/scale_local_steps.json
 
 Each training sequence (0001TP, 0006R0, 0016E5) is cut into contiguous frame ranges, the number of ranges per
 sequence proportional to its size (largest remainder, at least one each): 3 -> 1/1/1, 6 -> 1/1/4, 12 -> 3/2/7.
@@ -25,6 +26,7 @@ cached features and building its kNN index).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import re
@@ -229,7 +231,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--clients", type=int, nargs="+", default=[3, 6, 12])
     parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument("--local-steps", type=int, default=5)
+    parser.add_argument("--local-steps", type=int, nargs="+", default=[5],
+                        help="local steps per round; several values measure wall time against local steps")
     parser.add_argument("--sim-threads", type=int, default=None,
                         help="simulator -t (default: one per site; fewer = a fresh worker process per task)")
     parser.add_argument("--work", default=None, help="folder for manifests, jobs and workspaces (default: temp)")
@@ -237,10 +240,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     work = Path(args.work or tempfile.mkdtemp(prefix="fuss_scale_"))
     results = []
-    for n in args.clients:
-        res = run_scale(n, work / f"n{n}", args.rounds, args.local_steps, sim_threads=args.sim_threads)
+    for n, steps in itertools.product(args.clients, args.local_steps):
+        folder = work / (f"n{n}" if len(args.local_steps) == 1 else f"n{n}_steps{steps}")
+        res = run_scale(n, folder, args.rounds, steps, sim_threads=args.sim_threads)
         results.append(res)
-        print(json.dumps({k: res[k] for k in ("clients", "sim_threads", "omp_num_threads", "rc", "wall_s", "round_seconds", "peak_total_rss_mb",
+        print(json.dumps({k: res[k] for k in ("clients", "local_steps", "sim_threads", "omp_num_threads", "rc", "wall_s", "round_seconds", "peak_total_rss_mb",
                                               "max_site_process_rss_mb", "server_process_rss_mb",
                                               "final_val_miou", "error", "processes")}), flush=True)
     if args.out:

@@ -104,6 +104,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     b.add_argument("--work", default="runs/bench_paper", help="folder for jobs, workspaces and models")
     b.add_argument("--tag", default="", help="name of a variant (e.g. with --set train.objective=smooseg): "
                                              "results go to paper_<dataset>_<tag>.*")
+    b.add_argument("--verify", action="store_true",
+                   help="run the recorded settings and seeds again in fresh folders and compare with the records "
+                        "(writes paper_<dataset>[_<tag>]_verify.json; the records are not changed)")
     b = bench.add_parser("flare", help="FLARE simulator vs in-process federation: wall time, bytes, parity")
     _add_config_args(b)
     b.add_argument("--rounds", type=int, default=3)
@@ -242,6 +245,16 @@ def cmd_predict(args, cfg: FussConfig) -> int:
 
 
 def cmd_bench(args, cfg: FussConfig) -> int:
+    if args.what == "paper" and args.verify:
+        from .paper import verify_paper
+
+        checks = verify_paper(args.dataset, args.out, args.work, args.seeds, args.budget, args.only,
+                              set_overrides(args), tag=args.tag)
+        for c in checks:
+            print(f"{c['setting']:<24} seed {c['seed']}: mIoU {100 * c['recorded']['miou']:.4f} recorded "
+                  f"({c['recorded_commit']}), {100 * c['rerun']['miou']:.4f} now; max |diff| {c['max_abs_diff']:.2g}"
+                  f" -> {'same' if c['same'] else 'DIFFERENT'}")
+        return 0 if all(c["same"] for c in checks) else 1
     if args.what == "paper":
         from .paper import bench_paper, figures, overlay_grid
 

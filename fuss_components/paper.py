@@ -326,6 +326,62 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
     return records
 
 
+VERIFY_KEYS = ("miou", "acc", "crf_miou", "crf_acc")
+
+
+def compare_runs(recorded: dict, rerun: dict, tolerance: float = 0.0) -> dict:
+    """How a re-run of one (setting, seed) compares with its recorded run: the four evaluation figures and the
+    per-round validation curve, the largest absolute difference, and whether it is within ``tolerance``."""
+    diffs = {k: abs(rerun["eval"][k] - recorded["eval"][k]) for k in VERIFY_KEYS}
+    curve_a, curve_b = recorded.get("curve") or [], rerun.get("curve") or []
+    if len(curve_a) != len(curve_b):
+        diffs["curve"] = float("inf")
+    elif curve_a:
+        diffs["curve"] = max(abs((a or 0.0) - (b or 0.0)) for a, b in zip(curve_a, curve_b))
+    worst = max(diffs.values())
+    return {"setting": recorded["setting"], "seed": recorded["seed"], "recorded_commit": recorded.get("commit"),
+            "rerun_commit": rerun.get("commit"), "recorded": {k: recorded["eval"][k] for k in VERIFY_KEYS},
+            "rerun": {k: rerun["eval"][k] for k in VERIFY_KEYS}, "abs_diff": diffs, "max_abs_diff": worst,
+            "same": worst <= tolerance, "rerun_seconds": rerun.get("seconds")}
+
+
+def verify_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: list[int], budget_name: str,
+                 only: list[str] | None = None, overrides: dict | None = None, threads_per_site: int | None = 1,
+                 tag: str = "", tolerance: float = 0.0) -> list[dict]:
+    """Run recorded settings again in fresh folders and compare with ``paper_<dataset>[_<tag>].json``.
+
+    Only (setting, seed) pairs that are already recorded for this budget and variant are re-run; the records are
+    left as they are. Writes ``<stem>_verify.json`` (one comparison per pair, see :func:`compare_runs`)."""
+    budget = BUDGETS[budget_name]
+    stem = f"paper_{base_config(dataset, budget, seeds[0], overrides).data.dataset}" + (f"_{tag}" if tag else "")
+    results_file = Path(out_dir) / f"{stem}.json"
+    if not results_file.exists():
+        raise ConfigError(f"bench paper --verify: nothing recorded yet in {results_file}")
+    recorded = {(r["setting"], r["seed"]): r for r in json.loads(results_file.read_text())["runs"]
+                if r.get("budget") == budget_name and r.get("overrides", {}) == (overrides or {})}
+    wanted = [(s.name, seed) for seed in seeds for s in paper_settings() if not only or s.name in only]
+    pairs = [p for p in wanted if p in recorded]
+    if not pairs:
+        raise ConfigError(f"bench paper --verify: none of the selected settings and seeds is recorded in "
+                          f"{results_file}")
+    settings = {s.name: s for s in paper_settings()}
+    commit = _git_commit()
+    checks = []
+    for name, seed in pairs:
+        cfg = base_config(dataset, budget, seed, overrides)
+        safe = name.replace("+", "_").replace(" ", "").replace("[", "_").replace("]", "")
+        log.info("bench paper --verify: %s, seed %d ...", name, seed)
+        rerun = run_setting(settings[name], cfg, Path(work_dir) / "verify" / stem / f"seed{seed}" / safe,
+                            budget["crf_every"], threads_per_site) | {"commit": commit}
+        checks.append(compare_runs(recorded[(name, seed)], rerun, tolerance))
+        log.info("bench paper --verify: %s seed %d: max |diff| %.2g (%s)", name, seed, checks[-1]["max_abs_diff"],
+                 "same" if checks[-1]["same"] else "DIFFERENT")
+        (Path(out_dir) / f"{stem}_verify.json").write_text(json.dumps(
+            {"command": "fuss bench paper --verify", "budget": budget_name, "tolerance": tolerance,
+             "checks": checks}, indent=1) + "\n")
+    return checks
+
+
 def flat_records(runs: list[dict]) -> list[dict]:
     """One record per (setting, seed, crf): the fields the issue asks for."""
     keys = ("dataset", "setting", "kind", "table", "strategy", "aggregator", "regulariser", "wec", "seed",

@@ -13,9 +13,11 @@ from fuss_components.paper import (
     BUDGETS,
     FEDPROX_MU,
     bench_paper,
+    compare_runs,
     flat_records,
     markdown_tables,
     paper_settings,
+    verify_paper,
 )
 
 
@@ -59,6 +61,29 @@ def test_tables_and_records_hold_mean_and_spread_over_seeds():
                           "rounds", "local_steps", "commit"} for r in records)
 
 
+def test_verify_comparison_names_every_difference():
+    recorded = _run("FedAvg", 0, 0.20, 0.22, curve=[0.1, 0.2])
+    assert compare_runs(recorded, _run("FedAvg", 0, 0.20, 0.22, curve=[0.1, 0.2], commit="def")) == \
+        compare_runs(recorded, recorded) | {"rerun_commit": "def"}
+    moved = compare_runs(recorded, _run("FedAvg", 0, 0.20, 0.2215, curve=[0.1, 0.2]))
+    assert not moved["same"] and moved["max_abs_diff"] == pytest.approx(0.0015)
+    assert moved["abs_diff"]["crf_miou"] == pytest.approx(0.0015) and moved["abs_diff"]["miou"] == 0.0
+    assert compare_runs(recorded, _run("FedAvg", 0, 0.20, 0.2215, curve=[0.1, 0.2]), tolerance=0.002)["same"]
+    other_curve = compare_runs(recorded, _run("FedAvg", 0, 0.20, 0.22, curve=[0.1, 0.25]))
+    assert not other_curve["same"] and other_curve["abs_diff"]["curve"] == pytest.approx(0.05)
+    assert compare_runs(recorded, _run("FedAvg", 0, 0.20, 0.22, curve=[0.1]))["max_abs_diff"] == float("inf")
+
+
+def test_verify_needs_recorded_runs(tmp_path):
+    with pytest.raises(ConfigError, match="nothing recorded"):
+        verify_paper("camvid", tmp_path, tmp_path / "work", [0], "reduced")
+    (tmp_path / "paper_camvid.json").write_text(json.dumps({"runs": [
+        _run("FedAvg", 0, 0.2, 0.2, budget="reduced", overrides={})]}))
+    with pytest.raises(ConfigError, match="none of the selected"):
+        verify_paper("camvid", tmp_path, tmp_path / "work", [1], "reduced")
+    assert not (tmp_path / "work").exists()
+
+
 def test_unknown_setting_or_budget_fails_before_work(tmp_path):
     with pytest.raises(ConfigError, match="FedAvgg"):
         bench_paper("camvid", tmp_path / "out", tmp_path / "work", [0], "reduced", only=["FedAvgg"])
@@ -82,12 +107,15 @@ def test_bench_paper_end_to_end_is_reproducible(tiny_data_root, tmp_path):
     only = ["raw-kmeans", "local-only", "FedAvg", "FedAvg+FedCC"]
     overrides = _tiny_overrides(tiny_data_root, tmp_path / "cache")
     first = bench_paper("camvid", tmp_path / "a", tmp_path / "wa", [0], "reduced", only, overrides, overlays=1)
-    # the same command again in fresh folders (a second simulator run; the feature cache is shared): same numbers
-    second = bench_paper("camvid", tmp_path / "b", tmp_path / "wb", [0], "reduced", ["local-only", "FedAvg+FedCC"],
-                         overrides)
-    assert [(r["setting"], r["crf"], r["miou"], r["acc"]) for r in second] == \
-           [(r["setting"], r["crf"], r["miou"], r["acc"]) for r in first if r["setting"] in ("local-only",
-                                                                                             "FedAvg+FedCC")]
+    # --verify: the recorded settings again in fresh folders (a second simulator run; the feature cache is
+    # shared) give the same numbers, and the comparison is written beside the records
+    checks = verify_paper("camvid", tmp_path / "a", tmp_path / "wb", [0], "reduced", ["local-only", "FedAvg+FedCC"],
+                          overrides)
+    assert [(c["setting"], c["same"], c["max_abs_diff"]) for c in checks] == \
+           [("local-only", True, 0.0), ("FedAvg+FedCC", True, 0.0)]
+    recorded = {(r["setting"], r["crf"]): r["miou"] for r in first}
+    assert all(c["rerun"]["crf_miou"] == recorded[(c["setting"], True)] for c in checks)
+    assert json.loads((tmp_path / "a" / "paper_tiny_verify.json").read_text())["checks"] == checks
     assert {r["setting"] for r in first} == set(only) and len(first) == 2 * len(only)
     assert all(0 <= r["miou"] <= 1 for r in first)
 
