@@ -99,14 +99,15 @@ def get_args_parser() -> argparse.ArgumentParser:
                         "CRF on every 4th validation image (about an hour for camvid on 2 cores)")
     b.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     b.add_argument("--only", nargs="+", metavar="SETTING", help="run only these settings (names as in the tables)")
-    b.add_argument("--out", default="docs/results", help="folder for paper_<dataset>.json / .md (default %(default)s)")
+    b.add_argument("--out", default="docs/results",
+                   help="folder for paper_<dataset>[_<tag>]_<budget>.json / .md / _records.json (default %(default)s)")
     b.add_argument("--figures", default="docs/figures", help="folder for the PNG figures (default %(default)s)")
     b.add_argument("--work", default="runs/bench_paper", help="folder for jobs, workspaces and models")
     b.add_argument("--tag", default="", help="name of a variant (e.g. with --set train.objective=smooseg): "
-                                             "results go to paper_<dataset>_<tag>.*")
+                                             "results go to paper_<dataset>_<tag>_<budget>.*")
     b.add_argument("--verify", action="store_true",
                    help="run the recorded settings and seeds again in fresh folders and compare with the records "
-                        "(writes paper_<dataset>[_<tag>]_verify.json; the records are not changed)")
+                        "(writes paper_<dataset>[_<tag>]_<budget>_verify.json; the records are not changed)")
     b = bench.add_parser("flare", help="FLARE simulator vs in-process federation: wall time, bytes, parity")
     _add_config_args(b)
     b.add_argument("--rounds", type=int, default=3)
@@ -256,11 +257,11 @@ def cmd_bench(args, cfg: FussConfig) -> int:
                   f" -> {'same' if c['same'] else 'DIFFERENT'}")
         return 0 if all(c["same"] for c in checks) else 1
     if args.what == "paper":
-        from .paper import bench_paper, figures, overlay_grid
+        from .paper import bench_paper, figures, overlay_grid, result_stem
 
         records = bench_paper(args.dataset, args.out, args.work, args.seeds, args.budget, args.only,
                               set_overrides(args), tag=args.tag)
-        stem = f"{records[0]['dataset']}_{args.tag}" if args.tag else records[0]["dataset"]
+        stem = result_stem(records[0]["dataset"], args.budget, args.tag)
         written = figures(Path(args.out) / f"paper_{stem}.json", args.figures, stem)
         grid = overlay_grid(args.work, stem, args.seeds[0],
                             ["raw-kmeans", "centralized", "FedAvg", "FedAvg+FedCC"], args.figures)

@@ -218,6 +218,13 @@ def base_config(dataset: str, budget: dict, seed: int, overrides: dict | None = 
     return cfg.with_overrides(overrides) if overrides else cfg
 
 
+def result_stem(dataset: str, budget_name: str, tag: str = "") -> str:
+    """``<dataset>[_<tag>]_<budget>``: the name of one benchmark variant's files (``paper_<stem>.json``, ``.md``,
+    ``_records.json``, ``_verify.json``), figures (``<stem>_*.png``) and work folder. Budgets never share files,
+    so a full-budget run cannot overwrite the tables of a reduced one."""
+    return f"{dataset}_{tag}_{budget_name}" if tag else f"{dataset}_{budget_name}"
+
+
 def run_setting(setting: Setting, cfg: FussConfig, work: Path, crf_every: int, threads_per_site: int | None,
                 overlays: int = 0) -> dict:
     """Train one setting for one seed and evaluate its final model(s); returns its record (no CRF and CRF)."""
@@ -267,9 +274,9 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
                 only: list[str] | None = None, overrides: dict | None = None,
                 threads_per_site: int | None = 1, overlays: int = 2, tag: str = "") -> list[dict]:
     """Run every setting of :func:`paper_settings` (or those named in ``only``) for every seed; write one JSON
-    record per (setting, seed, crf) to ``<out_dir>/paper_<dataset>[_<tag>].json`` after each run (so an
-    interrupted benchmark keeps its finished runs and a re-run skips them) and the tables to
-    ``<out_dir>/paper_<dataset>[_<tag>].md``. ``overrides`` (dotted config keys, e.g. another client objective)
+    record per (setting, seed, crf) to ``<out_dir>/paper_<stem>.json`` after each run (so an interrupted
+    benchmark keeps its finished runs and a re-run skips them) and the tables to ``<out_dir>/paper_<stem>.md``,
+    where ``stem`` is :func:`result_stem`. ``overrides`` (dotted config keys, e.g. another client objective)
     apply to every setting; give such a variant its own ``tag``.
     """
     if budget_name not in BUDGETS:
@@ -285,7 +292,7 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     dataset = base_config(dataset, budget, seeds[0], overrides).data.dataset  # overrides may name another
-    stem = f"paper_{dataset}_{tag}" if tag else f"paper_{dataset}"
+    stem = f"paper_{result_stem(dataset, budget_name, tag)}"
     results_file = out_dir / f"{stem}.json"
     done = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
 
@@ -348,12 +355,14 @@ def compare_runs(recorded: dict, rerun: dict, tolerance: float = 0.0) -> dict:
 def verify_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: list[int], budget_name: str,
                  only: list[str] | None = None, overrides: dict | None = None, threads_per_site: int | None = 1,
                  tag: str = "", tolerance: float = 0.0) -> list[dict]:
-    """Run recorded settings again in fresh folders and compare with ``paper_<dataset>[_<tag>].json``.
+    """Run recorded settings again in fresh folders and compare with ``paper_<stem>.json`` (:func:`result_stem`).
 
     Only (setting, seed) pairs that are already recorded for this budget and variant are re-run; the records are
     left as they are. Writes ``<stem>_verify.json`` (one comparison per pair, see :func:`compare_runs`)."""
+    if budget_name not in BUDGETS:
+        raise ConfigError(f"bench paper: budget must be one of {sorted(BUDGETS)}, got {budget_name!r}")
     budget = BUDGETS[budget_name]
-    stem = f"paper_{base_config(dataset, budget, seeds[0], overrides).data.dataset}" + (f"_{tag}" if tag else "")
+    stem = f"paper_{result_stem(base_config(dataset, budget, seeds[0], overrides).data.dataset, budget_name, tag)}"
     results_file = Path(out_dir) / f"{stem}.json"
     if not results_file.exists():
         raise ConfigError(f"bench paper --verify: nothing recorded yet in {results_file}")
@@ -450,7 +459,7 @@ def markdown_tables(runs: list[dict], dataset: str, budget_name: str, overrides:
 
 
 def figures(results_file: str | Path, fig_dir: str | Path, name: str | None = None) -> list[Path]:
-    """PNG figures from ``paper_<dataset>.json``: validation mIoU per round per strategy, a PCA projection and
+    """PNG figures ``<name>_*.png`` from ``paper_<stem>.json``: validation mIoU per round per strategy, a PCA projection and
     the cosine-similarity matrices of the global centroids of FedAvg vs FedCC (first seed)."""
     import matplotlib
 

@@ -17,6 +17,7 @@ from fuss_components.paper import (
     flat_records,
     markdown_tables,
     paper_settings,
+    result_stem,
     verify_paper,
 )
 
@@ -74,10 +75,17 @@ def test_verify_comparison_names_every_difference():
     assert compare_runs(recorded, _run("FedAvg", 0, 0.20, 0.22, curve=[0.1]))["max_abs_diff"] == float("inf")
 
 
+def test_each_budget_and_variant_has_its_own_files():
+    stems = {result_stem(d, b, t) for d in ("camvid", "polyp") for b in BUDGETS for t in ("", "ppap")}
+    assert len(stems) == 2 * len(BUDGETS) * 2
+    assert result_stem("camvid", "full") == "camvid_full" and result_stem("camvid", "reduced", "ppap") == \
+        "camvid_ppap_reduced"
+
+
 def test_verify_needs_recorded_runs(tmp_path):
     with pytest.raises(ConfigError, match="nothing recorded"):
         verify_paper("camvid", tmp_path, tmp_path / "work", [0], "reduced")
-    (tmp_path / "paper_camvid.json").write_text(json.dumps({"runs": [
+    (tmp_path / "paper_camvid_reduced.json").write_text(json.dumps({"runs": [
         _run("FedAvg", 0, 0.2, 0.2, budget="reduced", overrides={})]}))
     with pytest.raises(ConfigError, match="none of the selected"):
         verify_paper("camvid", tmp_path, tmp_path / "work", [1], "reduced")
@@ -115,23 +123,23 @@ def test_bench_paper_end_to_end_is_reproducible(tiny_data_root, tmp_path):
            [("local-only", True, 0.0), ("FedAvg+FedCC", True, 0.0)]
     recorded = {(r["setting"], r["crf"]): r["miou"] for r in first}
     assert all(c["rerun"]["crf_miou"] == recorded[(c["setting"], True)] for c in checks)
-    assert json.loads((tmp_path / "a" / "paper_tiny_verify.json").read_text())["checks"] == checks
+    assert json.loads((tmp_path / "a" / "paper_tiny_reduced_verify.json").read_text())["checks"] == checks
     assert {r["setting"] for r in first} == set(only) and len(first) == 2 * len(only)
     assert all(0 <= r["miou"] <= 1 for r in first)
 
-    runs = {r["setting"]: r for r in json.loads((tmp_path / "a" / "paper_tiny.json").read_text())["runs"]}
+    runs = {r["setting"]: r for r in json.loads((tmp_path / "a" / "paper_tiny_reduced.json").read_text())["runs"]}
     fedavg = runs["FedAvg"]
     # our evaluation of the downloaded global model = the validation the FLARE job ran on its last round
     assert fedavg["eval"]["miou"] == pytest.approx(fedavg["curve"][-1], abs=1e-9)
     assert len(fedavg["curve"]) == 2 and fedavg["bytes_per_client_round"] > 0
     assert runs["local-only"]["eval"]["miou_worst"] <= runs["local-only"]["eval"]["miou"] \
         <= runs["local-only"]["eval"]["miou_best"]
-    assert "| FedAvg+FedCC |" in (tmp_path / "a" / "paper_tiny.md").read_text()
+    assert "| FedAvg+FedCC |" in (tmp_path / "a" / "paper_tiny_reduced.md").read_text()
 
     # a re-run into the same folder keeps the finished runs (no simulator started: it returns at once)
     again = bench_paper("camvid", tmp_path / "a", tmp_path / "wa", [0], "reduced", only, overrides)
     assert again == first
-    pngs = figures(tmp_path / "a" / "paper_tiny.json", tmp_path / "fig")
+    pngs = figures(tmp_path / "a" / "paper_tiny_reduced.json", tmp_path / "fig")
     assert {p.name for p in pngs} == {"tiny_miou_per_round.png", "tiny_centroids_pca.png",
                                       "tiny_centroid_cosine.png"}
     assert all(p.stat().st_size > 5000 for p in pngs)
