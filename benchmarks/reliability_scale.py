@@ -135,17 +135,25 @@ def _role(cmdline: str) -> str:
     return cmdline.split(" ")[0].rsplit("/", 1)[-1] or "?"
 
 
-def run_monitored(cmd: list[str], env: dict, log_path: Path, timeout: float, interval: float = 0.25) -> dict:
-    """Run ``cmd``; sample its process tree until it ends. Returns rc, wall seconds, per-process peaks (MB)."""
+def run_monitored(cmd: list[str], env: dict, log_path: Path, timeout: float, interval: float = 0.25,
+                  workspace: Path | None = None) -> dict:
+    """Run ``cmd``; sample its process tree until it ends. Returns rc, wall seconds, per-process peaks (MB), and
+    ``start_race``: the FLARE start-up race (fuss_components.simulator.START_RACES) seen in ``workspace``'s logs,
+    after which the run was killed (it would otherwise wait for the lost client for ever)."""
+    from fuss_components.simulator import START_RACES, LogWatch, kill_group
+
     peaks: dict[int, dict] = {}
     peak_total_kb = 0
+    race = None
+    watch = LogWatch(workspace) if workspace else None
     started = time.perf_counter()
     with open(log_path, "w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             while proc.poll() is None:
-                if time.perf_counter() - started > timeout:
-                    proc.kill()
+                race = watch and next((m for m in START_RACES if m in watch.new_text()), None)
+                if race or time.perf_counter() - started > timeout:
+                    kill_group(proc)
                     break
                 total = 0
                 tree = {pid: _status(pid) for pid in _tree(proc.pid)}
@@ -167,7 +175,7 @@ def run_monitored(cmd: list[str], env: dict, log_path: Path, timeout: float, int
     processes = sorted(({"pid": pid, "role": e["role"], "peak_rss_mb": round(e["hwm_kb"] / 1024, 1)}
                         for pid, e in peaks.items() if e["hwm_kb"] > 50 * 1024), key=lambda e: -e["peak_rss_mb"])
     return {"rc": rc, "wall_s": round(wall, 1), "processes": processes,
-            "peak_total_rss_mb": round(peak_total_kb / 1024, 1)}
+            "peak_total_rss_mb": round(peak_total_kb / 1024, 1), "start_race": race}
 
 
 def round_times(server_log: Path) -> list[dict]:
@@ -208,8 +216,13 @@ def run_scale(n: int, work: Path, rounds: int = 2, local_steps: int = 5, validat
     ws = work / "ws"
     env = {**os.environ, **(extra_env or {})}
     threads = min(sim_threads or sites, sites)
-    cmd = [NVFLARE, "simulator", str(work / "jobs" / name), "-w", str(ws), "-n", str(sites), "-t", str(threads)]
-    result = run_monitored(cmd, env, work / "simulator.log", timeout)
+    for attempt in range(2):  # one restart after a FLARE start-up race, in a fresh workspace
+        if attempt:
+            ws = work / "ws_restart"
+        cmd = [NVFLARE, "simulator", str(work / "jobs" / name), "-w", str(ws), "-n", str(sites), "-t", str(threads)]
+        result = run_monitored(cmd, env, work / "simulator.log", timeout, workspace=ws)
+        if not result["start_race"]:
+            break
     app = ws / "server" / "simulate_job" / "app_server"
     metrics = json.loads((app / "metrics.json").read_text()) if (app / "metrics.json").is_file() else {}
     site_peaks = [p["peak_rss_mb"] for p in result["processes"] if p["role"].startswith("site-")]

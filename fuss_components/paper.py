@@ -29,6 +29,7 @@ import torch
 from .config import ConfigError, FussConfig
 from .evaluate import evaluate_model
 from .paths import cache_dir, data_root
+from .simulator import run_simulator
 from .site import build_model, resolve_partition
 
 log = logging.getLogger(__name__)
@@ -92,13 +93,6 @@ def paper_settings() -> list[Setting]:
 # ------------------------------------------------------------------------------------------- the FLARE path
 
 
-def _nvflare() -> str:
-    exe = Path(sys.executable).with_name("nvflare")
-    if not exe.exists():
-        raise RuntimeError(f"nvflare is not installed beside {sys.executable} (pip install nvflare==2.9.0)")
-    return str(exe)
-
-
 def _sim_env(threads_per_site: int | None) -> dict:
     env = dict(os.environ)
     if threads_per_site:
@@ -113,6 +107,7 @@ class SimRun:
     workspace: Path
     seconds: float
     metrics: dict = field(default_factory=dict)
+    restarts: list[str] = field(default_factory=list)  # start-up races the run was restarted after
 
     @property
     def app(self) -> Path:
@@ -138,16 +133,11 @@ def simulate(cfg: FussConfig, work: Path, name: str, threads_per_site: int | Non
         raise RuntimeError(f"job export of {name} failed: {export.stderr[-2000:]}")
     partition = resolve_partition(cfg)
     n = len(set(partition.clients) | set(partition.validation))
-    ws = work / "ws" / name
-    started = time.perf_counter()
-    proc = subprocess.run([_nvflare(), "simulator", str(work / "jobs" / name), "-w", str(ws), "-n", str(n),
-                           "-t", str(n)], capture_output=True, text=True, timeout=timeout,
-                          env=_sim_env(threads_per_site))
-    seconds = time.perf_counter() - started
-    run = SimRun(ws, seconds)
+    proc = run_simulator(work / "jobs" / name, work / "ws" / name, n, env=_sim_env(threads_per_site), timeout=timeout)
+    run = SimRun(proc.workspace, proc.seconds, restarts=proc.restarts)
     if proc.returncode != 0 or not run.model_file.exists():
-        tail = (proc.stdout + proc.stderr)[-3000:]
-        raise RuntimeError(f"simulator run {name} failed (rc {proc.returncode}); workspace {ws}:\n{tail}")
+        raise RuntimeError(f"simulator run {name} failed (rc {proc.returncode}); workspace {proc.workspace}:\n"
+                           f"{proc.output[-3000:]}")
     run.metrics = json.loads((run.app / "metrics.json").read_text())
     return run
 
@@ -243,6 +233,8 @@ def run_setting(setting: Setting, cfg: FussConfig, work: Path, crf_every: int, t
             e["bytes"] for r in sim.metrics["rounds"] for e in r["train"].values() if "bytes" in e)
         out["centroids"] = state["centroids"].tolist()
         out["flare_seconds"] = sim.seconds
+        if sim.restarts:
+            out["simulator_restarts"] = sim.restarts
     elif setting.kind == "centralized":
         res = run_centralized(cfg, work, progress=False)
         model, state = _load_segmenter(work / "model.pt", cfg)
@@ -592,7 +584,7 @@ def bench_flare(out_file: str | Path, work_dir: str | Path, rounds: int = 3, loc
         "flare_val_miou": [r.get("val_miou") for r in sim.metrics["rounds"]],
         "max_abs_model_difference": max_diff, "bytes_per_client_round": statistics.mean(sent),
         "backbone_bytes": backbone_bytes, "bytes_over_backbone": statistics.mean(sent) / backbone_bytes,
-        "commit": _git_commit(), "caveat": BACKBONE_CAVEAT,
+        "simulator_restarts": sim.restarts, "commit": _git_commit(), "caveat": BACKBONE_CAVEAT,
     }
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     Path(out_file).write_text(json.dumps(result, indent=2) + "\n")

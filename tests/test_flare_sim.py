@@ -11,9 +11,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -25,10 +22,10 @@ from conftest import make_tiny_dataset, tiny_config
 from fuss_components.aggregation import average_centroids, fedavg_weights, fedcc_kmeans, normalize_rows
 from fuss_components.config import FussConfig
 from fuss_components.head import split_state
+from fuss_components.simulator import run_simulator
 
 pytestmark = pytest.mark.flare
 
-NVFLARE = str(Path(sys.executable).with_name("nvflare"))
 MODEL_KEYS = {
     "centroids",
     "head.linear.weight",
@@ -40,8 +37,6 @@ MODEL_KEYS = {
 }
 DECLARED_META = {"num_samples", "site", "initial_metrics"}  # initial_metrics = FLModel's metrics slot
 TIMINGS: dict[str, float] = {}
-SIMULATOR_START_FLAKES = ("Can not find fuss_flare/client.py",
-                          "Failed to create connection to the child process in SimulatorClientRunner")
 
 
 @dataclass
@@ -81,19 +76,9 @@ def export_job(cfg: FussConfig, out: Path, name: str, *extra: str) -> Path:
 
 
 def simulate(job: Path, ws: Path, n: int, env: dict | None = None, timeout: int = 300) -> Sim:
-    started = time.perf_counter()
-    for attempt in range(2):
-        run_ws = ws if attempt == 0 else ws.with_name(ws.name + "_retry")
-        proc = subprocess.run(
-            [NVFLARE, "simulator", str(job), "-w", str(run_ws), "-n", str(n), "-t", str(n)],
-            capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
-        )
-        sim = Sim(proc.returncode, proc.stdout + proc.stderr, run_ws, time.perf_counter() - started)
-        # FLARE 2.9's simulator start-up races, each seen once in a fresh-clone CI run: a client started before
-        # its app's custom/ folder was deployed, or a client process that never connected. Retried once.
-        logs = sim.all_logs()
-        if sim.rc == 0 or not any(flake in logs for flake in SIMULATOR_START_FLAKES):
-            break
+    """The real simulator through fuss_components.simulator (which restarts it after FLARE's start-up races)."""
+    run = run_simulator(job, ws, n, env=env, timeout=timeout)
+    sim = Sim(run.returncode, run.output, run.workspace, run.seconds)
     TIMINGS[job.name] = sim.seconds
     return sim
 
