@@ -108,6 +108,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     b.add_argument("--verify", action="store_true",
                    help="run the recorded settings and seeds again in fresh folders and compare with the records "
                         "(writes paper_<dataset>[_<tag>]_<budget>_verify.json; the records are not changed)")
+    b.add_argument("--tolerance", type=float, default=0.0,
+                   help="with --verify: largest absolute difference (fraction, 1e-4 = 0.01 mIoU points) counted as the "
+                        "same (default 0: bit-identical figures)")
     b = bench.add_parser("flare", help="FLARE simulator vs in-process federation: wall time, bytes, parity")
     _add_config_args(b)
     b.add_argument("--rounds", type=int, default=3)
@@ -250,7 +253,7 @@ def cmd_bench(args, cfg: FussConfig) -> int:
         from .paper import verify_paper
 
         checks = verify_paper(args.dataset, args.out, args.work, args.seeds, args.budget, args.only,
-                              set_overrides(args), tag=args.tag)
+                              set_overrides(args), tag=args.tag, tolerance=args.tolerance)
         for c in checks:
             print(f"{c['setting']:<24} seed {c['seed']}: mIoU {100 * c['recorded']['miou']:.4f} recorded "
                   f"({c['recorded_commit']}), {100 * c['rerun']['miou']:.4f} now; max |diff| {c['max_abs_diff']:.2g}"
