@@ -406,6 +406,10 @@ def _mean_std(values: list[float]) -> str:
     return f"{statistics.mean(values):.2f} ± {statistics.stdev(values):.2f}"
 
 
+def _signed(diff: dict) -> str:
+    return f"{diff['mean']:+.2f}" + (f" ± {diff['std']:.2f}" if diff["std"] is not None else "")
+
+
 def summarize(runs: list[dict]) -> dict[str, dict]:
     """setting -> {metric: [value per seed]} in the order of :func:`paper_settings`."""
     order = [s.name for s in paper_settings()]
@@ -419,6 +423,33 @@ def summarize(runs: list[dict]) -> dict[str, dict]:
         if "flare_seconds" in r:
             row.setdefault("flare_seconds", []).append(r["flare_seconds"])
     return table
+
+
+# The paper's relative claims as (claim, better setting, reference setting); tested with paired differences.
+CLAIMS = (
+    ("FedCC beats FedAvg", "FedAvg+FedCC", "FedAvg"),
+    ("FedAvg beats local-only (mean)", "FedAvg", "local-only"),
+    ("FedAvg+FedCC beats local-only (mean)", "FedAvg+FedCC", "local-only"),
+    ("FedAvg+FedCC approaches or beats centralized", "FedAvg+FedCC", "centralized"),
+    ("FedCC helps under FedProx", "FedProx+FedCC", "FedProx"),
+    ("FedCC helps under FedMoon", "FedMoon+FedCC", "FedMoon"),
+)
+
+
+def claim_differences(runs: list[dict], key: str = "miou") -> list[dict]:
+    """For each of :data:`CLAIMS` whose two settings share seeds: the per-seed difference better - reference of
+    ``key`` (paired by seed: same initialisation and data order), in points."""
+    by = {(r["setting"], r["seed"]): r["eval"][key] for r in runs}
+    out = []
+    for claim, better, reference in CLAIMS:
+        seeds = sorted(seed for name, seed in by if name == better and (reference, seed) in by)
+        if seeds:
+            diffs = [100 * (by[(better, s)] - by[(reference, s)]) for s in seeds]
+            out.append({"claim": claim, "better": better, "reference": reference, "seeds": seeds, "diffs": diffs,
+                        "mean": statistics.mean(diffs),
+                        "std": statistics.stdev(diffs) if len(diffs) > 1 else None,
+                        "positive": sum(d > 0 for d in diffs)})
+    return out
 
 
 def markdown_tables(runs: list[dict], dataset: str, budget_name: str, overrides: dict | None = None) -> str:
@@ -443,6 +474,16 @@ def markdown_tables(runs: list[dict], dataset: str, budget_name: str, overrides:
                 label += (f" (best {_mean_std(row['miou_best'])}, worst {_mean_std(row['miou_worst'])})")
             lines.append(f"| {label} | {_mean_std(row['miou'])} | {_mean_std(row['acc'])} | "
                          f"{_mean_std(row['crf_miou'])} | {_mean_std(row['crf_acc'])} | {len(row['seeds'])} |")
+        lines.append("")
+    plain, crf = claim_differences(runs, "miou"), {c["claim"]: c for c in claim_differences(runs, "crf_miou")}
+    if plain:
+        lines += ["#### The paper's claims: paired differences (mIoU points, same seed)", "",
+                  "| claim | difference | with CRF | seeds with a positive difference (no CRF / CRF) |",
+                  "|---|---|---|---|"]
+        for c in plain:
+            k = crf[c["claim"]]
+            lines.append(f"| {c['claim']} ({c['better']} - {c['reference']}) | {_signed(c)} | {_signed(k)} | "
+                         f"{c['positive']} / {k['positive']} of {len(c['seeds'])} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 

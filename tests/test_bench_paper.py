@@ -13,6 +13,7 @@ from fuss_components.paper import (
     BUDGETS,
     FEDPROX_MU,
     bench_paper,
+    claim_differences,
     compare_runs,
     flat_records,
     markdown_tables,
@@ -54,12 +55,26 @@ def test_tables_and_records_hold_mean_and_spread_over_seeds():
     assert f"| FedAvg | 22.00 ± {std:.2f} | 50.00 ± 0.00 | 23.50 ± {statistics.stdev([22.0, 25.0]):.2f} |" in text
     assert "| FedAvg+FedCC | 30.00 | 50.00 | 31.00 | 60.00 | 1 |" in text
     assert "saliency" in text  # the backbone caveat travels with every table
+    # FedAvg+FedCC - FedAvg on the one shared seed: 30 - 20 = +10 points (CRF 31 - 22 = +9)
+    assert "| FedCC beats FedAvg (FedAvg+FedCC - FedAvg) | +10.00 | +9.00 | 1 / 1 of 1 |" in text
     records = flat_records(runs)
     assert len(records) == 6
     fedavg0 = [r for r in records if r["setting"] == "FedAvg" and r["seed"] == 0]
     assert {(r["crf"], r["miou"]) for r in fedavg0} == {(False, 0.20), (True, 0.22)}
     assert all(set(r) >= {"dataset", "strategy", "aggregator", "regulariser", "wec", "seed", "crf", "miou", "acc",
                           "rounds", "local_steps", "commit"} for r in records)
+
+
+def test_claims_are_paired_by_seed():
+    runs = [_run("FedAvg", 0, 0.20, 0.22), _run("FedAvg", 1, 0.24, 0.25), _run("FedAvg", 2, 0.30, 0.30),
+            _run("local-only", 0, 0.18, 0.23), _run("local-only", 1, 0.25, 0.20)]
+    (claim,) = [c for c in claim_differences(runs) if c["reference"] == "local-only" and c["better"] == "FedAvg"]
+    assert claim["seeds"] == [0, 1] and claim["diffs"] == pytest.approx([2.0, -1.0])  # seed 2 has no partner
+    assert claim["mean"] == pytest.approx(0.5) and claim["std"] == pytest.approx(statistics.stdev([2.0, -1.0]))
+    assert claim["positive"] == 1
+    crf = [c for c in claim_differences(runs, "crf_miou") if c["better"] == "FedAvg"][0]
+    assert crf["diffs"] == pytest.approx([-1.0, 5.0]) and crf["positive"] == 1
+    assert not [c for c in claim_differences(runs) if c["better"] == "FedAvg+FedCC"]  # no such runs
 
 
 def test_verify_comparison_names_every_difference():
