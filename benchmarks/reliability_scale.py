@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", default=None, help="folder for manifests, jobs and workspaces (default: temp)")
     parser.add_argument("--out", default=None, help="write the measurements as JSON here")
     args = parser.parse_args(argv)
-    work = Path(args.work or tempfile.mkdtemp(prefix="fuss_scale_"))
+    work = Path(args.work or tempfile.mkdtemp(prefix="fuss_scale_")).resolve()  # the sites run in other folders
     results = []
     for n, steps in itertools.product(args.clients, args.local_steps):
         folder = work / (f"n{n}" if len(args.local_steps) == 1 else f"n{n}_steps{steps}")
