@@ -464,6 +464,8 @@ def markdown_tables(runs: list[dict], dataset: str, budget_name: str, overrides:
              "mIoU / pixel accuracy in %, mean ± standard deviation over seeds "
              f"{sorted({r['seed'] for r in runs})}.", ""]
     for name, title in (("main", "Tables 1-2: strategies"), ("ablation", "Table 3: W/E/C ablation")):
+        if not any(row["table"] == name for row in table.values()):
+            continue
         lines += [f"#### {title}", "", "| setting | mIoU | acc. | mIoU + CRF | acc. + CRF | seeds |",
                   "|---|---|---|---|---|---|"]
         for setting, row in table.items():

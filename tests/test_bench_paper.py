@@ -55,6 +55,7 @@ def test_tables_and_records_hold_mean_and_spread_over_seeds():
     assert f"| FedAvg | 22.00 ± {std:.2f} | 50.00 ± 0.00 | 23.50 ± {statistics.stdev([22.0, 25.0]):.2f} |" in text
     assert "| FedAvg+FedCC | 30.00 | 50.00 | 31.00 | 60.00 | 1 |" in text
     assert "saliency" in text  # the backbone caveat travels with every table
+    assert "Table 3" not in text  # no ablation runs, no empty ablation table
     # FedAvg+FedCC - FedAvg on the one shared seed: 30 - 20 = +10 points (CRF 31 - 22 = +9)
     assert "| FedCC beats FedAvg (FedAvg+FedCC - FedAvg) | +10.00 | +9.00 | 1 / 1 of 1 |" in text
     records = flat_records(runs)
