@@ -457,9 +457,12 @@ def markdown_tables(runs: list[dict], dataset: str, budget_name: str, overrides:
     first = runs[0] if runs else {}
     commits = sorted({r.get("commit") for r in runs})
     variant = f", overrides `{json.dumps(overrides)}`" if overrides else ""
-    lines = [f"### {dataset}: budget `{budget_name}` ({first.get('rounds')} rounds x {first.get('local_steps')} "
-             f"local steps; CRF on every {first.get('crf_every')}th validation image){variant}, "
-             f"commit {', '.join(f'`{c}`' for c in commits)}",
+    steps = first.get("local_steps")
+    schedule = f"{steps} local steps" if isinstance(steps, int) else f"{steps} of local training"
+    every = first.get("crf_every")
+    crf_images = "every validation image" if every == 1 else f"every {every}th validation image"
+    lines = [f"### {dataset}: budget `{budget_name}` ({first.get('rounds')} rounds x {schedule}; CRF on {crf_images})"
+             f"{variant}, commit {', '.join(f'`{c}`' for c in commits)}",
              "", f"> {BACKBONE_CAVEAT}.", "",
              "mIoU / pixel accuracy in %, mean ± standard deviation over seeds "
              f"{sorted({r['seed'] for r in runs})}.", ""]

@@ -56,6 +56,10 @@ def test_tables_and_records_hold_mean_and_spread_over_seeds():
     assert "| FedAvg+FedCC | 30.00 | 50.00 | 31.00 | 60.00 | 1 |" in text
     assert "saliency" in text  # the backbone caveat travels with every table
     assert "Table 3" not in text  # no ablation runs, no empty ablation table
+    assert "(3 rounds x 15 local steps; CRF on every 4th validation image)" in text
+    full = markdown_tables([_run("FedAvg", 0, 0.2, 0.2) | {"local_steps": "1.0 epoch(s)", "crf_every": 1}], "camvid",
+                           "full")
+    assert "(3 rounds x 1.0 epoch(s) of local training; CRF on every validation image)" in full
     # FedAvg+FedCC - FedAvg on the one shared seed: 30 - 20 = +10 points (CRF 31 - 22 = +9)
     assert "| FedCC beats FedAvg (FedAvg+FedCC - FedAvg) | +10.00 | +9.00 | 1 / 1 of 1 |" in text
     records = flat_records(runs)
