@@ -519,8 +519,13 @@ def figures(results_file: str | Path, fig_dir: str | Path, name: str | None = No
             continue
         curve = 100 * np.mean(np.array(curves, dtype=float), axis=0)
         ax.plot(range(1, len(curve) + 1), curve, marker="o", label=name)
+    for name, style in (("local-only", "--"), ("raw-kmeans", ":")):  # no rounds: their final mIoU as a level
+        finals = [r["eval"]["miou"] for r in runs if r["setting"] == name]
+        if finals:
+            ax.axhline(100 * statistics.mean(finals), color="grey", linestyle=style,
+                       label=f"{name} (final{', mean of the sites' if name == 'local-only' else ''})")
     ax.xaxis.get_major_locator().set_params(integer=True)
-    ax.set_xlabel("round (centralized: the same local steps on the pooled data)")
+    ax.set_xlabel("round (centralized: the same schedule per round on the pooled data)")
     ax.set_ylabel("validation mIoU (%), no CRF, mean over seeds")
     ax.set_title(f"{dataset}: validation mIoU per round")
     ax.legend(fontsize=7)
