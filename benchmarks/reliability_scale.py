@@ -39,7 +39,6 @@ from pathlib import Path
 
 TRAIN_SEQUENCES = ("0001TP", "0006R0", "0016E5")
 VALIDATION_SEQUENCE = "Seq05VD"
-NVFLARE = str(Path(sys.executable).with_name("nvflare"))
 
 
 def clients_per_sequence(sizes: dict[str, int], n: int) -> dict[str, int]:
@@ -199,6 +198,7 @@ def run_scale(n: int, work: Path, rounds: int = 2, local_steps: int = 5, validat
     from fuss_components.datasets import open_dataset
     from fuss_components.paths import data_root
     from fuss_flare.job import main as export
+    from fuss_components.simulator import nvflare_command
 
     work.mkdir(parents=True, exist_ok=True)
     dataset = open_dataset("camvid", data_root())
@@ -219,7 +219,7 @@ def run_scale(n: int, work: Path, rounds: int = 2, local_steps: int = 5, validat
     for attempt in range(2):  # one restart after a FLARE start-up race, in a fresh workspace
         if attempt:
             ws = work / "ws_restart"
-        cmd = [NVFLARE, "simulator", str(work / "jobs" / name), "-w", str(ws), "-n", str(sites), "-t", str(threads)]
+        cmd = [nvflare_command(), "simulator", str(work / "jobs" / name), "-w", str(ws), "-n", str(sites), "-t", str(threads)]
         result = run_monitored(cmd, env, work / "simulator.log", timeout, workspace=ws)
         if not result["start_race"]:
             break

@@ -215,6 +215,15 @@ def result_stem(dataset: str, budget_name: str, tag: str = "") -> str:
     return f"{dataset}_{tag}_{budget_name}" if tag else f"{dataset}_{budget_name}"
 
 
+def folder_name(setting_name: str) -> str:
+    """A setting's work folder: ``FedAvg+FedCC [-EC]`` -> ``FedAvg_FedCC_-EC``."""
+    return setting_name.replace("+", "_").replace(" ", "").replace("[", "_").replace("]", "")
+
+
+def _same_variant(run: dict, budget_name: str, overrides: dict | None) -> bool:
+    return run.get("budget") == budget_name and run.get("overrides", {}) == (overrides or {})
+
+
 def run_setting(setting: Setting, cfg: FussConfig, work: Path, crf_every: int, threads_per_site: int | None,
                 overlays: int = 0) -> dict:
     """Train one setting for one seed and evaluate its final model(s); returns its record (no CRF and CRF)."""
@@ -288,10 +297,7 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
     results_file = out_dir / f"{stem}.json"
     done = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
 
-    def same_variant(r: dict) -> bool:
-        return r.get("budget") == budget_name and r.get("overrides", {}) == (overrides or {})
-
-    runs = {(r["setting"], r["seed"]): r for r in done["runs"] if same_variant(r)}
+    runs = {(r["setting"], r["seed"]): r for r in done["runs"] if _same_variant(r, budget_name, overrides)}
     commit = _git_commit()
     for seed in seeds:
         cfg = base_config(preset, budget, seed, overrides)
@@ -299,7 +305,7 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
             if (setting.name, seed) in runs:
                 log.info("bench paper: %s seed %d already done", setting.name, seed)
                 continue
-            safe = setting.name.replace("+", "_").replace(" ", "").replace("[", "_").replace("]", "")
+            safe = folder_name(setting.name)
             log.info("bench paper: %s, seed %d ...", setting.name, seed)
             result = run_setting(setting, cfg, work_dir / (stem[len("paper_"):]) / f"seed{seed}" / safe, budget["crf_every"],
                                  threads_per_site, overlays=overlays if seed == seeds[0] else 0)
@@ -317,7 +323,7 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
             log.info("bench paper: %s seed %d: mIoU %.4f (CRF %.4f) in %.0f s", setting.name, seed,
                      result["eval"]["miou"], result["eval"]["crf_miou"], result["seconds"])
             done["runs"] = [r for r in done["runs"] if (r["setting"], r["seed"]) != (setting.name, seed)
-                            or not same_variant(r)] + [result]
+                            or not _same_variant(r, budget_name, overrides)] + [result]
             results_file.write_text(json.dumps(done, indent=1) + "\n")
     records = flat_records(list(runs.values()))
     (out_dir / f"{stem}_records.json").write_text(json.dumps(records, indent=1) + "\n")
@@ -359,7 +365,7 @@ def verify_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds:
     if not results_file.exists():
         raise ConfigError(f"bench paper --verify: nothing recorded yet in {results_file}")
     recorded = {(r["setting"], r["seed"]): r for r in json.loads(results_file.read_text())["runs"]
-                if r.get("budget") == budget_name and r.get("overrides", {}) == (overrides or {})}
+                if _same_variant(r, budget_name, overrides)}
     wanted = [(s.name, seed) for seed in seeds for s in paper_settings() if not only or s.name in only]
     pairs = [p for p in wanted if p in recorded]
     if not pairs:
@@ -370,7 +376,7 @@ def verify_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds:
     checks = []
     for name, seed in pairs:
         cfg = base_config(dataset, budget, seed, overrides)
-        safe = name.replace("+", "_").replace(" ", "").replace("[", "_").replace("]", "")
+        safe = folder_name(name)
         log.info("bench paper --verify: %s, seed %d ...", name, seed)
         rerun = run_setting(settings[name], cfg, Path(work_dir) / "verify" / stem / f"seed{seed}" / safe,
                             budget["crf_every"], threads_per_site) | {"commit": commit}
@@ -576,7 +582,7 @@ def overlay_grid(work_dir: str | Path, dataset: str, seed: int, settings: list[s
 
     rows = []
     for name in settings:
-        safe = name.replace("+", "_").replace(" ", "").replace("[", "_").replace("]", "")
+        safe = folder_name(name)
         files = sorted((Path(work_dir) / dataset / f"seed{seed}" / safe / "overlays").rglob("*.png"))[:per_setting]
         if files:
             images = [Image.open(f).convert("RGB") for f in files]

@@ -10,7 +10,6 @@ undeclared content injected by a test-only hook), a missing data root, and parit
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
