@@ -439,6 +439,14 @@ CLAIMS = (
     ("FedAvg+FedCC approaches or beats centralized", "FedAvg+FedCC", "centralized"),
     ("FedCC helps under FedProx", "FedProx+FedCC", "FedProx"),
     ("FedCC helps under FedMoon", "FedMoon+FedCC", "FedMoon"),
+    ("FedProx helps FedAvg", "FedProx", "FedAvg"),
+    ("FedMoon helps FedAvg", "FedMoon", "FedAvg"),
+    ("FedCC-maximin matches FedCC-kmeans", "FedAvg+FedCC-maximin", "FedAvg+FedCC"),
+    # Table 3: each switch on (the full setting) against the same strategy with that switch off
+    *((f"{switch} helps {strategy}", strategy, f"{strategy} [{off}]")
+      for strategy in ("FedAvg", "FedAvg+FedCC")
+      for switch, off in (("W (sample weights)", "-EC"), ("E (averaged heads)", "W-C"),
+                          ("C (aggregated centroids)", "WE-"))),
 )
 
 

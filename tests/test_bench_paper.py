@@ -82,6 +82,14 @@ def test_claims_are_paired_by_seed():
     assert not [c for c in claim_differences(runs) if c["better"] == "FedAvg+FedCC"]  # no such runs
 
 
+def test_ablation_claims_compare_the_full_setting_with_the_switch_off():
+    runs = [_run("FedAvg+FedCC", 0, 0.21, 0.22), _run("FedAvg+FedCC [WE-]", 0, 0.25, 0.20)]
+    (claim,) = claim_differences(runs)
+    assert claim["claim"] == "C (aggregated centroids) helps FedAvg+FedCC"
+    assert claim["better"] == "FedAvg+FedCC" and claim["diffs"] == pytest.approx([-4.0])  # 21 - 25: C off was better
+    assert claim["positive"] == 0
+
+
 def test_verify_comparison_names_every_difference():
     recorded = _run("FedAvg", 0, 0.20, 0.22, curve=[0.1, 0.2])
     assert compare_runs(recorded, _run("FedAvg", 0, 0.20, 0.22, curve=[0.1, 0.2], commit="def")) == \
