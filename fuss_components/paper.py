@@ -347,7 +347,17 @@ def compare_runs(recorded: dict, rerun: dict, tolerance: float = 0.0) -> dict:
     return {"setting": recorded["setting"], "seed": recorded["seed"], "recorded_commit": recorded.get("commit"),
             "rerun_commit": rerun.get("commit"), "recorded": {k: recorded["eval"][k] for k in VERIFY_KEYS},
             "rerun": {k: rerun["eval"][k] for k in VERIFY_KEYS}, "abs_diff": diffs, "max_abs_diff": worst,
-            "same": worst <= tolerance, "rerun_seconds": rerun.get("seconds")}
+            "same": worst <= tolerance, "tolerance": tolerance, "rerun_seconds": rerun.get("seconds")}
+
+
+def merge_checks(previous: dict | None, checks: list[dict]) -> list[dict]:
+    """The checks of a verify file after this run: earlier checks of other (setting, seed) pairs are kept (so
+    verifying seeds one at a time, or on another day, accumulates), a pair checked again is replaced."""
+    previous = previous or {}
+    new = {(c["setting"], c["seed"]) for c in checks}
+    kept = [{"tolerance": previous.get("tolerance", 0.0)} | c for c in previous.get("checks", [])
+            if (c["setting"], c["seed"]) not in new]
+    return kept + checks
 
 
 def verify_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: list[int], budget_name: str,
@@ -356,7 +366,8 @@ def verify_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds:
     """Run recorded settings again in fresh folders and compare with ``paper_<stem>.json`` (:func:`result_stem`).
 
     Only (setting, seed) pairs that are already recorded for this budget and variant are re-run; the records are
-    left as they are. Writes ``<stem>_verify.json`` (one comparison per pair, see :func:`compare_runs`)."""
+    left as they are. Writes ``<stem>_verify.json`` (one comparison per pair, see :func:`compare_runs`, merged with
+    the file's earlier checks by :func:`merge_checks`); returns this run's comparisons."""
     if budget_name not in BUDGETS:
         raise ConfigError(f"bench paper: budget must be one of {sorted(BUDGETS)}, got {budget_name!r}")
     budget = BUDGETS[budget_name]
@@ -373,6 +384,8 @@ def verify_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds:
                           f"{results_file}")
     settings = {s.name: s for s in paper_settings()}
     commit = _git_commit()
+    verify_file = Path(out_dir) / f"{stem}_verify.json"
+    previous = json.loads(verify_file.read_text()) if verify_file.exists() else None
     checks = []
     for name, seed in pairs:
         cfg = base_config(dataset, budget, seed, overrides)
@@ -383,9 +396,8 @@ def verify_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds:
         checks.append(compare_runs(recorded[(name, seed)], rerun, tolerance))
         log.info("bench paper --verify: %s seed %d: max |diff| %.2g (%s)", name, seed, checks[-1]["max_abs_diff"],
                  "same" if checks[-1]["same"] else "DIFFERENT")
-        (Path(out_dir) / f"{stem}_verify.json").write_text(json.dumps(
-            {"command": "fuss bench paper --verify", "budget": budget_name, "tolerance": tolerance,
-             "checks": checks}, indent=1) + "\n")
+        verify_file.write_text(json.dumps({"command": "fuss bench paper --verify", "budget": budget_name,
+                                           "checks": merge_checks(previous, checks)}, indent=1) + "\n")
     return checks
 
 

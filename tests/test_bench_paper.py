@@ -17,6 +17,7 @@ from fuss_components.paper import (
     compare_runs,
     flat_records,
     markdown_tables,
+    merge_checks,
     paper_settings,
     result_stem,
     verify_paper,
@@ -108,6 +109,16 @@ def test_each_budget_and_variant_has_its_own_files():
     assert len(stems) == 2 * len(BUDGETS) * 2
     assert result_stem("camvid", "full") == "camvid_full" and result_stem("camvid", "reduced", "ppap") == \
         "camvid_ppap_reduced"
+
+
+def test_verify_file_accumulates_checks_of_other_pairs():
+    old = {"tolerance": 0.0, "checks": [{"setting": "FedAvg", "seed": 0, "same": True},
+                                         {"setting": "FedAvg", "seed": 1, "same": False}]}
+    rerun = [{"setting": "FedAvg", "seed": 1, "same": True, "tolerance": 0.01}]
+    merged = merge_checks(old, rerun)
+    # seed 0 kept (with the tolerance it was checked at), seed 1 replaced by the new check
+    assert merged == [{"setting": "FedAvg", "seed": 0, "same": True, "tolerance": 0.0}] + rerun
+    assert merge_checks(None, rerun) == rerun
 
 
 def test_verify_needs_recorded_runs(tmp_path):
