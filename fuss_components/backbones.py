@@ -69,6 +69,12 @@ def feature_dim(cfg: BackboneConfig) -> int:
     return _architecture(cfg.name).num_features
 
 
+def patch_size(cfg: BackboneConfig) -> int:
+    """Patch side p of the backbone (features are ``(H/p, W/p)``), without loading any weights."""
+    patch = _architecture(cfg.name).patch_embed.patch_size
+    return patch[0] if isinstance(patch, (tuple, list)) else int(patch)
+
+
 @lru_cache(maxsize=8)
 def _architecture(name: str) -> VisionTransformer:
     return timm.create_model(name, pretrained=False, num_classes=0)

@@ -8,10 +8,12 @@ reuses a stale cache. Each file is written atomically, so an interrupted extract
 Integrity: beside every ``<image id>.npy`` a sidecar ``<image id>.npy.sha256`` records the file's size and sha256.
 The sidecar is written first and the data file last (any older data file is removed before), so a write that
 fails half-way (disk full, permission, crash) leaves either nothing or a data file whose checksum cannot match:
-never a file a later run would trust. A file is valid only when its size and sha256 match its sidecar; anything
-else (truncated, corrupted, sidecar missing after a failed rewrite) is rebuilt by :meth:`FeatureCache.ensure`.
-Files written before sidecars existed (no sidecar at all) are checked structurally once (``.npy`` header and
-length) and then adopted: their sidecar is written from their current content.
+never a file a later run would trust. A file is valid only when its size and sha256 match its sidecar and its
+array has the shape the cache key implies (``train``: ``(5, D', s/p, s/p)``; ``eval``: ``(D', h, w)``; ``D'`` and
+``p`` from the backbone's architecture); anything else is rebuilt by :meth:`FeatureCache.ensure`, and loading it
+raises :class:`CacheError` naming the file. That includes a data file without a sidecar, whatever its content: a
+deleted or lost sidecar must never turn corrupted bytes into trusted ones, so such a file is re-extracted, never
+adopted (caches written before sidecars existed are rebuilt once).
 
 Unreadable images: ``data.on_bad_image`` = ``"fail"`` stops the extraction with the image's path (the images read
 before it are kept); ``"skip"`` logs the path, leaves the image out and records it in
@@ -29,6 +31,7 @@ import os
 import tempfile
 import time
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Sequence
 
@@ -37,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from .backbones import Backbone, backbone_identity, load_backbone
+from .backbones import Backbone, backbone_identity, feature_dim, load_backbone, patch_size
 from .config import FussConfig
 from .datasets import DataError, SegmentationDataset
 from .paths import cache_dir
@@ -121,36 +124,60 @@ class FeatureCache:
         """The sidecar of a cache file: ``<image id>.npy.sha256``."""
         return path.with_name(path.name + CHECKSUM_SUFFIX)
 
+    @cached_property
+    def _geometry(self) -> tuple[int, int] | None:
+        """``(D', patch size)`` of the backbone from its architecture (no weights); None when it cannot be built."""
+        try:
+            return feature_dim(self.cfg.backbone), patch_size(self.cfg.backbone)
+        except Exception as err:  # e.g. an unknown model name (load_backbone reports it): check ndim / views only
+            log.debug("feature cache: no geometry for backbone %s (%s)", self.cfg.backbone.name, err)
+            return None
+
+    def expected_shape(self, kind: str) -> tuple[int | str, ...]:
+        """The shape a cached array of ``kind`` must have: a number where the cache key fixes it, a name where it
+        varies per image (``eval``'s h, w) or the backbone's architecture is unknown."""
+        dim, patch = self._geometry or ("D'", None)
+        if kind == "train":
+            side = self.cfg.data.train_size // patch if patch else "s/p"
+            return (VIEWS_PER_IMAGE, dim, side, side)
+        if kind == "eval":
+            return (dim, "h", "w")
+        raise ValueError(f"unknown cache kind {kind!r}")
+
+    def shape_problem(self, kind: str, shape: tuple[int, ...]) -> str | None:
+        """``"shape (...), expected (...)"`` when ``shape`` is not :meth:`expected_shape`, else None."""
+        want = self.expected_shape(kind)
+        if len(shape) != len(want) or any(isinstance(w, int) and s != w for s, w in zip(shape, want)):
+            return f"shape {tuple(shape)}, expected ({', '.join(map(str, want))})"
+        return None
+
     def damage(self, kind: str, image_id: str) -> str | None:
-        """Why the cached file of ``image_id`` cannot be trusted (``"missing"``, size or checksum mismatch,
-        unreadable), or None when it is intact. Legacy files without a sidecar are adopted (see module doc)."""
+        """Why the cached file of ``image_id`` cannot be trusted (``"missing"``, no or unreadable sidecar, size or
+        checksum mismatch, not a ``.npy`` file, wrong shape), or None when it is intact (see module doc)."""
         path = self.path(kind, image_id)
         if not path.is_file():
             return "missing"
-        expected = _read_checksum(self.checksum_path(path))
+        sidecar = self.checksum_path(path)
+        expected = _read_checksum(sidecar)
+        if expected is None:
+            return f"its checksum file {sidecar.name} is missing (unverifiable data is never trusted)"
         if expected == {}:
-            return f"its checksum file {self.checksum_path(path).name} is unreadable"
-        if expected is None:  # written before sidecars existed
-            try:
-                np.load(path, mmap_mode="r")
-            except (ValueError, OSError, EOFError) as err:
-                return f"not a complete .npy file ({err})"
-            try:
-                data = path.read_bytes()
-                _atomic_write(self.checksum_path(path), _checksum_blob(data))
-            except (OSError, CacheError) as err:  # read-only cache: still usable, just not adopted
-                log.warning("cannot record the checksum of %s: %s", path, err)
-            return None
+            return f"its checksum file {sidecar.name} is unreadable"
         size = path.stat().st_size
         if size != expected["size"]:
             return f"size {size} bytes, expected {expected['size']}"
         digest = _sha256_file(path)
         if digest != expected["sha256"]:
             return f"sha256 {digest[:12]}..., expected {expected['sha256'][:12]}..."
-        return None
+        try:
+            shape = np.load(path, mmap_mode="r").shape  # reads the header only
+        except (ValueError, OSError, EOFError) as err:
+            return f"not a readable .npy file ({err})"
+        return self.shape_problem(kind, shape)
 
     def is_valid(self, kind: str, image_id: str) -> bool:
-        """True when the file exists and its size and sha256 match its sidecar (truncated / corrupted: False)."""
+        """True when the file exists, its size and sha256 match its sidecar and its array has the expected shape
+        (truncated, corrupted, no sidecar, wrong shape: False)."""
         reason = self.damage(kind, image_id)
         if reason is not None and reason != "missing":
             log.warning("feature cache file %s is damaged (%s); it will be rebuilt", self.path(kind, image_id),
@@ -269,7 +296,7 @@ class FeatureCache:
         """Stack the cached training views of ``ids`` (all must be cached) and compute their kNN lists."""
         arrays, view_ids = [], []
         for image_id in ids:
-            arrays.append(self._load(self.path("train", image_id)))
+            arrays.append(self._load("train", image_id))
             view_ids.extend([image_id] * VIEWS_PER_IMAGE)
         if not arrays:
             raise DataError("no training images to load")
@@ -278,29 +305,35 @@ class FeatureCache:
 
     def load_eval(self, image_id: str) -> torch.Tensor:
         """Cached whole-image features ``(D', h, w)`` float16 of one image."""
-        return torch.from_numpy(self._load(self.path("eval", image_id)))
+        return torch.from_numpy(self._load("eval", image_id))
 
-    @classmethod
-    def _load(cls, path: Path) -> np.ndarray:
-        """The array of a cache file, after checking it against its sidecar (size and sha256)."""
-        hint = "rerun `fuss extract` (or the job) to rebuild it"
+    def _load(self, kind: str, image_id: str) -> np.ndarray:
+        """The array of a cache file, after checking it against its sidecar (size and sha256) and its shape."""
+        path = self.path(kind, image_id)
+        hint = "re-extract it: rerun `fuss extract` (or the job), which rebuilds it"
         try:
             data = path.read_bytes()
         except OSError as err:
             raise CacheError(f"cannot read cached features {path} ({err}); {hint}") from err
-        expected = _read_checksum(cls.checksum_path(path))
+        expected = _read_checksum(self.checksum_path(path))
+        if expected is None:
+            raise CacheError(f"cached features {path} have no checksum file {self.checksum_path(path).name}, so "
+                             f"they cannot be trusted; {hint}")
         if expected == {}:
             raise CacheError(f"the checksum file of cached features {path} is unreadable; {hint}")
-        if expected is not None:
-            if len(data) != expected["size"]:
-                raise CacheError(f"cached features {path} have {len(data)} bytes, their checksum file says "
-                                 f"{expected['size']} (truncated or replaced); {hint}")
-            if hashlib.sha256(data).hexdigest() != expected["sha256"]:
-                raise CacheError(f"cached features {path} do not match their sha256 (corrupted); {hint}")
+        if len(data) != expected["size"]:
+            raise CacheError(f"cached features {path} have {len(data)} bytes, their checksum file says "
+                             f"{expected['size']} (truncated or replaced); {hint}")
+        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            raise CacheError(f"cached features {path} do not match their sha256 (corrupted); {hint}")
         try:
-            return np.load(io.BytesIO(data))
+            array = np.load(io.BytesIO(data))
         except (OSError, ValueError, EOFError) as err:
             raise CacheError(f"cannot read cached features {path} ({err}); {hint}") from err
+        problem = self.shape_problem(kind, array.shape)
+        if problem is not None:
+            raise CacheError(f"cached features {path} have {problem} (not what this cache's key implies); {hint}")
+        return array
 
 
 def _checksum_blob(data: bytes) -> bytes:

@@ -30,8 +30,9 @@ class BackboneConfig:
     weights: str | None = None
     sha256: str | None = None
     # Index of the transformer block whose patch tokens (after the final norm) are the features; -1 = last.
-    # 8 (the 9th block) by default: the shared weights' last blocks are saliency-biased (shared/docs/assets.md).
-    block: int = 8
+    # 7 (the 8th block) by default: the shared weights' last blocks are saliency-biased (shared/docs/assets.md), and
+    # on the camvid development split block 7 beat block 8 (raw k-means and trained head; docs/results.md, 8).
+    block: int = 7
 
     def validate(self) -> None:
         if self.sha256 is not None and len(self.sha256) != 64:
@@ -94,6 +95,7 @@ class LossConfig:
 
 
 OBJECTIVES = ("stego", "smooseg", "primaps", "ppap")
+CENTROID_MODES = ("learned", "kmeans")
 
 
 def _check_lr(section: str, obj: Any) -> None:
@@ -205,6 +207,13 @@ class TrainConfig:
     # explained feature of the batch (keeps all |C| clusters alive); 0 = off. stego and ppap (whose centroids are
     # trained by the centroid loss); smooseg / primaps prototypes move by EMA and are not reseeded.
     reseed_dead_every: int = 25
+    # How a round ends for the centroids (stego and ppap): "learned" keeps the centroids of the centroid loss
+    # (paper Eq. 5); "kmeans" then refits them by cosine k-means (Lloyd steps started from the learned centroids,
+    # so indices still correspond across sites for FedAvg) on a sample of the site's own head codes. With FedCC the
+    # server then clusters the sites' k-means centroids: federated k-means of the codes (docs/results.md, quality).
+    centroids: str = "learned"
+    centroid_refit_iters: int = 30
+    centroid_refit_points: int = 100_000
     fedprox_mu: float = 0.0  # FedProx: mu/2 * ||theta - theta_global||^2 on the head; authors use 0.001
     moon_weight: float = 0.0  # FedMoon contrastive term weight (paper: 1.0); 0 = off
     moon_tau: float = 0.5
@@ -229,6 +238,10 @@ class TrainConfig:
         for key in ("fedprox_mu", "moon_weight", "centroid_lambda", "reseed_dead_every"):
             if getattr(self, key) < 0:
                 raise ConfigError(f"train.{key} must be >= 0")
+        if self.centroids not in CENTROID_MODES:
+            raise ConfigError(f"train.centroids must be one of {CENTROID_MODES}, got {self.centroids!r}")
+        if self.centroid_refit_iters < 1 or self.centroid_refit_points < 1:
+            raise ConfigError("train.centroid_refit_iters and train.centroid_refit_points must be >= 1")
         if self.moon_tau <= 0:
             raise ConfigError("train.moon_tau must be > 0")
         if not 0.0 <= self.dropout < 1.0:
@@ -298,26 +311,46 @@ class FussConfig:
     def validate(self) -> "FussConfig":
         for section in (self.backbone, self.data, self.loss, self.train, self.federation):
             section.validate()
+        self._check_objective_settings()
         return self
 
-    def check_sites(self, num_training_sites: int, num_clusters: int | None = None) -> "FussConfig":
+    def _check_objective_settings(self) -> None:
+        """Stego's settings (``train.lr_head`` ...) changed from their defaults while ``train.objective`` does not
+        read them would silently do nothing: ConfigError naming the key. Who reads what: trainer.py."""
+        objective = self.train.objective
+        if objective == "stego":
+            return
+        still_read = {"ppap": {"train.centroid_lambda", "train.reseed_dead_every", "train.centroids",
+                               "train.centroid_refit_iters", "train.centroid_refit_points"},  # stego's centroids
+                      "smooseg": {"loss.pointwise"}, "primaps": set()}[objective]
+        stego_settings = [("train", TrainConfig(), ["lr_head", "lr_centroids", "num_random", "centroid_lambda",
+                                                    "reseed_dead_every", "centroids", "centroid_refit_iters",
+                                                    "centroid_refit_points"]),
+                          ("loss", LossConfig(), [f.name for f in dataclasses.fields(LossConfig)])]
+        for section, defaults, names in stego_settings:
+            for name in names:
+                key = f"{section}.{name}"
+                value, default = getattr(getattr(self, section), name), getattr(defaults, name)
+                if key not in still_read and value != default:
+                    raise ConfigError(f"{key}={value!r} has no effect with train.objective={objective!r}: leave it at "
+                                      f"its default {default!r} ({objective}'s own settings are train.{objective}.*)")
+
+    def check_sites(self, num_training_sites: int) -> "FussConfig":
         """Checks that need the partition (how many training sites there are); ConfigError naming the key.
 
+        * A partition without any training site has nothing to federate.
         * ``federation.min_clients`` larger than the partition's training sites can never be met: every round
           would fail after all the work, so fail now.
-        * FedCC clusters the pool of all accepted clients' centroids (``clients x |C|`` rows) into ``|C|``: with
-          every client sending exactly ``|C|`` centroids (screening rejects any other count) the pool holds at
-          least ``|C|`` rows as soon as one site trains, so ``train.num_clusters`` can only exceed the pool when
-          there is no training site at all.
+
+        (FedCC's pool of accepted centroids, ``clients x |C|`` rows clustered into ``|C|``, is never smaller than
+        ``|C|`` once one site trains: screening rejects any other centroid count.)
         """
+        if num_training_sites < 1:
+            raise ConfigError(f"partition {self.partition!r} has no training site: nothing to federate")
         fed = self.federation
         if fed.min_clients is not None and fed.min_clients > num_training_sites:
             raise ConfigError(f"federation.min_clients={fed.min_clients} exceeds the {num_training_sites} training "
                               f"site(s) of partition {self.partition!r}")
-        clusters = num_clusters if num_clusters is not None else self.train.num_clusters
-        if fed.aggregator.startswith("fedcc") and clusters is not None and clusters > num_training_sites * clusters:
-            raise ConfigError(f"train.num_clusters={clusters} exceeds the FedCC pool of {num_training_sites} "
-                              f"site(s) x {clusters} centroids")
         return self
 
     def to_dict(self) -> dict[str, Any]:

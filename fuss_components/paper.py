@@ -34,9 +34,11 @@ from .site import build_model, resolve_partition
 
 log = logging.getLogger(__name__)
 
-BACKBONE_CAVEAT = ("backbone dinov2_vits14_imgfocus (shared/weights): DINOv2 ViT-S/14 weights very probably "
-                   "fine-tuned end to end for image saliency; features from block index 8; not comparable in "
-                   "absolute terms with the paper's DINO ViT-B/8 numbers")
+def backbone_caveat(block: int) -> str:
+    """The caveat every reported number carries (shared/docs/assets.md), naming the feature block used."""
+    return ("backbone dinov2_vits14_imgfocus (shared/weights): DINOv2 ViT-S/14 weights very probably fine-tuned end "
+            f"to end for image saliency; features from block index {block}; not comparable in absolute terms with "
+            "the paper's DINO ViT-B/8 numbers")
 
 # Budgets: "full" is the paper's schedule; "reduced" finishes in about an hour per dataset on 2 CPU cores.
 # crf_every: dense CRF on every k-th validation image (CRF costs about 0.3 s per image here, the rest is cached).
@@ -220,8 +222,13 @@ def folder_name(setting_name: str) -> str:
     return setting_name.replace("+", "_").replace(" ", "").replace("[", "_").replace("]", "")
 
 
-def _same_variant(run: dict, budget_name: str, overrides: dict | None) -> bool:
-    return run.get("budget") == budget_name and run.get("overrides", {}) == (overrides or {})
+def _same_variant(run: dict, budget_name: str, overrides: dict | None, block: int) -> bool:
+    """Same budget, overrides and feature block. The block is compared as recorded (records before the default
+    moved from 8 to 7 hold block 8): ``--set backbone.block=8`` selects those, e.g. to ``--verify`` them."""
+    def rest(o: dict | None) -> dict:
+        return {k: v for k, v in (o or {}).items() if k != "backbone.block"}
+    return (run.get("budget") == budget_name and rest(run.get("overrides")) == rest(overrides)
+            and run.get("block", 8) == block)
 
 
 def run_setting(setting: Setting, cfg: FussConfig, work: Path, crf_every: int, threads_per_site: int | None,
@@ -297,7 +304,8 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
     results_file = out_dir / f"{stem}.json"
     done = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
 
-    runs = {(r["setting"], r["seed"]): r for r in done["runs"] if _same_variant(r, budget_name, overrides)}
+    block = base_config(preset, budget, seeds[0], overrides).backbone.block
+    runs = {(r["setting"], r["seed"]): r for r in done["runs"] if _same_variant(r, budget_name, overrides, block)}
     commit = _git_commit()
     for seed in seeds:
         cfg = base_config(preset, budget, seed, overrides)
@@ -317,13 +325,13 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
                 "regulariser": setting.regulariser, "rounds": cfg.federation.rounds,
                 "local_steps": steps if steps else f"{cfg.federation.local_epochs} epoch(s)",
                 "crf_every": budget["crf_every"], "commit": commit, "backbone": cfg.backbone.name,
-                "block": cfg.backbone.block, "caveat": BACKBONE_CAVEAT,
+                "block": cfg.backbone.block, "caveat": backbone_caveat(cfg.backbone.block),
             })
             runs[(setting.name, seed)] = result
             log.info("bench paper: %s seed %d: mIoU %.4f (CRF %.4f) in %.0f s", setting.name, seed,
                      result["eval"]["miou"], result["eval"]["crf_miou"], result["seconds"])
             done["runs"] = [r for r in done["runs"] if (r["setting"], r["seed"]) != (setting.name, seed)
-                            or not _same_variant(r, budget_name, overrides)] + [result]
+                            or not _same_variant(r, budget_name, overrides, block)] + [result]
             results_file.write_text(json.dumps(done, indent=1) + "\n")
     records = flat_records(list(runs.values()))
     (out_dir / f"{stem}_records.json").write_text(json.dumps(records, indent=1) + "\n")
@@ -371,12 +379,13 @@ def verify_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds:
     if budget_name not in BUDGETS:
         raise ConfigError(f"bench paper: budget must be one of {sorted(BUDGETS)}, got {budget_name!r}")
     budget = BUDGETS[budget_name]
-    stem = f"paper_{result_stem(base_config(dataset, budget, seeds[0], overrides).data.dataset, budget_name, tag)}"
+    first = base_config(dataset, budget, seeds[0], overrides)
+    stem = f"paper_{result_stem(first.data.dataset, budget_name, tag)}"
     results_file = Path(out_dir) / f"{stem}.json"
     if not results_file.exists():
         raise ConfigError(f"bench paper --verify: nothing recorded yet in {results_file}")
     recorded = {(r["setting"], r["seed"]): r for r in json.loads(results_file.read_text())["runs"]
-                if _same_variant(r, budget_name, overrides)}
+                if _same_variant(r, budget_name, overrides, first.backbone.block)}
     wanted = [(s.name, seed) for seed in seeds for s in paper_settings() if not only or s.name in only]
     pairs = [p for p in wanted if p in recorded]
     if not pairs:
@@ -489,7 +498,7 @@ def markdown_tables(runs: list[dict], dataset: str, budget_name: str, overrides:
     crf_images = "every validation image" if every == 1 else f"every {every}th validation image"
     lines = [f"### {dataset}: budget `{budget_name}` ({first.get('rounds')} rounds x {schedule}; CRF on {crf_images})"
              f"{variant}, commit {', '.join(f'`{c}`' for c in commits)}",
-             "", f"> {BACKBONE_CAVEAT}.", "",
+             "", f"> {backbone_caveat(first.get('block', 8))}.", "",
              "mIoU / pixel accuracy in %, mean ± standard deviation over seeds "
              f"{sorted({r['seed'] for r in runs})}.", ""]
     for name, title in (("main", "Tables 1-2: strategies"), ("ablation", "Table 3: W/E/C ablation")):
@@ -661,7 +670,8 @@ def bench_flare(out_file: str | Path, work_dir: str | Path, rounds: int = 3, loc
         "flare_val_miou": [r.get("val_miou") for r in sim.metrics["rounds"]],
         "max_abs_model_difference": max_diff, "bytes_per_client_round": statistics.mean(sent),
         "backbone_bytes": backbone_bytes, "bytes_over_backbone": statistics.mean(sent) / backbone_bytes,
-        "simulator_restarts": sim.restarts, "commit": _git_commit(), "caveat": BACKBONE_CAVEAT,
+        "simulator_restarts": sim.restarts, "commit": _git_commit(),
+        "caveat": backbone_caveat(FussConfig().backbone.block),
     }
     Path(out_file).parent.mkdir(parents=True, exist_ok=True)
     Path(out_file).write_text(json.dumps(result, indent=2) + "\n")

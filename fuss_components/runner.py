@@ -80,7 +80,7 @@ def run_federated(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progr
     are screened and aggregated, and the validation sites evaluate the new global model."""
     out_dir = Path(out_dir)
     run = _Run(cfg)
-    cfg.check_sites(len(run.train_sites), run.num_clusters)  # e.g. min_clients > sites: fail before any work
+    cfg.check_sites(len(run.train_sites))  # no training site, min_clients > sites: fail before any work
     fed = cfg.federation
     min_clients = fed.min_clients or len(run.train_sites)
     state = init_global_state(cfg, run.num_clusters)

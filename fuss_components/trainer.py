@@ -174,6 +174,8 @@ class LocalTrainer:
             for key, value in terms.items():
                 totals[key] = totals.get(key, 0.0) + float(value.detach())
 
+        if objective.refits_centroids and tc.centroids == "kmeans":
+            self.refit_centroids(model, stable_seed(seed, "refit"))
         state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
         self.previous_state = state
         metrics = {k: v / steps for k, v in totals.items()}
@@ -181,6 +183,23 @@ class LocalTrainer:
                        clusters_used=float(_clusters_used(model, self._pool, self.device)),
                        seconds=time.perf_counter() - started)
         return LocalResult(state, self.feats.num_images, metrics)
+
+    @torch.no_grad()
+    def refit_centroids(self, model: FussModel, seed: int) -> None:
+        """Cosine k-means of (a random sample of) this site's head codes, started from the current centroids."""
+        tc = self.cfg.train
+        gen = torch.Generator().manual_seed(seed)
+        model.eval()
+        views = torch.randperm(self.feats.num_views, generator=gen)
+        h, w = self.feats.feats.shape[-2:]
+        per_view = max(1, min(h * w, math.ceil(tc.centroid_refit_points / len(views))))
+        codes = []
+        for chunk in views.split(64):
+            code = model(self._batch(chunk)).flatten(2).transpose(1, 2)  # (B, h*w, D)
+            pick = torch.rand(code.shape[:2], generator=gen).argsort(dim=1)[:, :per_view].to(code.device)
+            codes.append(code.gather(1, pick[..., None].expand(-1, -1, code.shape[2])).flatten(0, 1))
+        model.centroids.data.copy_(spherical_kmeans(torch.cat(codes), model.centroids, tc.centroid_refit_iters))
+        model.train()
 
     def mask_proposals_of(self, views: torch.Tensor) -> torch.Tensor:
         """PriMaPs mask ids ``(B, h, w)`` of ``views``, computed once per view from the cached features."""
@@ -204,6 +223,7 @@ class _CentroidLossStep:
 
     lr_head: float
     lr_centroids: float
+    refits_centroids = True  # train.centroids = "kmeans" applies
 
     def __init__(self, trainer: LocalTrainer):
         self.trainer = trainer
@@ -240,10 +260,10 @@ class _StegoStep(_CentroidLossStep):
         neg = _random_others(q, n, r, gen).flatten()
         coords_q, coords_p = random_grid(bq, g, gen), random_grid(bq, g, gen)
         coords_n = random_grid(bq * r, g, gen)
+        feats_p, feats_n = trainer._batch(pos), trainer._batch(neg)
         fq, cq = sample_at(feats_q, coords_q), sample_at(code_q, coords_q)
-        fp = sample_at(trainer._batch(pos), coords_p)
-        fn = sample_at(trainer._batch(neg), coords_n)
-        cp, cn = model(fp), model(fn)  # 1x1 convs: sampling then projecting = projecting then sampling
+        fp, cp = sample_at(feats_p, coords_p), sample_at(model(feats_p), coords_p)
+        fn, cn = sample_at(feats_n, coords_n), sample_at(model(feats_n), coords_n)
         fq_rep, cq_rep = fq.repeat_interleave(r, 0), cq.repeat_interleave(r, 0)
         terms = {
             "loss_self": correspondence_term(fq, fq, cq, cq, shifts.self, lc.pointwise),
@@ -286,6 +306,7 @@ class _SmoosegStep:
     received teacher at the start of every round (fresh optimiser, like the head's)."""
 
     reseeded = 0
+    refits_centroids = False  # the teacher prototypes move by EMA only
 
     def __init__(self, trainer: LocalTrainer):
         self.sc = trainer.cfg.train.smooseg
@@ -328,6 +349,7 @@ class _PrimapsStep:
     seeded with the received centroids."""
 
     reseeded = 0
+    refits_centroids = False  # the momentum prototypes move by EMA only
 
     def __init__(self, trainer: LocalTrainer):
         self.trainer = trainer

@@ -257,6 +257,74 @@ def test_truncated_file_is_detected_and_rebuilt(tiny_cfg, ds, ids):
     np.testing.assert_array_equal(np.load(path), good)
 
 
+def test_file_without_sidecar_is_never_adopted_but_rebuilt(tiny_cfg, tiny_data_root, tmp_path, ds, ids, caplog):
+    """Deleting the sidecar must not launder corrupted bytes: the file is a miss, loading it refuses, ensure()
+    re-extracts exactly that image and the result is a fresh extraction's."""
+    cache = FeatureCache(tiny_cfg, "tiny")
+    cache.ensure(ds, ids[:3], ["train"], progress=False)
+    path = cache.path("train", ids[1])
+    blob = bytearray(path.read_bytes())
+    blob[-5] ^= 0xFF  # still a well-formed .npy of the right shape: only the checksum could tell
+    corrupted = bytes(blob)
+    path.write_bytes(corrupted)
+    cache.checksum_path(path).unlink()
+    with caplog.at_level("WARNING"):
+        assert cache.missing("train", ids[:3]) == [ids[1]]
+    assert str(path) in caplog.text and "checksum file" in caplog.text
+    assert not cache.checksum_path(path).exists()  # nothing was adopted
+    assert path.read_bytes() == corrupted
+    with pytest.raises(CacheError) as err:
+        cache.load_train(ids[:3], knn=2)
+    assert str(path) in str(err.value) and "re-extract" in str(err.value)
+    backbone = CountingBackbone(load_backbone(tiny_cfg.backbone))
+    assert cache.ensure(ds, ids[:3], ["train"], backbone=backbone, progress=False) == {"train": 1}
+    assert backbone.images == 5  # only that image
+    assert path.read_bytes() != corrupted and cache.is_valid("train", ids[1])
+    fresh = FeatureCache(tiny_config(tiny_data_root, tmp_path / "fresh"), "tiny")
+    fresh.ensure(ds, [ids[1]], ["train"], progress=False)
+    np.testing.assert_array_equal(np.load(path), np.load(fresh.path("train", ids[1])))
+    assert cache.load_train(ids[:3], knn=2).num_images == 3
+
+
+@pytest.mark.parametrize("kind, shape", [
+    ("train", (4, 32, 2, 2)),  # four views
+    ("train", (32, 2, 2)),  # one view, no view axis
+    ("train", (5, 16, 2, 2)),  # another backbone's D'
+    ("train", (5, 32, 3, 3)),  # another train_size
+    ("eval", (1, 32, 3, 4)),  # a batch axis left in
+    ("eval", (16, 3, 4)),  # another backbone's D'
+])
+def test_wrong_shape_with_valid_checksum_is_damaged_and_rebuilt(tiny_cfg, ds, ids, kind, shape):
+    cache = FeatureCache(tiny_cfg, "tiny")
+    cache.ensure(ds, ids[:2], [kind], progress=False)
+    path = cache.path(kind, ids[0])
+    good = path.read_bytes()
+    FeatureCache._save(path, np.zeros(shape, np.float16))  # with a sidecar that matches the new bytes
+    assert cache_mod._read_checksum(cache.checksum_path(path))["size"] == path.stat().st_size
+    assert "shape" in cache.damage(kind, ids[0])
+    assert not cache.is_valid(kind, ids[0]) and cache.missing(kind, ids[:2]) == [ids[0]]
+    with pytest.raises(CacheError) as err:
+        cache.load_train(ids[:2], knn=2) if kind == "train" else cache.load_eval(ids[0])
+    assert str(path) in str(err.value) and f"shape {shape}" in str(err.value)
+    assert cache.ensure(ds, ids[:2], [kind], progress=False) == {kind: 1}
+    assert path.read_bytes() == good and cache.is_valid(kind, ids[0])
+
+
+def test_expected_shape_follows_backbone_and_config(tiny_cfg, tiny_data_root, tmp_path):
+    cache = FeatureCache(tiny_cfg, "tiny")
+    assert cache.expected_shape("train") == (5, 32, 2, 2)
+    assert cache.expected_shape("eval") == (32, "h", "w")
+    bigger = FeatureCache(tiny_config(tiny_data_root, tmp_path, **{"data.train_size": 42}), "tiny")
+    assert bigger.expected_shape("train") == (5, 32, 3, 3)
+    unknown = FeatureCache(tiny_config(tiny_data_root, tmp_path, **{"backbone.name": "no_such_vit"}), "tiny")
+    assert unknown.expected_shape("train") == (5, "D'", "s/p", "s/p")  # ndim and views are still checked
+    assert unknown.shape_problem("train", (5, 7, 9, 9)) is None
+    assert "expected (5, D', s/p, s/p)" in unknown.shape_problem("train", (4, 7, 9, 9))
+    assert "expected (D', h, w)" in unknown.shape_problem("eval", (1, 7, 9, 9))
+    with pytest.raises(ValueError, match="kind"):
+        cache.expected_shape("test")
+
+
 # ---------------------------------------------------------------------------- loading and kNN
 
 def test_load_train_and_eval(tiny_cfg, ds, ids):

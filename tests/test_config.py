@@ -176,3 +176,73 @@ def test_load_rejects_bad_files(tmp_path):
     unknown.write_text(json.dumps({"train": {"lr": 1}}))
     with pytest.raises(ConfigError, match="'train.lr'"):
         FussConfig.load(unknown)
+
+
+# ---------------------------------------------------------------------------- settings the objective ignores
+
+@pytest.mark.parametrize("objective, key, value", [
+    ("smooseg", "train.lr_head", 1e-3),
+    ("smooseg", "train.lr_centroids", 1e-2),
+    ("smooseg", "train.centroid_lambda", 0.5),
+    ("smooseg", "train.reseed_dead_every", 0),
+    ("smooseg", "train.num_random", 2),
+    ("smooseg", "loss.grid", 5),
+    ("primaps", "loss.pointwise", False),
+    ("primaps", "train.centroid_lambda", 0.5),
+    ("primaps", "train.reseed_dead_every", 10),
+    ("primaps", "loss.shift_mode", "fixed"),
+    ("ppap", "train.lr_head", 1e-3),
+    ("ppap", "train.lr_centroids", 1e-2),
+    ("ppap", "loss.self_weight", 0.5),
+    ("ppap", "loss.pointwise", False),
+])
+def test_setting_ignored_by_the_objective_names_the_key(objective, key, value):
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')}=.*no effect.*'{objective}'"):
+        FussConfig().with_overrides({"train.objective": objective, key: value})
+    section, name = key.split(".")
+    data = {"train": {"objective": objective}}
+    data.setdefault(section, {})[name] = value
+    with pytest.raises(ConfigError, match=key.replace(".", "[.]")):  # the same through from_dict / load
+        FussConfig.from_dict(data)
+    FussConfig().with_overrides({key: value})  # stego reads every one of them
+
+
+@pytest.mark.parametrize("objective, key, value", [
+    ("ppap", "train.centroid_lambda", 0.5),  # ppap trains its centroids with stego's centroid loss
+    ("ppap", "train.reseed_dead_every", 0),
+    ("smooseg", "loss.pointwise", False),  # smooseg's closeness uses the same centering
+    ("smooseg", "train.smooseg.lr_head", 1e-3),  # an objective's own section
+    ("primaps", "train.primaps.lr_prototypes", 1e-2),
+    ("ppap", "train.ppap.lr_head", 1e-4),
+    ("primaps", "train.fedprox_mu", 0.01),  # shared by every objective
+    ("smooseg", "train.dim", 16),
+])
+def test_settings_the_objective_reads_are_accepted(objective, key, value):
+    node = FussConfig().with_overrides({"train.objective": objective, key: value}).to_dict()
+    for part in key.split("."):
+        node = node[part]
+    assert node == value
+
+
+@pytest.mark.parametrize("objective", ["smooseg", "primaps", "ppap"])
+def test_every_objective_accepts_the_defaults_and_a_round_trip(objective, tmp_path):
+    cfg = FussConfig.from_dict({"train": {"objective": objective}})
+    cfg.save(tmp_path / "cfg.json")  # every key written out, stego's at their defaults
+    assert FussConfig.load(tmp_path / "cfg.json") == cfg
+
+
+# ---------------------------------------------------------------------------- checks that need the partition
+
+@pytest.mark.parametrize("aggregator", ["fedcc-kmeans", "fedcc-maximin", "fedavg"])
+def test_partition_without_training_site_is_rejected(aggregator):
+    cfg = FussConfig.from_dict({"federation": {"aggregator": aggregator}, "partition": "mine.json"})
+    with pytest.raises(ConfigError, match="partition 'mine.json' has no training site"):
+        cfg.check_sites(0)
+    assert cfg.check_sites(1) is cfg
+
+
+def test_min_clients_beyond_the_training_sites_is_rejected():
+    cfg = FussConfig.from_dict({"federation": {"min_clients": 3}})
+    with pytest.raises(ConfigError, match=r"federation\.min_clients=3 exceeds the 2 training site"):
+        cfg.check_sites(2)
+    cfg.check_sites(3)

@@ -11,7 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fuss_components.config import ConfigError, FussConfig
+from fuss_components.config import ConfigError, FussConfig, LossConfig, TrainConfig
 from fuss_components.objectives import (IGNORE, class_confidence_weights, confidence_focal_loss, ema_update_,
                                         first_principal_direction, masks_to_pseudo_labels, principal_mask_proposals,
                                         propagate_proxy_anchors, proxy_anchor_contrastive_loss,
@@ -20,6 +20,16 @@ from fuss_components.objectives import (IGNORE, class_confidence_weights, confid
 from fuss_components.site import Site, init_global_state, resolve_partition
 
 NEW_OBJECTIVES = ["smooseg", "primaps", "ppap"]
+# conftest's tiny config shrinks two stego-only settings; the other objectives refuse changed stego settings
+STEGO_DEFAULTS = {"loss.grid": LossConfig().grid, "train.num_random": TrainConfig().num_random}
+
+
+@pytest.fixture
+def tiny_cfg(tiny_data_root, tmp_path):
+    """conftest's ``tiny_cfg`` with those stego-only settings at their defaults, so any objective can be set."""
+    from conftest import tiny_config
+
+    return tiny_config(tiny_data_root, tmp_path / "cache", **STEGO_DEFAULTS)
 
 
 def _maps(*vectors):
@@ -383,4 +393,4 @@ def test_simulator_runs_each_objective(objective, tiny_data_root, tmp_path):
 def tiny_config_for(objective, data_root, cache_dir):
     from conftest import tiny_config
 
-    return tiny_config(data_root, cache_dir, **{"partition": "site", "train.objective": objective})
+    return tiny_config(data_root, cache_dir, **{"partition": "site", "train.objective": objective, **STEGO_DEFAULTS})

@@ -476,16 +476,23 @@ def test_other_damage_is_detected_and_rebuilt(tiny_cfg, ds, damage):
     assert path.read_bytes() == good and cache.is_valid("train", ids[0])
 
 
-def test_legacy_cache_file_without_sidecar_is_checked_then_adopted(tiny_cfg, ds):
+def test_cache_file_without_sidecar_is_rebuilt_never_adopted(tiny_cfg, ds):
+    """No sidecar (deleted, or a cache from before sidecars): intact or not, the file is re-extracted, never
+    adopted, so a deleted sidecar cannot launder corrupted bytes (test_cache.py has the corrupted case)."""
     cache = FeatureCache(tiny_cfg, "tiny")
     ids = ds.ids(site="s1")[:2]
     cache.ensure(ds, ids, ["train"], progress=False)
+    good = [cache.path("train", i).read_bytes() for i in ids]
     for i in ids:
         cache.checksum_path(cache.path("train", i)).unlink()
-    cache.path("train", ids[1]).write_bytes(cache.path("train", ids[1]).read_bytes()[:-50])  # and truncate one
-    assert cache.missing("train", ids) == [ids[1]]
-    assert cache.checksum_path(cache.path("train", ids[0])).is_file()  # adopted
-    assert cache.is_valid("train", ids[0])
+    cache.path("train", ids[1]).write_bytes(good[1][:-50])  # and truncate one
+    assert cache.missing("train", ids) == ids
+    assert not any(cache.checksum_path(cache.path("train", i)).exists() for i in ids)  # nothing adopted
+    with pytest.raises(CacheError, match="no checksum file"):
+        cache.load_train(ids, knn=2)
+    assert cache.ensure(ds, ids, ["train"], progress=False) == {"train": 2}
+    assert [cache.path("train", i).read_bytes() for i in ids] == good
+    assert all(cache.is_valid("train", i) for i in ids)
 
 
 def _disk_full_after(monkeypatch, victim: str, half: bool):
@@ -666,11 +673,11 @@ def test_partition_dependent_checks_fail_before_any_work(tiny_data_root, tmp_pat
     with pytest.raises(ConfigError, match=r"federation\.min_clients=3 exceeds the 2 training site"):
         run_federated(cfg, tmp_path / "run", progress=False)
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # nothing extracted or written
-    # FedCC pools |K| x |C| centroids: more clusters than that only with no training site at all
-    with pytest.raises(ConfigError, match=r"train\.num_clusters"):
-        FussConfig().check_sites(0, 11)
-    FussConfig().check_sites(1, 11)
-    FussConfig.from_dict({"federation": {"aggregator": "fedavg"}}).check_sites(0, 11)
+    # a partition without any training site cannot federate, whatever the aggregator
+    for aggregator in ("fedcc-kmeans", "fedavg"):
+        with pytest.raises(ConfigError, match="no training site"):
+            FussConfig.from_dict({"federation": {"aggregator": aggregator}}).check_sites(0)
+    FussConfig().check_sites(1)
 
 
 def test_cli_and_job_export_fail_before_work_naming_the_key(tiny_data_root, tmp_path, capsys):

@@ -125,3 +125,25 @@ def test_projection_head_is_linear_plus_nonlinear_branch():
     model = FussModel(6, 3, num_clusters=4)
     parts = split_state(model.state_dict())
     assert parts[1].shape == (4, 3) and set(join_state(*parts)) == set(model.state_dict())
+
+
+def test_kmeans_centroids_are_a_fixed_point_of_cosine_kmeans_on_the_sites_codes(tiny_cfg):
+    """train.centroids=kmeans: after the local steps the centroids are refit by cosine k-means of the site's own
+    codes, started from the learned ones; the head is the one the loss trained (identical to "learned")."""
+    state = init_global_state(tiny_cfg)
+    learned = _site(tiny_cfg).train(state, 0).state
+    cfg = tiny_cfg.with_overrides({"train.centroids": "kmeans", "train.centroid_refit_iters": 50})
+    site = _site(cfg)
+    refit = site.train(state, 0).state
+    assert all(torch.equal(learned[k], refit[k]) for k in learned if k.startswith("head."))
+    assert not torch.allclose(learned["centroids"], refit["centroids"])
+    assert torch.allclose(refit["centroids"].norm(dim=1), torch.ones(len(refit["centroids"])))
+    model = FussModel(site.trainer.in_dim, cfg.train.dim, site.num_clusters, 0.0).eval()
+    model.load_state_dict(refit)
+    with torch.no_grad():  # every view position has 16 codes here, all sampled: one more Lloyd step moves nothing
+        codes = torch.nn.functional.normalize(model(site.trainer.feats.feats.float()), dim=1)
+    codes = codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1])
+    assignment = (codes @ refit["centroids"].T).argmax(dim=1)
+    for c in assignment.unique():
+        mean = torch.nn.functional.normalize(codes[assignment == c].mean(0), dim=0)
+        assert torch.allclose(mean, refit["centroids"][c], atol=1e-4)

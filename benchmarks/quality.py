@@ -1,0 +1,224 @@
+"""Quality experiments on cached features, every choice made on a development split (never on the test set).
+
+Splits (no test label is read unless ``--split test``):
+
+* camvid: train = the ``fed_split == "train"`` frames of the training sequences 0001TP / 0006R0 / 0016E5,
+  dev = their ``fed_split == "test"`` frames (the last 20 % of each sequence), test = Seq05VD (held out).
+* polyp: train = each hospital's ``split == "train"`` items minus a seeded 15 % (= dev); test = the PraNet
+  test lists (``split == "test"``).
+
+A variant is a set of ``--set`` config overrides. One training run (centralized: all training images pooled, the
+same ``LocalTrainer`` as every FLARE site) is scored with the learned centroids and with k-means of the head's
+codes, and with an over-clustered k-means (2 x |C| clusters, many-to-one matching) as an extra column that is
+never the headline. Raw-feature k-means is the floor (``--variant raw``). Results go to
+``docs/results/quality_<dataset>.json`` (one entry per variant and split, with the config and timings).
+
+    python -m benchmarks.quality --dataset camvid --variant base
+    python -m benchmarks.quality --dataset camvid --variant eval448 --set data.eval_short_side=448
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from sklearn.cluster import KMeans
+
+from fuss_components.cache import FeatureCache
+from fuss_components.cli import set_overrides
+from fuss_components.config import FussConfig
+from fuss_components.head import FussModel
+from fuss_components.metrics import ConfusionMatrix
+from fuss_components.objectives import spherical_kmeans
+from fuss_components.site import init_global_state, num_clusters, open_site_dataset
+from fuss_components.trainer import LocalTrainer
+
+log = logging.getLogger("quality")
+RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
+TRAIN_SITES = {"camvid": ["0001TP", "0006R0", "0016E5"], "polyp": ["kvasir", "cvc_clinicdb"]}
+DEV_FRACTION = 0.15
+
+
+def splits(cfg: FussConfig, ds) -> dict[str, list[str]]:
+    name = cfg.data.dataset
+    if name == "camvid":
+        items = {s.id: s for s in ds.samples()}
+        meta = json.loads((Path(ds.root) / "meta.json").read_text())["items"]
+        fed = {m["id"]: m["fed_split"] for m in meta}
+        train = [i for i in items if items[i].site in TRAIN_SITES[name] and fed[i] == "train"]
+        dev = [i for i in items if items[i].site in TRAIN_SITES[name] and fed[i] == "test"]
+        test = [i for i in items if items[i].site == "Seq05VD"]
+        return {"train": sorted(train), "dev": sorted(dev), "test": sorted(test)}
+    if name == "polyp":
+        train, dev = [], []
+        for site in TRAIN_SITES[name]:
+            ids = sorted(ds.ids(split="train", site=site))
+            random.Random(f"dev-{site}").shuffle(ids)
+            cut = round(DEV_FRACTION * len(ids))
+            dev += ids[:cut]
+            train += ids[cut:]
+        return {"train": sorted(train), "dev": sorted(dev), "test": sorted(ds.ids(split="test"))}
+    raise SystemExit(f"no development split defined for dataset {name!r}")
+
+
+@torch.no_grad()
+def sample_codes(model, feats: torch.Tensor, count: int, seed: int) -> torch.Tensor:
+    """``count`` random L2-normalised code vectors of the training views (head in eval mode)."""
+    gen = torch.Generator().manual_seed(seed)
+    views = torch.randperm(len(feats), generator=gen)[:min(len(feats), 2000)]
+    out = []
+    per_view = max(1, count // len(views))
+    for chunk in views.split(64):
+        code = model(feats[chunk].float())
+        code = code.permute(0, 2, 3, 1).reshape(len(chunk), -1, code.shape[1])
+        pick = torch.randint(code.shape[1], (len(chunk), per_view), generator=gen)
+        out.append(code.gather(1, pick[..., None].expand(-1, -1, code.shape[2])).reshape(-1, code.shape[2]))
+    return F.normalize(torch.cat(out), dim=1)
+
+
+def kmeans_centroids(vectors: torch.Tensor, k: int, seed: int) -> torch.Tensor:
+    km = KMeans(k, n_init=10, random_state=seed).fit(vectors.numpy())
+    return F.normalize(torch.from_numpy(km.cluster_centers_).float(), dim=1)
+
+
+class Scorer:
+    """Accumulates confusion matrices of several (name, centroids) predictors over the same images."""
+
+    def __init__(self, predictors: dict[str, torch.Tensor], num_classes: int, upsample: str):
+        self.predictors = predictors
+        self.upsample = upsample
+        self.cms = {n: ConfusionMatrix(len(c), num_classes) for n, c in predictors.items()}
+
+    @torch.no_grad()
+    def add(self, code: torch.Tensor, label: np.ndarray) -> None:
+        size = label.shape
+        if self.upsample == "codes":  # STEGO: upsample the codes, then the cosine to the centroids
+            code = F.interpolate(code[None], size=size, mode="bilinear", align_corners=False)[0]
+        code = F.normalize(code, dim=0)
+        for name, cent in self.predictors.items():
+            logits = torch.einsum("dhw,cd->chw", code, cent)
+            if self.upsample == "logits":
+                logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
+            self.cms[name].update(logits.argmax(0).numpy(), label)
+
+    def results(self) -> dict:
+        out = {}
+        for name, cm in self.cms.items():
+            r = cm.compute()
+            if cm.num_clusters > cm.num_classes:  # over-clustered: many-to-one (each cluster -> majority class)
+                merged = ConfusionMatrix(cm.num_classes, cm.num_classes)
+                for k, c in enumerate(cm.counts.argmax(axis=1)):
+                    merged.counts[c] += cm.counts[k]
+                r = merged.compute()
+                r["assignment"] = [int(c) for c in cm.counts.argmax(axis=1)]
+            out[name] = {k: r[k] for k in ("miou", "pixel_acc", "per_class_iou", "clusters_used")}
+        return out
+
+
+def run(args) -> dict:
+    cfg = FussConfig().with_overrides({"data.dataset": args.dataset, "partition": "site", **set_overrides(args)})
+    torch.manual_seed(0)
+    ds = open_site_dataset(cfg)
+    split = splits(cfg, ds)
+    k = num_clusters(cfg, ds)
+    cache = FeatureCache(cfg, ds.name)
+    t0 = time.perf_counter()
+    cache.ensure(ds, split["train"], ["train"], progress=True, desc="train")
+    cache.ensure(ds, split[args.split], ["eval"], progress=True, desc=args.split)
+    extract_s = time.perf_counter() - t0
+    feats = cache.load_train(split["train"], cfg.train.knn)
+    seed = cfg.train.seed
+    t0 = time.perf_counter()
+    if args.variant.startswith("raw"):
+        model = torch.nn.Identity()
+        train_metrics = {}
+    else:
+        trainer = LocalTrainer(feats, cfg, "centralized", k)
+        state = init_global_state(cfg, k)
+        steps = round(args.epochs * feats.num_views / cfg.train.batch_size)
+        result = trainer.train(state, 0, steps=steps)
+        train_metrics = result.metrics
+        fm = FussModel(feats.feats.shape[1], cfg.train.dim, k, cfg.train.dropout)
+        fm.load_state_dict(result.state)
+        fm.eval()
+        model = fm.head
+    train_s = time.perf_counter() - t0
+    codes = sample_codes(model, feats.feats, 100_000, seed)
+    predictors = {"kmeans": kmeans_centroids(codes, k, seed), "over2x": kmeans_centroids(codes, 2 * k, seed)}
+    if not args.variant.startswith("raw"):
+        predictors["learned"] = F.normalize(fm.centroids.detach(), dim=1)
+        predictors["refit"] = spherical_kmeans(codes, fm.centroids.detach(), 30)
+    scorer = Scorer(predictors, ds.num_classes, args.upsample)
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for image_id in split[args.split]:
+            code = model(cache.load_eval(image_id).float()[None])[0]
+            scorer.add(code, ds.load_label(image_id))
+    scores = scorer.results()
+    entry = {"variant": args.variant, "split": args.split, "overrides": set_overrides(args), "epochs": args.epochs,
+             "upsample": args.upsample, "num_train_images": len(split["train"]),
+             "num_eval_images": len(split[args.split]), "scores": scores, "train": train_metrics,
+             "seconds": {"extract_new": extract_s, "train": train_s, "eval": time.perf_counter() - t0},
+             "classes": ds.classes,
+             "when": time.strftime("%Y-%m-%d %H:%M")}
+    path = Path(args.out or RESULTS) / f"quality_{args.dataset}.json"
+    records = json.loads(path.read_text()) if path.exists() else []
+    records = [r for r in records if not (r["variant"] == args.variant and r["split"] == args.split)]
+    records.append(entry)
+    path.write_text(json.dumps(records, indent=1) + "\n")
+    line = "  ".join(f"{n} {100 * s['miou']:.2f}" for n, s in scores.items())
+    print(f"{args.dataset} {args.split} {args.variant}: {line}  (train {train_s:.0f} s)")
+    for n, s in scores.items():
+        print(f"   {n:8s} " + " ".join(f"{100 * v:5.1f}" for v in s["per_class_iou"]))
+    return entry
+
+
+def table(dataset: str, out: str | None = None) -> str:
+    """Markdown table of every recorded variant of ``dataset`` (mIoU in points per predictor, per-class IoU of the
+    learned centroids, or of k-means for raw features)."""
+    records = json.loads((Path(out or RESULTS) / f"quality_{dataset}.json").read_text())
+    classes = records[0]["classes"]
+    head = ["variant", "split", "overrides", "epochs", "learned", "refit", "kmeans", "over2x (extra)",
+            "train s"] + classes
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in records:
+        s = r["scores"]
+        main = s.get("learned", s["kmeans"])
+        cells = [r["variant"], r["split"], ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-",
+                 f"{r['epochs']:g}", *(f"{100 * s[n]['miou']:.2f}" if n in s else "-"
+                                       for n in ("learned", "refit", "kmeans", "over2x")),
+                 f"{r['seconds']['train']:.0f}", *(f"{100 * v:.1f}" for v in main["per_class_iou"])]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", default="camvid", choices=sorted(TRAIN_SITES))
+    p.add_argument("--variant", help="name of the variant ('raw...' = k-means on raw features)")
+    p.add_argument("--table", action="store_true", help="print the Markdown table of the recorded variants")
+    p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
+    p.add_argument("--epochs", type=float, default=3.0, help="epochs over the pooled training views")
+    p.add_argument("--split", default="dev", choices=["dev", "test"], help="test only for chosen defaults")
+    p.add_argument("--upsample", default="logits", choices=["logits", "codes"])
+    p.add_argument("--out", help="folder of quality_<dataset>.json (default: docs/results)")
+    return p
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.WARNING)
+    torch.set_num_threads(2)
+    parsed = get_args_parser().parse_args()
+    if parsed.table:
+        print(table(parsed.dataset, parsed.out))
+    elif not parsed.variant:
+        raise SystemExit("--variant NAME (or --table) is required")
+    else:
+        run(parsed)
