@@ -162,7 +162,8 @@ def run(args) -> dict:
             code = model(cache.load_eval(image_id).float()[None])[0]
             scorer.add(code, ds.load_label(image_id))
     scores = scorer.results()
-    entry = {"variant": args.variant, "split": args.split, "overrides": set_overrides(args), "epochs": args.epochs,
+    entry = {"variant": args.variant, "split": args.split, "overrides": set_overrides(args),
+             "block": cfg.backbone.block, "epochs": args.epochs,
              "upsample": args.upsample, "num_train_images": len(split["train"]),
              "num_eval_images": len(split[args.split]), "scores": scores, "train": train_metrics,
              "seconds": {"extract_new": extract_s, "train": train_s, "eval": time.perf_counter() - t0},
@@ -185,13 +186,13 @@ def table(dataset: str, out: str | None = None) -> str:
     learned centroids, or of k-means for raw features)."""
     records = json.loads((Path(out or RESULTS) / f"quality_{dataset}.json").read_text())
     classes = records[0]["classes"]
-    head = ["variant", "split", "overrides", "epochs", "learned", "refit", "kmeans", "over2x (extra)",
+    head = ["variant", "split", "block", "overrides", "epochs", "learned", "refit", "kmeans", "over2x (extra)",
             "train s"] + classes
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         s = r["scores"]
         main = s.get("learned", s["kmeans"])
-        cells = [r["variant"], r["split"], ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-",
+        cells = [r["variant"], r["split"], str(r["block"]), ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-",
                  f"{r['epochs']:g}", *(f"{100 * s[n]['miou']:.2f}" if n in s else "-"
                                        for n in ("learned", "refit", "kmeans", "over2x")),
                  f"{r['seconds']['train']:.0f}", *(f"{100 * v:.1f}" for v in main["per_class_iou"])]
