@@ -10,7 +10,7 @@ Splits (no test label is read unless ``--split test``):
 A variant is a set of ``--set`` config overrides. One training run (centralized: all training images pooled, the
 same ``LocalTrainer`` as every FLARE site) is scored with the learned centroids and with k-means of the head's
 codes, and with an over-clustered k-means (2 x |C| clusters, many-to-one matching) as an extra column that is
-never the headline. Raw-feature k-means is the floor (``--variant raw``). Results go to
+never the headline. Raw-feature k-means is the floor (``--raw``). Results go to
 ``docs/results/quality_<dataset>.json`` (one entry per variant and split, with the config and timings).
 
     python -m benchmarks.quality --dataset camvid --variant base
@@ -136,7 +136,7 @@ def run(args) -> dict:
     feats = cache.load_train(split["train"], cfg.train.knn)
     seed = cfg.train.seed
     t0 = time.perf_counter()
-    if args.variant.startswith("raw"):
+    if args.raw:
         model = torch.nn.Identity()
         train_metrics = {}
     else:
@@ -152,7 +152,7 @@ def run(args) -> dict:
     train_s = time.perf_counter() - t0
     codes = sample_codes(model, feats.feats, 100_000, seed)
     predictors = {"kmeans": kmeans_centroids(codes, k, seed), "over2x": kmeans_centroids(codes, 2 * k, seed)}
-    if not args.variant.startswith("raw"):
+    if not args.raw:
         predictors["learned"] = F.normalize(fm.centroids.detach(), dim=1)
         predictors["refit"] = spherical_kmeans(codes, fm.centroids.detach(), 30)
     scorer = Scorer(predictors, ds.num_classes, args.upsample)
@@ -203,7 +203,8 @@ def table(dataset: str, out: str | None = None) -> str:
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--dataset", default="camvid", choices=sorted(TRAIN_SITES))
-    p.add_argument("--variant", help="name of the variant ('raw...' = k-means on raw features)")
+    p.add_argument("--variant", help="name under which the run is recorded")
+    p.add_argument("--raw", action="store_true", help="no training: k-means on the raw backbone features")
     p.add_argument("--table", action="store_true", help="print the Markdown table of the recorded variants")
     p.add_argument("--set", action="append", metavar="KEY=VALUE", help="config override (repeatable)")
     p.add_argument("--epochs", type=float, default=3.0, help="epochs over the pooled training views")

@@ -71,7 +71,11 @@ def feature_dim(cfg: BackboneConfig) -> int:
 
 def patch_size(cfg: BackboneConfig) -> int:
     """Patch side p of the backbone (features are ``(H/p, W/p)``), without loading any weights."""
-    patch = _architecture(cfg.name).patch_embed.patch_size
+    return _patch_side(_architecture(cfg.name))
+
+
+def _patch_side(model: VisionTransformer) -> int:
+    patch = model.patch_embed.patch_size
     return patch[0] if isinstance(patch, (tuple, list)) else int(patch)
 
 
@@ -126,9 +130,7 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Ba
     block = cfg.block if cfg.block >= 0 else n_blocks + cfg.block
     if not 0 <= block < n_blocks:
         raise WeightsError(f"backbone.block={cfg.block} is out of range for {cfg.name} ({n_blocks} blocks)")
-    patch = model.patch_embed.patch_size
-    patch_size = patch[0] if isinstance(patch, (tuple, list)) else int(patch)
-    backbone = Backbone(model, block, patch_size, model.num_features, backbone_identity(cfg))
+    backbone = Backbone(model, block, _patch_side(model), model.num_features, backbone_identity(cfg))
     return backbone.to(device)
 
 
