@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 
 from fuss_components.cache import FeatureCache
-from fuss_components.cli import set_overrides
-from fuss_components.config import FussConfig
+from fuss_components.config import FussConfig, parse_overrides
+from fuss_components.files import atomic_write_json
 from fuss_components.head import FussModel
 from fuss_components.metrics import ConfusionMatrix
 from fuss_components.objectives import spherical_kmeans
@@ -123,7 +123,7 @@ class Scorer:
 
 
 def run(args) -> dict:
-    cfg = FussConfig().with_overrides({"data.dataset": args.dataset, "partition": "site", **set_overrides(args)})
+    cfg = FussConfig().with_overrides({"data.dataset": args.dataset, "partition": "site", **parse_overrides(args.set)})
     torch.manual_seed(0)
     ds = open_site_dataset(cfg)
     split = splits(cfg, ds)
@@ -162,7 +162,7 @@ def run(args) -> dict:
             code = model(cache.load_eval(image_id).float()[None])[0]
             scorer.add(code, ds.load_label(image_id))
     scores = scorer.results()
-    entry = {"variant": args.variant, "split": args.split, "overrides": set_overrides(args),
+    entry = {"variant": args.variant, "split": args.split, "overrides": parse_overrides(args.set),
              "block": cfg.backbone.block, "epochs": args.epochs,
              "upsample": args.upsample, "num_train_images": len(split["train"]),
              "num_eval_images": len(split[args.split]), "scores": scores, "train": train_metrics,
@@ -173,7 +173,7 @@ def run(args) -> dict:
     records = json.loads(path.read_text()) if path.exists() else []
     records = [r for r in records if not (r["variant"] == args.variant and r["split"] == args.split)]
     records.append(entry)
-    path.write_text(json.dumps(records, indent=1) + "\n")
+    atomic_write_json(path, records, indent=1)
     line = "  ".join(f"{n} {100 * s['miou']:.2f}" for n, s in scores.items())
     print(f"{args.dataset} {args.split} {args.variant}: {line}  (train {train_s:.0f} s)")
     for n, s in scores.items():

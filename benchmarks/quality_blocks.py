@@ -11,20 +11,18 @@ set is never read). A screen for ``backbone.block``: the chosen block is then tr
 from __future__ import annotations
 
 import argparse
-import json
 import random
 import time
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from benchmarks.quality import RESULTS, Scorer, kmeans_centroids, splits
 from fuss_components.backbones import load_backbone
-from fuss_components.cli import set_overrides
-from fuss_components.config import FussConfig
+from fuss_components.config import FussConfig, parse_overrides
+from fuss_components.files import atomic_write_json
 from fuss_components.site import num_clusters, open_site_dataset
 from fuss_components.transforms import eval_view
 
@@ -43,7 +41,7 @@ def all_blocks(backbone, ds, ids, short_side: int) -> list[torch.Tensor]:
 
 
 def main(args) -> None:
-    cfg = FussConfig().with_overrides({"data.dataset": args.dataset, "partition": "site", **set_overrides(args)})
+    cfg = FussConfig().with_overrides({"data.dataset": args.dataset, "partition": "site", **parse_overrides(args.set)})
     ds = open_site_dataset(cfg)
     split = splits(cfg, ds)
     k = num_clusters(cfg, ds)
@@ -80,10 +78,10 @@ def main(args) -> None:
               f"over2x {100 * scores['over2x']['miou']:.2f}  per class "
               + " ".join(f"{100 * v:.0f}" for v in scores["kmeans"]["per_class_iou"]), flush=True)
     out = Path(args.out or RESULTS) / f"quality_blocks_{args.dataset}{'_centered' if args.center else ''}.json"
-    out.write_text(json.dumps({"dataset": args.dataset, "split": "dev", "train_images": len(train_ids),
-                               "dev_images": len(split["dev"]), "eval_short_side": cfg.data.eval_short_side, "centered": args.center,
-                               "forward_seconds": forward_s, "classes": ds.classes, "results": results},
-                              indent=1) + "\n")
+    atomic_write_json(out, {"dataset": args.dataset, "split": "dev", "train_images": len(train_ids),
+                            "dev_images": len(split["dev"]), "eval_short_side": cfg.data.eval_short_side,
+                            "centered": args.center, "forward_seconds": forward_s, "classes": ds.classes,
+                            "results": results}, indent=1)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

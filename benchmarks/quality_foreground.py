@@ -12,7 +12,6 @@ dev images (``benchmarks.quality.splits``; the test lists are never read) -> ``d
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 
 import torch
@@ -22,6 +21,7 @@ from tqdm.auto import tqdm
 from benchmarks.quality import RESULTS, splits
 from fuss_components.backbones import load_backbone
 from fuss_components.config import FussConfig
+from fuss_components.files import atomic_write_json
 from fuss_components.metrics import ConfusionMatrix
 from fuss_components.site import open_site_dataset
 from fuss_components.transforms import eval_view
@@ -80,8 +80,8 @@ def main(args) -> None:
         print(f"block {block:2d} {name:5s} mIoU {100 * r['miou']:.2f} per class "
               + " ".join(f"{100 * v:.1f}" for v in r["per_class_iou"]))
     out = Path(args.out or RESULTS) / f"quality_foreground_{args.dataset}.json"
-    out.write_text(json.dumps({"dataset": args.dataset, "split": "dev", "classes": ds.classes,
-                               "results": results}, indent=1) + "\n")
+    atomic_write_json(out, {"dataset": args.dataset, "split": "dev", "classes": ds.classes, "results": results},
+                      indent=1)
 
 
 def get_args_parser() -> argparse.ArgumentParser:

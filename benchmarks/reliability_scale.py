@@ -3,8 +3,8 @@ through the NVIDIA FLARE simulator with the real backbone's cached features, pea
 round against N, and (several ``--local-steps``) wall time against the local steps per round.
 
     FUSS_SHARED=../shared FUSS_CACHE_DIR=/path/to/camvid/cache \
-        python benchmarks/reliability_scale.py --clients 3 6 12 --out docs/results/reliability_scale.json
-    ... python benchmarks/reliability_scale.py --clients 3 --local-steps 5 20 80 --out docs/results/scale_local_steps.json
+        python -m benchmarks.reliability_scale --clients 3 6 12 --out docs/results/reliability_scale.json
+    ... python -m benchmarks.reliability_scale --clients 3 --local-steps 5 20 80 --out docs/results/scale_local_steps.json
 
 Each training sequence (0001TP, 0006R0, 0016E5) is cut into contiguous frame ranges, the number of ranges per
 sequence proportional to its size (largest remainder, at least one each): 3 -> 1/1/1, 6 -> 1/1/4, 12 -> 3/2/7.
@@ -59,8 +59,9 @@ def clients_per_sequence(sizes: dict[str, int], n: int) -> dict[str, int]:
     return counts
 
 
-def frame_range_partition(dataset, n: int, validation_every: int = 1):
-    """Partition (fuss_components.partition) of the camvid training sequences into ``n`` frame-range clients."""
+def frame_range_partition(dataset, n: int, validation_every: int = 1, frame_step: int = 1):
+    """Partition (fuss_components.partition) of the camvid training sequences into ``n`` frame-range clients;
+    ``frame_step`` keeps every k-th frame (a subset for quick runs)."""
     import numpy as np
 
     from fuss_components.partition import Partition, partition_by_site
@@ -70,7 +71,7 @@ def frame_range_partition(dataset, n: int, validation_every: int = 1):
     counts = clients_per_sequence(sizes, n)
     clients = {}
     for seq in TRAIN_SEQUENCES:
-        ids = sorted(by_site.clients[seq])  # <sequence>_<zero-padded frame>: sorted = frame order
+        ids = sorted(by_site.clients[seq])[::frame_step]  # <sequence>_<zero-padded frame>: sorted = frame order
         for j, chunk in enumerate(np.array_split(np.array(ids, dtype=object), counts[seq])):
             clients[f"{seq}_r{j + 1}"] = [str(i) for i in chunk]
     validation = {VALIDATION_SEQUENCE: sorted(by_site.validation[VALIDATION_SEQUENCE])[::validation_every]}
@@ -124,7 +125,7 @@ def _kb(text: str | None) -> int:
 
 
 def _role(cmdline: str) -> str:
-    match = re.search(r"simulator_worker .*?-o \S*/(site-\d+)", cmdline)
+    match = re.search(r"simulator_worker .*?-o \S*/([^/\s]+)", cmdline)
     if match:
         return match.group(1)
     if "simulator_worker" in cmdline:
@@ -137,9 +138,9 @@ def _role(cmdline: str) -> str:
 def run_monitored(cmd: list[str], env: dict, log_path: Path, timeout: float, interval: float = 0.25,
                   workspace: Path | None = None) -> dict:
     """Run ``cmd``; sample its process tree until it ends. Returns rc, wall seconds, per-process peaks (MB), and
-    ``start_race``: the FLARE start-up race (fuss_components.simulator.START_RACES) seen in ``workspace``'s logs,
+    ``start_race``: the FLARE start-up race (benchmarks.simulator.START_RACES) seen in ``workspace``'s logs,
     after which the run was killed (it would otherwise wait for the lost client for ever)."""
-    from fuss_components.simulator import START_RACES, LogWatch, kill_group
+    from benchmarks.simulator import START_RACES, LogWatch, kill_group
 
     peaks: dict[int, dict] = {}
     peak_total_kb = 0
@@ -191,25 +192,35 @@ def round_times(server_log: Path) -> list[dict]:
 # ------------------------------------------------------------------------------------------- one run
 
 
-def run_scale(n: int, work: Path, rounds: int = 2, local_steps: int = 5, validation_every: int = 1,
-              timeout: float = 1200, extra_env: dict | None = None, sim_threads: int | None = None) -> dict:
-    """Export and simulate the N-client job; returns the measurements (and the workspace path)."""
-    from fuss_components.config import FussConfig
+def scale_manifest(n: int, work: Path, validation_every: int = 1, frame_step: int = 1) -> Path:
+    """The N-client frame-range partition of CamVid, saved as ``work/camvid_<n>clients.json``."""
     from fuss_components.datasets import open_dataset
     from fuss_components.paths import data_root
-    from fuss_flare.job import main as export
-    from fuss_components.simulator import nvflare_command
 
     work.mkdir(parents=True, exist_ok=True)
-    dataset = open_dataset("camvid", data_root())
-    part = frame_range_partition(dataset, n, validation_every)
-    manifest = part.save(work / f"camvid_{n}clients.json")
-    cfg = FussConfig.from_dict({"partition": str(manifest), "train": {"num_clusters": 11},
+    part = frame_range_partition(open_dataset("camvid", data_root()), n, validation_every, frame_step)
+    return part.save(work / f"camvid_{n}clients.json")
+
+
+def run_scale(n: int, work: Path, rounds: int = 2, local_steps: int = 5, validation_every: int = 1,
+              timeout: float = 1200, extra_env: dict | None = None, sim_threads: int | None = None,
+              frame_step: int = 1) -> dict:
+    """Export and simulate the N-client job; returns the measurements (and the workspace path)."""
+    from benchmarks.simulator import nvflare_command
+    from fuss_components.config import FussConfig
+    from fuss_components.partition import PRESETS
+    from fuss_flare.job import main as export
+
+    from fuss_components.partition import Partition
+    from fuss_flare import site_policy
+
+    manifest = scale_manifest(n, work, validation_every, frame_step)
+    part = Partition.load(manifest)
+    cfg = FussConfig.from_dict({"partition": str(manifest), "train": {"num_clusters": PRESETS["camvid"].num_clusters},
                                 "federation": {"rounds": rounds, "local_steps": local_steps}})
     cfg.save(work / "config.json")
     name = f"camvid_{n}clients"
-    rc = export(["export", "--config", str(work / "config.json"), "--name", name, "--out", str(work / "jobs"),
-                 "--validate-every", "0"])
+    rc = export(["export", "--config", str(work / "config.json"), "--name", name, "--out", str(work / "jobs")])
     if rc != 0:
         raise RuntimeError(f"job export failed ({rc})")
     sites = n + 1
@@ -219,13 +230,15 @@ def run_scale(n: int, work: Path, rounds: int = 2, local_steps: int = 5, validat
     for attempt in range(2):  # one restart after a FLARE start-up race, in a fresh workspace
         if attempt:
             ws = work / "ws_restart"
-        cmd = [nvflare_command(), "simulator", str(work / "jobs" / name), "-w", str(ws), "-n", str(sites), "-t", str(threads)]
+        site_policy.install(ws)  # FUSS's class allow list: the simulator's participants need it like real sites
+        cmd = [nvflare_command(), "simulator", str(work / "jobs" / name), "-w", str(ws), "-t", str(threads)]
         result = run_monitored(cmd, env, work / "simulator.log", timeout, workspace=ws)
         if not result["start_race"]:
             break
     app = ws / "server" / "simulate_job" / "app_server"
     metrics = json.loads((app / "metrics.json").read_text()) if (app / "metrics.json").is_file() else {}
-    site_peaks = [p["peak_rss_mb"] for p in result["processes"] if p["role"].startswith("site-")]
+    site_peaks = [p["peak_rss_mb"] for p in result["processes"] if p["role"] in part.clients or
+                  p["role"] in part.validation]
     result.update(
         clients=n, sites=sites, sim_threads=threads, omp_num_threads=env.get("OMP_NUM_THREADS"), rounds=rounds, local_steps=local_steps, images=sum(part.sizes().values()),
         clients_per_sequence=part.meta["clients_per_sequence"], workspace=str(ws),
@@ -261,8 +274,9 @@ def main(argv: list[str] | None = None) -> int:
                                               "max_site_process_rss_mb", "server_process_rss_mb",
                                               "final_val_miou", "error", "processes")}), flush=True)
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(results, indent=1) + "\n")
+        from fuss_components.files import atomic_write_json
+
+        atomic_write_json(args.out, results, indent=1)
     return 0 if all(r["rc"] == 0 for r in results) else 1
 
 

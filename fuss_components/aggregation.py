@@ -20,11 +20,18 @@ given), weights by sample counts, takes ``|C|`` from the caller, normalises cent
 and maximin, and makes the result independent of the order in which updates arrive (they are sorted by site
 name before any floating-point summation or pooling).
 
+Screening (:func:`screen_updates`) is the one place where client updates are checked: what a client sends is
+untrusted until it passes, and every rejection names the site instead of stopping the round. Everything after it
+(:func:`aggregate`, :func:`average_states`, :func:`average_centroids`, FedCC) assumes screened input and keeps only
+cheap asserts against a wrong call.
+
 Robust mode (``FederationConfig.robust``, off by default): ``"median"`` / ``"trimmed-mean"`` replace the head's
 FedAvg by an unweighted coordinate-wise median / trimmed mean (:func:`robust_average_states`), so one client can
-neither drag a coordinate arbitrarily far nor buy influence with an inflated sample count; and
-:func:`screen_updates` (given the federation config) rejects an update whose centroids are an outlier
-(:func:`centroid_outliers`). The centroid rule itself (FedAvg / FedCC) is unchanged and runs on what is accepted.
+neither drag a coordinate arbitrarily far nor buy influence with an inflated sample count; ``"clip"`` keeps the
+weighted FedAvg but first shortens every head's change from the global head to the median change of the round
+(:func:`clipped_average_states`), so no client moves the model further than a typical one. In every robust mode
+screening also rejects an update whose centroids are an outlier (:func:`centroid_outliers`). The centroid rule
+itself (FedAvg / FedCC) is unchanged and runs on what is accepted.
 
 No FLARE import: the FLARE aggregator and the in-process runner both call :func:`aggregate`.
 """
@@ -39,7 +46,7 @@ from typing import Any, Mapping, Sequence
 import numpy as np
 import torch
 
-from fuss_components.config import AGGREGATORS, ROBUST_MODES, FederationConfig
+from fuss_components.config import FederationConfig
 
 __all__ = [
     "AggregationError",
@@ -48,6 +55,7 @@ __all__ = [
     "average_centroids",
     "average_states",
     "centroid_outliers",
+    "clipped_average_states",
     "fedavg",
     "fedavg_weights",
     "fedcc_kmeans",
@@ -59,10 +67,13 @@ __all__ = [
 ]
 
 _EPS = 1e-12
+# A centroid row shorter than this has no usable direction: normalize_rows clamps norms at _EPS, so such a row
+# would not become a unit vector and would silently drop out of every cosine comparison.
+_MIN_CENTROID_ROW_NORM = 1e-6
 
 
 class AggregationError(RuntimeError):
-    """The server cannot aggregate this round (e.g. no accepted update, duplicated sites, mismatched shapes)."""
+    """The server cannot aggregate this round (e.g. no accepted update)."""
 
 
 @dataclass
@@ -85,10 +96,13 @@ class ClientUpdate:
 
 
 def fedavg_weights(num_samples: Sequence[int], weighted: bool) -> np.ndarray:
-    """FedAvg client weights (float64, summing to 1).
+    """The client weights of every FedAvg average (float64, summing to 1): the one place they are computed.
 
     ``weighted=True`` (switch W): ``alpha_k = N_k / sum_j N_j``; ``weighted=False``: ``alpha_k = 1 / |K|``.
-    Raises ``ValueError`` for an empty sequence or (when weighted) a sample count that is not a positive integer.
+    Each weight is the true quotient of two Python integers (exact sum, correctly rounded division), so no count
+    can overflow float64 or round a weight to zero the way ``float(N_k)`` sums would. Raises ``ValueError`` for an
+    empty sequence or (when weighted) a count that is not a positive integer (:func:`screen_updates` rejects
+    such updates first).
     """
     counts = list(num_samples)
     if not counts:
@@ -98,61 +112,36 @@ def fedavg_weights(num_samples: Sequence[int], weighted: bool) -> np.ndarray:
     for i, n in enumerate(counts):
         if isinstance(n, bool) or not isinstance(n, numbers.Integral) or n <= 0:
             raise ValueError(f"fedavg_weights: sample count #{i} must be a positive integer, got {n!r}")
-    arr = np.asarray(counts, dtype=np.float64)
-    return arr / arr.sum()
+    exact = [int(n) for n in counts]
+    total = sum(exact)
+    return np.array([n / total for n in exact], dtype=np.float64)
 
 
-def _check_weights(weights: Any, n: int, what: str) -> np.ndarray:
+def _normalised(weights: Any, n: int) -> np.ndarray:
     w = np.asarray(weights, dtype=np.float64).reshape(-1)
-    if w.shape[0] != n:
-        raise ValueError(f"{what}: {w.shape[0]} weights for {n} inputs")
-    if not np.all(np.isfinite(w)) or np.any(w < 0) or w.sum() <= 0:
-        raise ValueError(f"{what}: weights must be finite, non-negative and not all zero, got {w.tolist()}")
+    # zip() would silently drop the inputs or weights beyond the shorter list
+    assert w.shape[0] == n, f"{w.shape[0]} weights for {n} inputs"
+    assert np.all(np.isfinite(w)) and np.all(w >= 0) and w.sum() > 0, f"unusable weights {w.tolist()}"
     return w / w.sum()
 
 
 def average_states(states: Sequence[Mapping[str, torch.Tensor]], weights: Any) -> dict[str, torch.Tensor]:
-    """Index-wise weighted average of state dicts (paper Eq. 8).
+    """Index-wise weighted average of screened state dicts (paper Eq. 8).
 
-    Every state must have the same keys and, per key, the same shape (``ValueError`` naming the key otherwise).
-    ``weights`` are normalised to sum 1 (non-negative, not all zero). Floating-point tensors are accumulated in
-    float64, in the given order, and returned as float32 on the CPU. Non-floating tensors (counters) must be
-    equal in every state and are returned unchanged. Callers that need order independence sort first
+    Every state has the keys and shapes of the first and only finite floating-point tensors (what
+    :func:`screen_updates` guarantees). ``weights`` are normalised to sum 1. Tensors are accumulated in float64, in
+    the given order, and returned as float32 on the CPU. Callers that need order independence sort first
     (:func:`aggregate` does).
     """
-    if len(states) == 0:
-        raise ValueError("average_states: no states")
-    w = _check_weights(weights, len(states), "average_states")
-    keys = list(states[0].keys())
-    key_set = set(keys)
-    for i, state in enumerate(states[1:], start=1):
-        other = set(state.keys())
-        if other != key_set:
-            missing = sorted(key_set - other)
-            extra = sorted(other - key_set)
-            name = (missing or extra)[0]
-            raise ValueError(
-                f"average_states: state #{i} key set differs from state #0 at key {name!r} "
-                f"(missing {missing}, unexpected {extra})"
-            )
+    assert len(states) > 0, "average_states: no states"
+    w = _normalised(weights, len(states))
     out: dict[str, torch.Tensor] = {}
-    for key in keys:
-        first = states[0][key]
-        for i, state in enumerate(states[1:], start=1):
-            if tuple(state[key].shape) != tuple(first.shape):
-                raise ValueError(
-                    f"average_states: key {key!r} has shape {tuple(state[key].shape)} in state #{i} "
-                    f"but {tuple(first.shape)} in state #0"
-                )
-        if not (torch.is_floating_point(first) or torch.is_complex(first)):
-            for i, state in enumerate(states[1:], start=1):
-                if not torch.equal(state[key].detach().cpu(), first.detach().cpu()):
-                    raise ValueError(f"average_states: non-floating key {key!r} differs in state #{i}")
-            out[key] = first.detach().cpu().clone()
-            continue
+    for key, first in states[0].items():
         acc = torch.zeros(first.shape, dtype=torch.float64)
         for wi, state in zip(w, states):
-            acc += float(wi) * state[key].detach().to(device="cpu", dtype=torch.float64)
+            value = state[key]
+            assert value.shape == first.shape, f"key {key!r}: shape {tuple(value.shape)} != {tuple(first.shape)}"
+            acc += float(wi) * value.detach().to(device="cpu", dtype=torch.float64)
         out[key] = acc.to(torch.float32).contiguous()
     return out
 
@@ -176,21 +165,18 @@ def trimmed_count(n: int, trim_fraction: float) -> int:
 def robust_average_states(
     states: Sequence[Mapping[str, torch.Tensor]], mode: str, trim_fraction: float = 0.2
 ) -> dict[str, torch.Tensor]:
-    """Unweighted coordinate-wise robust average of state dicts (same keys and shapes as :func:`average_states`).
+    """Unweighted coordinate-wise robust average of screened state dicts (same input as :func:`average_states`).
 
     ``mode="median"``: per coordinate the median of the ``n`` values (even ``n``: mean of the two middle ones);
     ``mode="trimmed-mean"``: per coordinate the mean of the values left after dropping the
     :func:`trimmed_count` smallest and largest. Values are sorted per coordinate (float64) before anything is
-    summed, so the result does not depend on the order of ``states``, bit for bit. Float32 result on the CPU;
-    non-floating tensors must be equal in every state and are returned unchanged. Sample counts are ignored on
-    purpose: an inflated count must not buy influence.
+    summed, so the result does not depend on the order of ``states``, bit for bit. Float32 result on the CPU.
+    Sample counts are ignored on purpose: an inflated count must not buy influence.
     """
     if mode not in ("median", "trimmed-mean"):
         raise ValueError(f"robust_average_states: mode must be 'median' or 'trimmed-mean', got {mode!r}")
     n = len(states)
-    if n == 0:
-        raise ValueError("robust_average_states: no states")
-    average_states(states, [1.0] * n)  # the same key / shape / counter checks (and messages)
+    assert n > 0, "robust_average_states: no states"
     if mode == "median":
         lo, hi = (n - 1) // 2, n // 2
     else:
@@ -198,43 +184,55 @@ def robust_average_states(
         lo, hi = k, n - 1 - k
     out: dict[str, torch.Tensor] = {}
     for key in states[0]:
-        first = states[0][key]
-        if not (torch.is_floating_point(first) or torch.is_complex(first)):
-            out[key] = first.detach().cpu().clone()
-            continue
         stacked = torch.stack([s[key].detach().to(device="cpu", dtype=torch.float64) for s in states])
         ordered = stacked.sort(dim=0).values[lo:hi + 1]
         out[key] = (ordered.sum(dim=0) / ordered.shape[0]).to(torch.float32).contiguous()
     return out
 
 
-def _check_sets(sets: Sequence[torch.Tensor], what: str) -> None:
-    if len(sets) == 0:
-        raise ValueError(f"{what}: no centroid sets")
-    dims = set()
-    for i, s in enumerate(sets):
-        if not isinstance(s, torch.Tensor) or s.dim() != 2:
-            raise ValueError(f"{what}: centroid set #{i} must be a 2-D tensor (C, D), got {getattr(s, 'shape', s)}")
-        dims.add(int(s.shape[1]))
-    if len(dims) != 1:
-        raise ValueError(f"{what}: centroid sets have different dimensions D {sorted(dims)}")
+def clipped_average_states(
+    states: Sequence[Mapping[str, torch.Tensor]], weights: Any, reference: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """Weighted average of screened state dicts after norm clipping of their changes from ``reference``.
+
+    Each state's change ``d_k = state_k - reference`` (L2 norm over all its tensors together) is scaled down to
+    ``tau = median_k ||d_k||`` (even count: mean of the two middle norms) when it is longer; shorter changes are
+    kept. The result is ``reference + sum_k w_k d_k`` with ``weights`` normalised to sum 1 (the FedAvg weights).
+    One client can then move the model at most as far as the median client, whatever the length or sign of its
+    change. Float64 arithmetic in the given order (:func:`aggregate` sorts first), float32 result on the CPU.
+    """
+    assert len(states) > 0, "clipped_average_states: no states"
+    w = _normalised(weights, len(states))
+    keys = list(states[0])
+    assert set(reference) == set(keys), "clipped_average_states: reference keys differ from the states'"
+    ref = {k: reference[k].detach().to(device="cpu", dtype=torch.float64) for k in keys}
+    deltas = [{k: s[k].detach().to(device="cpu", dtype=torch.float64) - ref[k] for k in keys} for s in states]
+    norms = [math.sqrt(sum(float((d[k] ** 2).sum()) for k in keys)) for d in deltas]
+    tau = float(np.median(norms))
+    out: dict[str, torch.Tensor] = {}
+    for key in keys:
+        acc = ref[key].clone()
+        for wi, delta, norm in zip(w, deltas, norms):
+            scale = tau / norm if norm > tau else 1.0
+            acc += float(wi) * scale * delta[key]
+        out[key] = acc.to(torch.float32).contiguous()
+    return out
 
 
 def average_centroids(sets: Sequence[torch.Tensor], weights: Any, normalize: bool = True) -> torch.Tensor:
     """Index-wise weighted average of centroid sets (paper Eq. 9): row c of the result averages row c of each set.
 
-    All sets must have the same shape ``(C, D)``. With ``normalize=True`` (default) each client's rows are
+    All sets have the same shape ``(C, D)``. With ``normalize=True`` (default) each client's rows are
     L2-normalised before averaging and the averaged rows re-normalised: centroids are only ever used through
     cosine similarity, so a client whose centroids happen to have larger norms must not dominate the direction.
     ``normalize=False`` is the plain Eq. 9 average. Float64 accumulation, float32 result.
     """
-    _check_sets(sets, "average_centroids")
-    shapes = {tuple(s.shape) for s in sets}
-    if len(shapes) != 1:
-        raise ValueError(f"average_centroids: centroid sets have different shapes {sorted(shapes)}")
-    w = _check_weights(weights, len(sets), "average_centroids")
+    assert len(sets) > 0, "average_centroids: no centroid sets"
+    w = _normalised(weights, len(sets))
     acc = torch.zeros(sets[0].shape, dtype=torch.float64)
     for wi, s in zip(w, sets):
+        # broadcasting would silently spread a (1, D) set over every row
+        assert s.shape == sets[0].shape, f"centroid sets of shapes {tuple(s.shape)} and {tuple(sets[0].shape)}"
         s64 = s.detach().to(device="cpu", dtype=torch.float64)
         acc += float(wi) * (normalize_rows(s64) if normalize else s64)
     if normalize:
@@ -253,12 +251,7 @@ def fedavg(updates: Sequence[ClientUpdate], weighted: bool) -> tuple[dict[str, t
 
 
 def _normalised_pool(sets: Sequence[torch.Tensor], k: int, what: str) -> np.ndarray:
-    _check_sets(sets, what)
     pool = torch.cat([s.detach().to(device="cpu", dtype=torch.float64) for s in sets], dim=0)
-    if not torch.isfinite(pool).all():
-        raise ValueError(f"{what}: the centroid pool contains NaN or Inf")
-    if isinstance(k, bool) or not isinstance(k, numbers.Integral) or k < 1:
-        raise ValueError(f"{what}: k must be a positive integer, got {k!r}")
     if k > pool.shape[0]:
         raise ValueError(f"{what}: k={k} is larger than the pool of {pool.shape[0]} centroids")
     return normalize_rows(pool).numpy()
@@ -318,25 +311,27 @@ def fedcc_maximin(sets: Sequence[torch.Tensor], k: int, seed: int) -> torch.Tens
 def _sorted_updates(updates: Sequence[ClientUpdate]) -> list[ClientUpdate]:
     if len(updates) == 0:
         raise AggregationError("no client update to aggregate")
-    sites = [u.site for u in updates]
-    seen: set[str] = set()
-    for site in sites:
-        if site in seen:
-            raise AggregationError(f"site {site!r} sent more than one update; screen updates first")
-        seen.add(site)
+    # two updates of one site would silently count it twice
+    assert len({u.site for u in updates}) == len(updates), "duplicated site: screen the updates first"
     return sorted(updates, key=lambda u: u.site)
 
 
 def aggregate(
-    updates: Sequence[ClientUpdate], cfg: FederationConfig, num_clusters: int
+    updates: Sequence[ClientUpdate], cfg: FederationConfig, num_clusters: int,
+    reference_head: Mapping[str, torch.Tensor] | None = None,
 ) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
-    """One server aggregation step; returns ``(global head state, global centroids (num_clusters, D))``.
+    """One server aggregation step on screened updates; returns ``(global head state, global centroids
+    (num_clusters, D))``.
 
-    The updates are sorted by site name first, so the result does not depend on their arrival order.
+    ``updates`` are what :func:`screen_updates` accepted: one per site, heads with the reference's keys and
+    shapes, finite float tensors, centroids ``(num_clusters, D)``, positive integer sample counts. They are sorted
+    by site name first, so the result does not depend on their arrival order.
 
     * Head: FedAvg (Eq. 8) with weights from :func:`fedavg_weights` (``cfg.weighted``, switch W); FedCC uses
       FedAvg for the head too. With ``cfg.robust`` ``"median"`` / ``"trimmed-mean"`` the head is
-      :func:`robust_average_states` instead (unweighted; ``cfg.trim_fraction``).
+      :func:`robust_average_states` instead (unweighted; ``cfg.trim_fraction``); with ``"clip"`` it is
+      :func:`clipped_average_states` around ``reference_head`` (the global head the clients started from, required
+      in that mode) with the FedAvg weights.
     * Centroids by ``cfg.aggregator``: ``"fedavg"`` -> :func:`average_centroids` with the same weights;
       ``"fedcc-kmeans"`` -> :func:`fedcc_kmeans` (seed ``cfg.seed``, ``n_init=cfg.kmeans_n_init``);
       ``"fedcc-maximin"`` -> :func:`fedcc_maximin` (seed ``cfg.seed``).
@@ -345,84 +340,136 @@ def aggregate(
     enforced client-side (a client with a switch off keeps its own head / centroids). The server computes the
     aggregate regardless, because the global model is what is evaluated and checkpointed.
 
-    Raises :class:`AggregationError` for no update, a duplicated site, or centroids whose shape is not
-    ``(num_clusters, D)`` with one common D (run :func:`screen_updates` first to drop such updates), and
-    ``ValueError`` for an unknown aggregator or mismatching head states.
+    Raises :class:`AggregationError` when there is no update, ``ValueError`` for an unknown aggregator or robust
+    mode (a config built without ``validate()``) or for ``"clip"`` without ``reference_head``.
     """
-    if cfg.aggregator not in AGGREGATORS:
-        raise ValueError(f"unknown aggregator {cfg.aggregator!r}; expected one of {AGGREGATORS}")
     ordered = _sorted_updates(updates)
-    dim = None
-    for u in ordered:
-        shape = tuple(u.centroids.shape)
-        if len(shape) != 2 or shape[0] != num_clusters or (dim is not None and shape[1] != dim):
-            expected = f"({num_clusters}, {dim if dim is not None else 'D'})"
-            raise AggregationError(f"site {u.site!r}: centroids have shape {shape}, expected {expected}")
-        dim = shape[1]
     weights = fedavg_weights([u.num_samples for u in ordered], cfg.weighted)
-    robust = getattr(cfg, "robust", "none")
-    if robust == "none":
-        head = average_states([u.head for u in ordered], weights)
-    elif robust in ROBUST_MODES:
-        head = robust_average_states([u.head for u in ordered], robust, cfg.trim_fraction)
+    heads = [u.head for u in ordered]
+    if cfg.robust == "none":
+        head = average_states(heads, weights)
+    elif cfg.robust in ("median", "trimmed-mean"):
+        head = robust_average_states(heads, cfg.robust, cfg.trim_fraction)
+    elif cfg.robust == "clip":
+        if reference_head is None:
+            raise ValueError("robust mode 'clip' needs reference_head (the global head the clients started from)")
+        head = clipped_average_states(heads, weights, reference_head)
     else:
-        raise ValueError(f"unknown robust mode {robust!r}; expected one of {ROBUST_MODES}")
+        raise ValueError(f"unknown robust mode {cfg.robust!r}")
     sets = [u.centroids for u in ordered]
     if cfg.aggregator == "fedavg":
         centroids = average_centroids(sets, weights)
     elif cfg.aggregator == "fedcc-kmeans":
         centroids = fedcc_kmeans(sets, num_clusters, seed=cfg.seed, n_init=cfg.kmeans_n_init)
-    else:
+    elif cfg.aggregator == "fedcc-maximin":
         centroids = fedcc_maximin(sets, num_clusters, seed=cfg.seed)
+    else:
+        raise ValueError(f"unknown aggregator {cfg.aggregator!r}")
     return head, centroids
 
 
 # --------------------------------------------------------------------------------------------------- screening
 
 
-def _screen_one(u: Any, reference_head: Mapping[str, torch.Tensor], num_clusters: int, dim: int) -> str | None:
-    """Return why ``u`` must be rejected, or None."""
-    n = getattr(u, "num_samples", None)
+def _tensor_problem(value: Any, what: str, shape: tuple[int, ...], plural: bool = False) -> str | None:
+    """Why ``value`` cannot enter an average as ``what`` of ``shape``, or None."""
+    is_, has, contains = ("are", "have", "contain") if plural else ("is", "has", "contains")
+    if not isinstance(value, torch.Tensor):
+        return f"{what} {is_} not a tensor ({type(value).__name__})"
+    if value.layout != torch.strided:
+        return f"{what} {is_} a {value.layout} tensor, expected a dense one"
+    # integer / bool tensors cannot be averaged, complex ones have no place in the model
+    if not torch.is_floating_point(value):
+        return f"{what} {has} dtype {value.dtype}, expected a floating-point dtype"
+    if tuple(value.shape) != shape:
+        return f"{what} {has} shape {tuple(value.shape)}, expected {shape}"
+    if not bool(torch.isfinite(value).all()):
+        return f"{what} {contains} NaN or Inf"
+    return None
+
+
+def _count_problem(n: Any, declared: Any, has_declared: bool, max_samples: int) -> str | None:
+    """Why ``num_samples`` ``n`` cannot weight an average, or None. ``declared``: what the site declared when the
+    job started (only checked when ``has_declared``)."""
     if n is None:
         return "num_samples is missing"
+    # floats are refused even when whole: 1e308 is "whole" and would zero every other client's weight
     if isinstance(n, bool) or not isinstance(n, numbers.Integral):
         return f"num_samples must be an integer, got {type(n).__name__} {n!r}"
+    n = int(n)
     if n <= 0:
         return f"num_samples must be > 0, got {n}"
-    head = getattr(u, "head", None)
+    if n > max_samples:
+        return f"num_samples {n} exceeds federation.max_samples={max_samples}"
+    if has_declared:
+        if isinstance(declared, bool) or not isinstance(declared, numbers.Integral):
+            return f"did not declare a usable sample count when the job started (declared {declared!r})"
+        if n > int(declared):
+            return f"num_samples {n} exceeds the {int(declared)} it declared when the job started"
+    return None
+
+
+def _head_problem(head: Any, reference_head: Mapping[str, torch.Tensor]) -> str | None:
     if not isinstance(head, Mapping):
         return f"head must be a dict of tensors, got {type(head).__name__}"
     ref_keys, keys = set(reference_head), set(head)
     if keys != ref_keys:
         return (
-            f"head key set differs from the global head: missing {sorted(ref_keys - keys)}, "
-            f"unexpected {sorted(keys - ref_keys)}"
+            f"head key set differs from the global head: missing {sorted(ref_keys - keys, key=str)}, "
+            f"unexpected {sorted(keys - ref_keys, key=str)}"
         )
     for key in sorted(ref_keys):
-        t = head[key]
-        if not isinstance(t, torch.Tensor):
-            return f"head[{key!r}] is not a tensor ({type(t).__name__})"
-        if tuple(t.shape) != tuple(reference_head[key].shape):
-            return f"head[{key!r}] has shape {tuple(t.shape)}, expected {tuple(reference_head[key].shape)}"
-        if not torch.isfinite(t).all():
-            return f"head[{key!r}] contains NaN or Inf"
-    c = getattr(u, "centroids", None)
-    if not isinstance(c, torch.Tensor):
-        return f"centroids must be a tensor, got {type(c).__name__}"
-    if tuple(c.shape) != (num_clusters, dim):
-        return f"centroids have shape {tuple(c.shape)}, expected ({num_clusters}, {dim})"
-    if not torch.isfinite(c).all():
-        return "centroids contain NaN or Inf"
+        problem = _tensor_problem(head[key], f"head[{key!r}]", tuple(reference_head[key].shape))
+        if problem is not None:
+            return problem
     return None
 
 
-def _head_distance(head: Mapping[str, torch.Tensor], reference: Mapping[str, torch.Tensor]) -> float:
-    total = 0.0
-    for key in sorted(reference):
-        a = head[key].detach().to(device="cpu", dtype=torch.float64)
-        b = reference[key].detach().to(device="cpu", dtype=torch.float64)
-        total += float(((a - b) ** 2).sum())
-    return math.sqrt(total)
+def _centroid_problem(c: Any, num_clusters: int, dim: int, max_norm: float) -> str | None:
+    problem = _tensor_problem(c, "centroids", (num_clusters, dim), plural=True)
+    if problem is not None:
+        return problem
+    norms = torch.linalg.vector_norm(c.detach().to(device="cpu", dtype=torch.float64), dim=1)
+    short = int((norms < _MIN_CENTROID_ROW_NORM).sum())
+    if short == num_clusters:
+        return "centroids are all zero"
+    if short:
+        return f"{short} centroid row(s) are zero (norm < {_MIN_CENTROID_ROW_NORM:g}), without a direction"
+    longest = float(norms.max())
+    if not longest <= max_norm:
+        return f"a centroid row has norm {longest:.4g}, more than federation.max_centroid_norm={max_norm:g}"
+    return None
+
+
+def _flat64(state: Mapping[str, torch.Tensor], keys: Sequence[str]) -> torch.Tensor:
+    return torch.cat([state[k].detach().to(device="cpu", dtype=torch.float64).reshape(-1) for k in keys])
+
+
+def _screen_one(u: Any, site: str, reference: torch.Tensor, reference_head: Mapping[str, torch.Tensor],
+                num_clusters: int, dim: int, fed: FederationConfig,
+                declared_counts: Mapping[str, int] | None) -> tuple[str | None, float]:
+    """(why the update ``u`` of ``site`` must be rejected or None, its head's distance to the reference).
+
+    ``reference``: ``reference_head`` flattened to float64 in sorted key order."""
+    has_declared = declared_counts is not None
+    if has_declared and site not in declared_counts:
+        return "did not declare a sample count when the job started", math.nan
+    problem = (
+        _count_problem(getattr(u, "num_samples", None), declared_counts.get(site) if has_declared else None,
+                       has_declared, fed.max_samples)
+        or _head_problem(getattr(u, "head", None), reference_head)
+        or _centroid_problem(getattr(u, "centroids", None), num_clusters, dim, fed.max_centroid_norm)
+    )
+    if problem is not None:
+        return problem, math.nan
+    distance = float(torch.linalg.vector_norm(_flat64(u.head, sorted(reference_head)) - reference))
+    reference_norm = float(torch.linalg.vector_norm(reference))
+    if reference_norm > 0:  # an all-zero reference has no scale to be relative to
+        change = distance / reference_norm
+        if not change <= fed.max_relative_change:  # also catches a NaN / Inf distance
+            return (f"head moved {change:.4g} x the global head's norm from it, more than "
+                    f"federation.max_relative_change={fed.max_relative_change:g}"), distance
+    return None, distance
 
 
 def centroid_outliers(updates: Sequence[ClientUpdate], ratio_limit: float) -> list[tuple[str, str]]:
@@ -459,37 +506,49 @@ def screen_updates(
     norm_ratio_limit: float = 1e3,
     *,
     federation: FederationConfig | None = None,
+    declared_counts: Mapping[str, int] | None = None,
     reject_all_duplicates: bool = False,
 ) -> tuple[list[ClientUpdate], list[tuple[str, str]]]:
     """Split ``updates`` into (accepted, rejected); each rejection is ``(site, reason)`` and the reason names the site.
 
-    An update is rejected when its site name repeats an earlier update's (later duplicates are rejected),
-    ``num_samples`` is missing, not an integer or ``<= 0``, its head's key set differs from ``reference_head``
-    (missing / unexpected keys named), a head tensor's shape differs (key and both shapes named), a head or
-    centroid value is NaN/Inf, or its centroids are not ``(num_clusters, dim)``. Then, if at least 3 updates
-    remain, one whose head moved from ``reference_head`` by more than ``norm_ratio_limit`` times the median
-    distance (L2 norm of the whole parameter-vector difference) is rejected; skipped when that median is 0.
+    The one screening layer between what clients send and :func:`aggregate`. An update is rejected when
 
-    With ``federation`` in a robust mode (``federation.robust`` not ``"none"``), the updates that passed all of
-    the above then go through :func:`centroid_outliers` with ``federation.centroid_outlier_ratio``.
+    * its site name is not a non-empty string, or repeats an earlier update's (later duplicates are rejected; with
+      ``reject_all_duplicates=True`` every update of a repeated name is: the server cannot tell the genuine one,
+      and keeping the first to arrive would make the result depend on arrival order);
+    * ``num_samples`` is not a positive integer (bool, float, str, None, ``<= 0``), exceeds
+      ``federation.max_samples``, or, with ``declared_counts`` (site -> the sample count it declared when the job
+      started), exceeds what the site declared; a site missing from ``declared_counts`` is rejected;
+    * its head's key set differs from ``reference_head`` (missing / unexpected keys named), or a head tensor is
+      not a dense floating-point tensor (integer, bool, complex dtypes refused), has another shape than the
+      reference's, or holds NaN/Inf;
+    * its centroids are not a dense finite floating-point ``(num_clusters, dim)`` tensor, are all zero or have a
+      zero row (no direction to compare by cosine), or have a row norm above ``federation.max_centroid_norm``;
+    * its head moved from ``reference_head`` (the current global head) by more than
+      ``federation.max_relative_change`` times the reference's norm (L2 norms of the whole parameter vector; works
+      with any number of clients; skipped for an all-zero reference, which has no scale);
+    * at least 3 updates passed all of the above and its head moved more than ``norm_ratio_limit`` times their
+      median distance from the reference (skipped when that median is 0);
+    * ``federation.robust`` is not ``"none"`` and its centroids are an outlier (:func:`centroid_outliers` with
+      ``federation.centroid_outlier_ratio``).
 
-    ``reject_all_duplicates=True`` rejects EVERY update of a site name that occurs more than once (the server
-    cannot tell the genuine one, and keeping the first to arrive would make the result depend on arrival order);
-    the default keeps the first and rejects the later ones.
-
-    Pure: nothing is logged or raised; the caller logs the rejections and decides whether enough clients remain
-    (and raises :class:`AggregationError` if none does). Accepted updates keep their input order.
+    ``federation`` None uses the defaults of :class:`FederationConfig`. Any other error while looking at one
+    update rejects that update (reason named) instead of stopping the round. Pure: nothing is logged or raised;
+    the caller logs the rejections and decides whether enough clients remain (and raises
+    :class:`AggregationError` if none does). Accepted updates keep their input order and satisfy everything
+    :func:`aggregate` assumes.
     """
+    fed = federation if federation is not None else FederationConfig()
+    reference = _flat64(reference_head, sorted(reference_head))
     accepted: list[ClientUpdate] = []
+    distances: list[float] = []
     rejected: list[tuple[str, str]] = []
-    seen: set[Any] = set()
+    seen: set[str] = set()
     names = [getattr(u, "site", None) for u in updates]
     repeated = {n for n in names if isinstance(n, str) and names.count(n) > 1} if reject_all_duplicates else set()
-    for u in updates:
-        site = getattr(u, "site", None)
-        label = str(site)
+    for u, site in zip(updates, names):
         if not isinstance(site, str) or not site:
-            rejected.append((label, f"site {site!r}: site name must be a non-empty string"))
+            rejected.append((str(site), f"site {site!r}: site name must be a non-empty string"))
             continue
         if site in repeated:
             rejected.append((site, f"site {site!r}: duplicated site name ({names.count(site)} updates claim it; "
@@ -499,30 +558,34 @@ def screen_updates(
             rejected.append((site, f"site {site!r}: duplicated site name (an earlier update from it was received)"))
             continue
         seen.add(site)
-        reason = _screen_one(u, reference_head, num_clusters, dim)
+        try:
+            reason, distance = _screen_one(u, site, reference, reference_head, num_clusters, dim, fed,
+                                           declared_counts)
+        except Exception as err:  # a hostile object must cost its own update, never the round
+            reason, distance = f"update could not be screened ({type(err).__name__}: {err})", math.nan
         if reason is not None:
             rejected.append((site, f"site {site!r}: {reason}"))
         else:
             accepted.append(u)
+            distances.append(distance)
     if len(accepted) >= 3:
-        dists = [_head_distance(u.head, reference_head) for u in accepted]
-        median = float(np.median(dists))
+        median = float(np.median(distances))
         if median > 0:
             kept = []
-            for u, d in zip(accepted, dists):
+            for u, d in zip(accepted, distances):
                 if d > norm_ratio_limit * median:
                     rejected.append(
                         (
                             u.site,
                             f"site {u.site!r}: head moved {d:.4g} from the global head, more than "
-                            f"{norm_ratio_limit:g} x the median {median:.4g} over {len(dists)} clients",
+                            f"{norm_ratio_limit:g} x the median {median:.4g} over {len(distances)} clients",
                         )
                     )
                 else:
                     kept.append(u)
             accepted = kept
-    if federation is not None and getattr(federation, "robust", "none") != "none":
-        outliers = centroid_outliers(accepted, federation.centroid_outlier_ratio)
+    if fed.robust != "none":
+        outliers = centroid_outliers(accepted, fed.centroid_outlier_ratio)
         if outliers:
             out_sites = {site for site, _ in outliers}
             accepted = [u for u in accepted if u.site not in out_sites]

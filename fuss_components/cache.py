@@ -27,8 +27,6 @@ import hashlib
 import io
 import json
 import logging
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from functools import cached_property
@@ -43,6 +41,7 @@ from tqdm.auto import tqdm
 from .backbones import Backbone, backbone_identity, feature_dim, load_backbone, patch_size
 from .config import FussConfig
 from .datasets import DataError, SegmentationDataset
+from .files import atomic_write_bytes
 from .paths import cache_dir
 from .transforms import eval_view, five_crop_views
 
@@ -362,24 +361,10 @@ def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` through a temporary file in the same folder, then rename: readers never see half a file.
-
-    Any OSError (disk full, permission, the folder is not a folder) becomes a :class:`CacheError` naming ``path``;
-    the temporary file is removed, and ``path`` is left as it was (absent or the complete previous content).
-    """
-    tmp = None
+    """:func:`atomic_write_bytes`, with any OSError (disk full, permission, the folder is not a folder) as a
+    :class:`CacheError` naming ``path``; ``path`` is left as it was (absent or the complete previous content)."""
     try:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=path.suffix)
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-        os.replace(tmp, path)
+        atomic_write_bytes(path, data)
     except OSError as err:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
         what = "disk full" if err.errno == errno.ENOSPC else err.strerror or type(err).__name__
         raise CacheError(f"cannot write feature cache file {path}: {what} ({err})") from err
-    except BaseException:
-        if tmp is not None:
-            Path(tmp).unlink(missing_ok=True)
-        raise

@@ -249,7 +249,7 @@ class TrainConfig:
 
 
 AGGREGATORS = ("fedavg", "fedcc-kmeans", "fedcc-maximin")
-ROBUST_MODES = ("none", "median", "trimmed-mean")
+ROBUST_MODES = ("none", "median", "trimmed-mean", "clip")
 
 
 @dataclass
@@ -267,13 +267,32 @@ class FederationConfig:
     min_clients: int | None = None  # None = all training clients
     seed: int = 0
     # Robust aggregation (fuss_components.aggregation): "none" = FedAvg of the head (Eq. 8); "median" /
-    # "trimmed-mean" = unweighted coordinate-wise median / trimmed mean of the heads, and updates whose
-    # centroids lie more than centroid_outlier_ratio x the median distance from the clients' median centroids
-    # are rejected (needs >= 3 updates). trim_fraction: share of the clients cut at EACH end per coordinate
+    # "trimmed-mean" = unweighted coordinate-wise median / trimmed mean of the heads; "clip" = FedAvg after
+    # clipping each head's change from the global head to the round's median change. In every robust mode,
+    # updates whose centroids lie more than centroid_outlier_ratio x the median distance from the clients' median
+    # centroids are rejected (needs >= 3 updates). trim_fraction: share of the clients cut at EACH end per coordinate
     # (rounded up, at most (n - 1) // 2).
     robust: str = "none"
     trim_fraction: float = 0.2
     centroid_outlier_ratio: float = 3.0
+    # Screening of every update, in every mode (fuss_components.aggregation.screen_updates).
+    # max_samples: the largest num_samples an update may claim (it may also not exceed what the site declared when
+    # the job started). 10 million is ~85x COCO's whole train2017 (118k images), the largest set any preset splits,
+    # so no honest site comes near it; a larger count is corrupt or hostile. It also keeps every count far inside
+    # float64's exact integers (2**53).
+    max_samples: int = 10_000_000
+    # max_centroid_norm: the longest centroid row accepted, by the server and by a site's result filter. Centroids
+    # are compared by cosine and stay near unit norm (honest rows after a round: 0.85-1.94); the bound only has to
+    # refuse overflow-sized rows (3e38) while leaving room for a site's own privacy noise, which adds about
+    # sigma * C * sqrt(D) (840 for sigma * C = 100, D = 70).
+    max_centroid_norm: float = 1e4
+    # max_relative_change: the largest ||head - global head|| / ||global head|| accepted (works with any number of
+    # clients). A sign-flipped head is at >= 2.0 (measured 2.00-2.18) and a 100x scaled one at ~99. Honest heads
+    # measured per round: 0.01-0.10 on the tiny test federation (3-30 local steps, every objective); on CamVid
+    # 0.17-0.35 for stego at local_epochs=1 (64-191 steps), 0.76 at 800 steps, ppap 0.54 / 0.97 at 191 / 800.
+    # 1.5 sits between the two. Drift grows about with sqrt(steps): rounds of several thousand local steps (the
+    # largest COCO-Stuff clients at local_epochs=1) can exceed it; such runs raise it, and the rejection names it.
+    max_relative_change: float = 1.5
 
     def validate(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -294,6 +313,13 @@ class FederationConfig:
             raise ConfigError(f"federation.trim_fraction must be in [0, 0.5), got {self.trim_fraction!r}")
         if not self.centroid_outlier_ratio > 1.0:
             raise ConfigError(f"federation.centroid_outlier_ratio must be > 1, got {self.centroid_outlier_ratio!r}")
+        # float64 holds every integer up to 2**53 exactly: beyond it counts could no longer be told apart
+        if not 1 <= self.max_samples <= 2**53:
+            raise ConfigError(f"federation.max_samples must be in [1, 2**53], got {self.max_samples!r}")
+        if not self.max_centroid_norm > 0:
+            raise ConfigError(f"federation.max_centroid_norm must be > 0, got {self.max_centroid_norm!r}")
+        if not self.max_relative_change > 0:
+            raise ConfigError(f"federation.max_relative_change must be > 0, got {self.max_relative_change!r}")
 
 
 @dataclass
@@ -306,7 +332,7 @@ class FussConfig:
     # Which images each site holds: a preset name ("camvid", "polyp", "cityscapes", "cocostuff27", or any
     # folder dataset split by its `site` field: "site") or the path of a partition manifest JSON.
     partition: str = "camvid"
-    cache_dir: str | None = None  # None: $FUSS_CACHE_DIR, else ./fuss_cache
+    cache_dir: str | None = None  # None: $FUSS_CACHE_DIR, else ~/.cache/fuss (fuss_components.paths.cache_dir)
 
     def validate(self) -> "FussConfig":
         for section in (self.backbone, self.data, self.loss, self.train, self.federation):
@@ -370,8 +396,9 @@ class FussConfig:
         return cls.from_dict(data)
 
     def save(self, path: str | Path) -> None:
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        Path(path).write_text(json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
+        from .files import atomic_write_text
+
+        atomic_write_text(path, json.dumps(self.to_dict(), indent=2, sort_keys=True) + "\n")
 
     def with_overrides(self, overrides: dict[str, Any]) -> "FussConfig":
         """Return a copy with dotted-key overrides applied, e.g. {"train.lr_head": 1e-4}."""
@@ -387,6 +414,24 @@ class FussConfig:
                 raise ConfigError(f"unknown config key {dotted!r}")
             node[leaf] = value
         return FussConfig.from_dict(data)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """One ``--set KEY=VALUE`` item -> ``(dotted key, value)``. The value is read as JSON when it is JSON
+    (``3``, ``true``, ``null``, ``[1, 2]``), else kept as a string, so bare strings need no quotes
+    (``data.dataset=polyp``). ConfigError when there is no ``=``."""
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise ConfigError(f"--set expects KEY=VALUE, got {text!r}")
+    try:
+        return key, json.loads(value)
+    except json.JSONDecodeError:
+        return key, value
+
+
+def parse_overrides(items: typing.Iterable[str] | None) -> dict[str, Any]:
+    """``--set`` items (repeatable; a later key wins) -> ``{dotted key: value}`` for ``FussConfig.with_overrides``."""
+    return dict(parse_override(item) for item in items or ())
 
 
 def _build(cls: type, data: Any, prefix: str) -> Any:

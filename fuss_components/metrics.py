@@ -18,12 +18,13 @@ never predicted (or predicted but absent) has IoU 0 and counts in the mean.
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
 
-__all__ = ["ConfusionMatrix", "hungarian_match"]
+__all__ = ["ConfusionMatrix", "hungarian_match", "image_weighted_mean"]
 
 
 def hungarian_match(confusion: np.ndarray) -> np.ndarray:
@@ -50,6 +51,18 @@ def hungarian_match(confusion: np.ndarray) -> np.ndarray:
     rows, cols = linear_sum_assignment(m.astype(np.float64), maximize=True)
     assignment[rows] = cols
     return assignment
+
+
+def image_weighted_mean(per_site: Mapping[str, Mapping[str, Any]],
+                        keys: Iterable[str] = ("miou", "pixel_acc")) -> dict[str, float]:
+    """The mean of each of ``keys`` over sites, each site weighted by its ``num_images``: the figure of one
+    evaluation over all validation sites' images (a site with few images counts for little).
+
+    ValueError when there is no site or no image."""
+    total = sum(m["num_images"] for m in per_site.values())
+    if total <= 0:
+        raise ValueError("image-weighted mean over no validation image")
+    return {key: sum(float(m[key]) * m["num_images"] for m in per_site.values()) / total for key in keys}
 
 
 def _to_numpy(x: Any, name: str) -> np.ndarray:

@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +25,7 @@ import numpy as np
 from tqdm import tqdm
 
 from .datasets import DataError, SegmentationDataset
+from .files import atomic_write_json
 
 __all__ = [
     "Partition",
@@ -36,6 +35,7 @@ __all__ = [
     "partition_iid",
     "preset_partition",
     "PRESETS",
+    "PartitionPreset",
     "STRATEGIES",
 ]
 
@@ -107,18 +107,7 @@ class Partition:
     # ------------------------------------------------------------------ I/O
     def save(self, path: str | Path) -> Path:
         """Write the JSON manifest atomically (temporary file + rename); returns the path."""
-        path = Path(path)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        text = json.dumps(self.to_dict(), indent=1)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-        try:
-            with os.fdopen(fd, "w") as f:
-                f.write(text + "\n")
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        return atomic_write_json(path, self.to_dict(), indent=1)
 
     @classmethod
     def load(cls, path: str | Path) -> Partition:
@@ -386,28 +375,32 @@ def _require_sites(ds: SegmentationDataset, sites: Iterable[str], preset: str) -
             raise DataError(f"preset {preset!r}: site {s!r} not in dataset {ds.name!r} (sites: {sorted(known)})")
 
 
-def _fixed_clients(preset: str, num_clients: int | None, n: int) -> None:
-    if num_clients is not None and num_clients != n:
+def _fixed_clients(preset: str, num_clients: int, n: int) -> None:
+    if num_clients != n:
         raise DataError(f"preset {preset!r} has {n} clients (one per site), not {num_clients}")
 
 
-def _preset_camvid(ds: SegmentationDataset, seed: int, num_clients: int | None) -> Partition:
-    train, held_out = ["0001TP", "0006R0", "0016E5"], "Seq05VD"
+CAMVID_TRAINING_SITES, CAMVID_HELD_OUT = ("0001TP", "0006R0", "0016E5"), "Seq05VD"
+POLYP_SITES = ("kvasir", "cvc_clinicdb")
+
+
+def _preset_camvid(ds: SegmentationDataset, seed: int, num_clients: int) -> Partition:
+    train, held_out = list(CAMVID_TRAINING_SITES), CAMVID_HELD_OUT
     _fixed_clients("camvid", num_clients, len(train))
     _require_sites(ds, train + [held_out], "camvid")
     return partition_by_site(ds, train, [held_out], seed=seed, meta={"preset": "camvid"})
 
 
-def _preset_polyp(ds: SegmentationDataset, seed: int, num_clients: int | None) -> Partition:
-    sites = ["kvasir", "cvc_clinicdb"]
+def _preset_polyp(ds: SegmentationDataset, seed: int, num_clients: int) -> Partition:
+    sites = list(POLYP_SITES)
     _fixed_clients("polyp", num_clients, len(sites))
     _require_sites(ds, sites, "polyp")
     return partition_by_site(ds, sites, sites, splits=["train"], validation_splits=["test"], seed=seed,
                              meta={"preset": "polyp"})
 
 
-def _preset_cityscapes(ds: SegmentationDataset, seed: int, num_clients: int | None) -> Partition:
-    k = 3 if num_clients is None else int(num_clients)
+def _preset_cityscapes(ds: SegmentationDataset, seed: int, num_clients: int) -> Partition:
+    k = int(num_clients)
     cities = sorted({s.site for s in ds.samples(split="train")})
     if not cities:
         raise DataError(f"preset 'cityscapes': dataset {ds.name!r} has no images in split 'train'")
@@ -426,27 +419,53 @@ def _preset_cityscapes(ds: SegmentationDataset, seed: int, num_clients: int | No
     return part
 
 
-def _preset_cocostuff27(ds: SegmentationDataset, seed: int, num_clients: int | None) -> Partition:
-    k = 18 if num_clients is None else int(num_clients)
+def _preset_cocostuff27(ds: SegmentationDataset, seed: int, num_clients: int) -> Partition:
     train_ids, val_ids = ds.ids(split="train2017"), ds.ids(split="val2017")
     if not train_ids or not val_ids:
         raise DataError(f"preset 'cocostuff27': dataset {ds.name!r} needs images in splits train2017 and val2017")
-    part = partition_dirichlet(ds, train_ids, k, 0.5, seed, validation={"val": val_ids})
+    part = partition_dirichlet(ds, train_ids, int(num_clients), 0.5, seed, validation={"val": val_ids})
     part.meta["preset"] = "cocostuff27"
     return part
 
 
+@dataclass(frozen=True)
+class PartitionPreset:
+    """A paper-like partition of a known dataset, with what a job needs to know of it without reading the data."""
+
+    dataset: str  # the dataset it partitions (config ``data.dataset``)
+    num_clusters: int  # |C|: the dataset's number of classes, explicit so that a server never needs the data
+    clients: int  # training sites when no count is asked for
+    validation_only: int  # validation sites that are not training sites (simulator -n = training sites + this)
+    description: str
+    build: Callable[[SegmentationDataset, int, int], Partition]  # (dataset, seed, number of clients)
+    client_choices: tuple[int, ...] = ()  # the client counts jobs offer (the paper's); empty: only ``clients``
+
+    def num_sites(self, clients: int | None = None) -> int:
+        """Training plus validation-only sites (the simulator's ``-n``) with ``clients`` training sites."""
+        return (self.clients if clients is None else clients) + self.validation_only
+
+
+# The one table of dataset / partition presets: the partition code, the jobs and the benchmarks read it.
 PRESETS = {
-    "camvid": _preset_camvid,
-    "polyp": _preset_polyp,
-    "cityscapes": _preset_cityscapes,
-    "cocostuff27": _preset_cocostuff27,
+    "camvid": PartitionPreset(
+        "camvid", 11, 3, 1, "CamVid by sequence: clients 0001TP, 0006R0, 0016E5; Seq05VD held out for validation",
+        _preset_camvid),
+    "polyp": PartitionPreset(
+        "polyp", 2, 2, 0, "kvasir and cvc_clinicdb hospitals; each validates on its PraNet test list",
+        _preset_polyp),
+    "cityscapes": PartitionPreset(
+        "cityscapes", 27, 3, 1,
+        "Cityscapes by city (18 training cities in 3, 6 or 18 clients); the 3 val cities validate",
+        _preset_cityscapes, (3, 6, 18)),
+    "cocostuff27": PartitionPreset(
+        "cocostuff27", 27, 18, 1, "COCO-Stuff-27, Dirichlet(0.5) over 18 clients; val2017 (curated) validates",
+        _preset_cocostuff27, tuple(range(1, 101))),
 }
 
 
 def preset_partition(name: str, ds: SegmentationDataset, seed: int = 0,
                      num_clients: int | None = None) -> Partition:
-    """The paper-like partition of a known dataset.
+    """The paper-like partition of a known dataset (:data:`PRESETS`).
 
     * ``camvid``: clients 0001TP, 0006R0, 0016E5 (all their images); validation ``{"Seq05VD": all its images}``.
     * ``polyp``: clients kvasir and cvc_clinicdb with their ``train`` images; validation the same two sites with
@@ -457,10 +476,22 @@ def preset_partition(name: str, ds: SegmentationDataset, seed: int = 0,
     * ``cocostuff27``: Dirichlet(alpha=0.5) split of the train2017 (curated) images into ``num_clients``
       (default 18) clients "client1"..; validation ``{"val": the val2017 (curated) images}``.
 
-    Raises ``DataError`` for an unknown preset, a missing site, or an impossible number of clients.
+    ``num_clients`` None: the preset's ``clients``. Raises ``DataError`` for an unknown preset, a missing site,
+    or an impossible number of clients.
     """
     try:
-        fn = PRESETS[name]
+        preset = PRESETS[name]
     except KeyError:
         raise DataError(f"unknown partition preset {name!r}; known: {sorted(PRESETS)}") from None
-    return fn(ds, int(seed), num_clients)
+    return preset.build(ds, int(seed), preset.clients if num_clients is None else int(num_clients))
+
+
+def preset_site_names(name: str, num_clients: int | None = None) -> tuple[list[str], list[str]]:
+    """(training sites, validation-only sites) of a preset's partition, known without reading the data."""
+    preset = PRESETS[name]
+    k = preset.clients if num_clients is None else int(num_clients)
+    if name == "camvid":
+        return list(CAMVID_TRAINING_SITES), [CAMVID_HELD_OUT]
+    if name == "polyp":
+        return list(POLYP_SITES), []
+    return _client_names(k), ["val"]

@@ -45,7 +45,11 @@ def backbone_weights(configured: str | None = None) -> str:
 
 
 def cache_dir(configured: str | None = None) -> Path:
-    """Feature-cache folder of this site: config value, else $FUSS_CACHE_DIR, else ./fuss_cache."""
+    """Feature-cache folder of this site: config value, else $FUSS_CACHE_DIR, else the user's cache folder
+    (``$XDG_CACHE_HOME/fuss``, default ``~/.cache/fuss``). Not the working folder: FLARE runs a site's job in a
+    workspace it deletes at the next run, which would throw the extracted features away."""
     if configured:
         return Path(configured).expanduser()
-    return Path(os.environ.get(CACHE_ENV, "fuss_cache")).expanduser()
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "fuss"

@@ -3,7 +3,6 @@ and aggregation functions as the FLARE jobs (so the two can be compared number f
 
 from __future__ import annotations
 
-import json
 import logging
 import statistics
 import time
@@ -18,7 +17,9 @@ from .aggregation import AggregationError, ClientUpdate, aggregate, screen_updat
 from .cache import FeatureCache
 from .config import FussConfig
 from .evaluate import evaluate_model
+from .files import atomic_torch_save, atomic_write_json
 from .head import join_state, split_state
+from .metrics import image_weighted_mean
 from .partition import Partition
 from .site import Site, init_global_state, open_site_dataset, resolve_partition
 from .trainer import stable_seed
@@ -31,10 +32,7 @@ KMEANS_FILE = "kmeans_centroids.pt"
 
 def save_model(path: str | Path, state: dict[str, torch.Tensor], cfg: FussConfig, **extra) -> Path:
     """Checkpoint ``{"model": state, "config": cfg, ...}``; the same ``model`` key as FLARE's persistor."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": state, "config": cfg.to_dict(), **extra}, path)
-    return path
+    return atomic_torch_save({"model": state, "config": cfg.to_dict(), **extra}, path)
 
 
 def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
@@ -46,8 +44,7 @@ def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
 
 
 def _write_json(path: Path, data: dict) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2, default=float) + "\n")
+    atomic_write_json(path, data, default=float)
 
 
 class _Run:
@@ -70,9 +67,8 @@ class _Run:
 
 
 def _summary(per_site: dict[str, dict]) -> dict[str, float]:
-    """Image-weighted mean of validation metrics over validation sites."""
-    total = sum(m["num_images"] for m in per_site.values())
-    return {key: sum(m[key] * m["num_images"] for m in per_site.values()) / total for key in ("miou", "pixel_acc")}
+    """mIoU and pixel accuracy over all validation sites' images."""
+    return image_weighted_mean(per_site, ("miou", "pixel_acc"))
 
 
 def run_federated(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progress: bool = True) -> dict:
@@ -195,8 +191,7 @@ def run_raw_kmeans(cfg: FussConfig, out_dir: str | Path, crf: bool = False, max_
     started = time.perf_counter()
     kmeans = KMeans(run.num_clusters, n_init=3, random_state=cfg.federation.seed).fit(vectors.numpy())
     model = RawKMeans(torch.from_numpy(kmeans.cluster_centers_).float())
-    out_dir.mkdir(parents=True, exist_ok=True)
-    torch.save(model.centroids, out_dir / KMEANS_FILE)  # normalised centres: RawKMeans(torch.load(...))
+    atomic_torch_save(model.centroids, out_dir / KMEANS_FILE)  # normalised centres: RawKMeans(torch.load(...))
     final = {s.name: (s.cache.ensure(run.dataset, s.validation_ids, ["eval"], device=s.device, desc=s.name),
                       evaluate_model(model, run.dataset, s.validation_ids, s.cache, run.num_clusters, crf=crf,
                                      overlay_dir=out_dir / "overlays" / s.name, num_overlays=4))[1]

@@ -1,6 +1,6 @@
 """One federation site, independent of transport: its images, its feature cache, its local trainer.
 
-The FLARE client script and the in-process runners both drive sites through this class.
+The FLARE executor (``fuss_flare.executor``) and the in-process runners both drive sites through this class.
 
 Resume. The only state a site carries from one round to the next is the trainer's ``previous_state`` (MOON's
 negative; the kept head / centroids when switch E or C is off); the optimisers are re-created every round (the
@@ -16,7 +16,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from .cache import CacheError, FeatureCache
 from .config import FussConfig
 from .datasets import DataError, SegmentationDataset, open_dataset
 from .evaluate import evaluate_model
+from .files import atomic_torch_save
 from .head import FussModel
 from .partition import Partition, partition_by_site, preset_partition
 from .paths import data_root
@@ -68,11 +68,27 @@ def site_order(partition: Partition) -> list[str]:
     return train + [s for s in partition.validation if s not in partition.clients]
 
 
+def flare_client_name(site: str) -> str:
+    """The FLARE client name of a partition site: the site's own name, unless FLARE would read it as a number or
+    a boolean (a client's name travels as ``uid=<name>`` on a start command line, and e.g. CamVid's ``0016E5``
+    becomes the float 1.6e6 there): then ``site-<name>``."""
+    try:
+        float(site)
+        numeric = True
+    except ValueError:
+        numeric = site.lower() in ("true", "false", "none", "null")
+    return f"site-{site}" if numeric else site
+
+
 def resolve_site_name(name: str, partition: Partition) -> str:
-    """A partition site name as is; a simulator name ``site-N`` -> the N-th site of :func:`site_order`."""
+    """A partition site name, or its :func:`flare_client_name`, as the site; a simulator name ``site-N`` -> the
+    N-th site of :func:`site_order`."""
     order = site_order(partition)
     if name in order:
         return name
+    for site in order:
+        if flare_client_name(site) == name:
+            return site
     match = SIMULATOR_NAME.match(name)
     if match and 1 <= int(match.group(1)) <= len(order):
         return order[int(match.group(1)) - 1]
@@ -217,16 +233,12 @@ class Site:
     def _save_state(self, round_idx: int, state: dict[str, torch.Tensor]) -> None:
         folder = self.state_dir()
         path = self._state_file(round_idx)
-        tmp = path.with_name(f".tmp-{path.name}")
         try:
-            folder.mkdir(parents=True, exist_ok=True)
-            torch.save({"round": round_idx, "site": self.name, "state": state}, tmp)
-            os.replace(tmp, path)
+            atomic_torch_save({"round": round_idx, "site": self.name, "state": state}, path)
             for old in folder.glob("round_*.pt"):  # keep this round and the one before
                 if old.name < self._state_file(round_idx - 1).name:
                     old.unlink(missing_ok=True)
         except OSError as err:
-            tmp.unlink(missing_ok=True)
             raise CacheError(f"site {self.name!r}: cannot write its local state {path}: {err}") from err
 
     def validate(self, global_state: dict[str, torch.Tensor], crf: bool = False, overlay_dir: str | Path | None = None,

@@ -114,7 +114,7 @@ def free_ports(count: int) -> list[int]:
 class SiteData:
     """What one site holds: its data folder, its partition entry and its FUSS site configuration."""
 
-    name: str  # the FLARE client name (see flare_name)
+    name: str  # the FLARE client name (see fuss_components.site.flare_client_name)
     folder: Path
     data_root: Path
     partition_file: Path
@@ -157,27 +157,16 @@ def build_partition(dataset: str, data_root: Path, spec: str = "", images_per_si
                      meta={**part.meta, "poc": {"images_per_site": images_per_site, "val_images": val_images}})
 
 
-def flare_name(site: str) -> str:
-    """The FLARE client name of a partition site: the site's own name, unless FLARE would read it as a number or
-    a boolean (a client's name travels as ``uid=<name>`` on its start command line, and e.g. CamVid's ``0016E5``
-    becomes the float 1.6e6 there): then ``site-<name>``."""
-    try:
-        float(site)
-        numeric = True
-    except ValueError:
-        numeric = site.lower() in ("true", "false", "none", "null")
-    return f"site-{site}" if numeric else site
-
-
 def make_site_data(partition, site: str, dataset_dir: Path, folder: Path, cache_dir: Path | None = None,
                    overrides: dict | None = None, name: str | None = None) -> SiteData:
     """Write ``folder``: ``data/<dataset>/`` with this site's images only (symbolic links into ``dataset_dir``,
     a folder-layout dataset with ``meta.json``), ``partition.json`` (this site's entries only, under its FLARE
-    client name ``name``, default :func:`flare_name`) and ``fuss_site.json`` (the site's FUSS overrides, read
+    client name ``name``, default ``flare_client_name``) and ``fuss_site.json`` (the site's FUSS overrides, read
     through ``$FUSS_SITE_CONFIG``)."""
     from fuss_components.partition import Partition
+    from fuss_components.site import flare_client_name
 
-    name = name or flare_name(site)
+    name = name or flare_client_name(site)
     folder = Path(folder).resolve()
     dataset_dir = Path(dataset_dir).resolve()
     meta_file = dataset_dir / "meta.json"
@@ -316,9 +305,11 @@ def project_with_ports(project: dict, fl_port: int, admin_port: int, sites: list
         if p["type"] == "server":
             p["fed_learn_port"], p["admin_port"] = fl_port, admin_port
     if sites is not None:
-        template = next((p for p in parts if p["type"] == "client"), {"type": "client", "org": "fuss"})
+        template = next((p for p in parts if p["type"] == "client"), {"type": "client"})
+        known = {p["name"]: p for p in parts if p["type"] == "client"}
         others = [p for p in parts if p["type"] != "client"]
-        clients = [dict(template, name=s) for s in sites]
+        # every site is its own organisation (an org_admin operates only its own org's sites)
+        clients = [known.get(s) or dict(template, name=s, org=s.replace("-", "_")) for s in sites]
         server_idx = next(i for i, p in enumerate(others) if p["type"] == "server")
         project["participants"] = others[:server_idx + 1] + clients + others[server_idx + 1:]
     return project
@@ -331,7 +322,7 @@ class Federation:
                  admin: str | None = None, heartbeat_timeout: float = 60.0, env: dict | None = None):
         """Args:
             root: the run's folder (kits, logs, HOME of the FLARE tools); created.
-            sites: FLARE client names (the partition's site names, see :func:`flare_name`).
+            sites: FLARE client names (the partition's site names, see ``fuss_components.site.flare_client_name``).
             mode: ``poc`` (``nvflare poc prepare -i``) or ``prod`` (``nvflare provision -p``).
             project: the project.yml as a dict (prod: e.g. ``poc/project.yml``); ports are replaced by free ones.
             admin: the admin user whose kit drives the federation (default: the project's project_admin).
@@ -420,6 +411,13 @@ class Federation:
 
         update_storage_locations(local_dir=str(self.kits[self.server_name] / "local"),
                                  workspace=str(self.root / "server_storage"))
+        # what every participant of a FUSS federation configures (fuss_flare.site_policy): the classes FUSS jobs
+        # may name; on the sites also no custom code (BYOC) for any role and no log streaming to the server
+        from fuss_flare import site_policy
+
+        site_policy.install(self.kits[self.server_name])
+        for site in self.sites:
+            site_policy.install(self.kits[site], byoc=False)
 
     def point_kits_at_localhost(self) -> None:
         """Loopback only: the server binds ``localhost:<port>`` (FLARE binds 127.0.0.1 for a loopback target and
@@ -777,6 +775,7 @@ def run(args: argparse.Namespace, after_job: Callable | None = None) -> dict:
     workdir.mkdir(parents=True, exist_ok=True)
     out_root = Path(args.out).resolve()
     summary: dict = {"status": "NOT STARTED", "workdir": str(workdir), "mode": args.mode}
+    result_dir: Path | None = None
     fed: Federation | None = None
     old_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
     for sig in old_handlers:
@@ -787,11 +786,12 @@ def run(args: argparse.Namespace, after_job: Callable | None = None) -> dict:
         part = build_partition(args.dataset, root, args.partition, args.images_per_site or None,
                                args.val_images or None, args.num_sites)
         part_file = part.save(workdir / "partition.json")
-        from fuss_components.site import site_order
+        from fuss_components.site import flare_client_name, site_order
 
         cache = args.cache_dir or os.environ.get("FUSS_CACHE_DIR")
-        site_data = {flare_name(s): make_site_data(part, s, root / args.dataset, workdir / "sites" / flare_name(s),
-                                                   Path(cache).resolve() if cache else None)
+        site_data = {flare_client_name(s): make_site_data(part, s, root / args.dataset,
+                                                          workdir / "sites" / flare_client_name(s),
+                                                          Path(cache).resolve() if cache else None)
                      for s in site_order(part)}
         sites = list(site_data)
         log(f"sites {sites}: " + ", ".join(f"{s} {len(d.train_ids)} train / {len(d.validation_ids)} val"
@@ -855,8 +855,6 @@ def run(args: argparse.Namespace, after_job: Callable | None = None) -> dict:
         summary["audit_filter_lines"] = len(audit_lines(result_dir, "applied filter:"))
         if after_job:
             after_job(fed, job_id, result_dir)
-        result_dir.mkdir(parents=True, exist_ok=True)
-        (result_dir / "poc_summary.json").write_text(json.dumps(summary, indent=2, default=str))
         log(f"results in {result_dir}")
     except KeyboardInterrupt as err:
         summary["status"] = f"INTERRUPTED ({err or 'Ctrl-C'})"
@@ -881,6 +879,10 @@ def run(args: argparse.Namespace, after_job: Callable | None = None) -> dict:
             for sig, handler in old_handlers.items():
                 signal.signal(sig, handler)
     summary["seconds"] = round(time.perf_counter() - started, 1)
+    if result_dir is not None:  # written after the stop, so that it says what the stop left behind
+        from fuss_components.files import atomic_write_json
+
+        atomic_write_json(result_dir / "poc_summary.json", summary, default=str)
     return summary
 
 

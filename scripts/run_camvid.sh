@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # Set up (if needed) and run the main job: the camvid federation in the NVIDIA FLARE simulator.
-# 3 training sites (0001TP, 0006R0, 0016E5) + the held-out validation site Seq05VD = 4 simulated clients.
-# Extra arguments go to `nvflare simulator` (e.g. -t 2 to use fewer threads).
+# The job's deploy_map names its four sites (0001TP, 0006R0, site-0016E5 train; Seq05VD validates), so no -n;
+# -t 4 runs them side by side (each site then uses cores / 4 threads). Run from the repository root: the
+# simulator's default workspace ./simulator_workspace holds FUSS's class allow list in local/.
+# Extra arguments go to `nvflare simulator`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh
 export FUSS_SHARED="${FUSS_SHARED:-$(cd .. && pwd)/shared}"
-export FUSS_CACHE_DIR="${FUSS_CACHE_DIR:-$PWD/fuss_cache}"
-WORKSPACE="${WORKSPACE:-$PWD/workspaces/fuss_camvid}"
-echo "data/weights: $FUSS_SHARED  feature cache: $FUSS_CACHE_DIR  workspace: $WORKSPACE"
-.venv/bin/nvflare simulator jobs/fuss_camvid -w "$WORKSPACE" -n 4 -t 4 "$@"
-echo "done: global model, metrics.json and TensorBoard events under $WORKSPACE/server/simulate_job/"
-echo "      tensorboard --logdir $WORKSPACE/server/simulate_job/tb_events"
+echo "data/weights: $FUSS_SHARED  feature cache: ${FUSS_CACHE_DIR:-~/.cache/fuss}  workspace: $PWD/simulator_workspace"
+.venv/bin/nvflare simulator jobs/fuss_camvid -t 4 "$@"
+echo "done: global model, metrics.json and TensorBoard events under $PWD/simulator_workspace/server/simulate_job/"
+echo "      .venv/bin/tensorboard --logdir $PWD/simulator_workspace/server/simulate_job/tb_events"

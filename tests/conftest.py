@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny synthetic dataset in the standard folder layout, a tiny-backbone config, and the
-location of the real shared assets (tests marked `realdata` skip with a reason when they are absent)."""
+"""Shared fixtures: a tiny synthetic dataset in the standard folder layout, a tiny-backbone config, the
+location of the real shared assets (tests marked `realdata` skip with a reason when they are absent), and helpers
+several test modules use (model-state equality, a two-colour image for the CRF and overlay tests)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from fuss_components.config import FussConfig
@@ -72,6 +74,25 @@ def tiny_config(data_root: Path, cache_dir: Path, **overrides) -> FussConfig:
 @pytest.fixture
 def tiny_cfg(tiny_data_root, tmp_path) -> FussConfig:
     return tiny_config(tiny_data_root, tmp_path / "cache")
+
+
+def equal_states(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    """Same keys and bit-identical tensors."""
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def two_halves(h: int = 32, w: int = 48, seed: int = 0):
+    """A red | blue image with slight pixel noise, its true halves, and noisy 2-class logits."""
+    rng = np.random.default_rng(seed)
+    image = np.zeros((h, w, 3), dtype=np.int64)
+    image[:, : w // 2] = (200, 40, 40)
+    image[:, w // 2 :] = (40, 40, 200)
+    image = np.clip(image + rng.integers(-5, 6, size=image.shape), 0, 255).astype(np.uint8)
+    truth = np.zeros((h, w), dtype=np.int64)
+    truth[:, w // 2 :] = 1
+    onehot = np.stack([truth == 0, truth == 1]).astype(np.float32)
+    logits = onehot + rng.normal(0.0, 0.8, size=onehot.shape).astype(np.float32)
+    return image, truth, logits
 
 
 def shared_dir() -> Path | None:

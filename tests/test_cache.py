@@ -1,10 +1,13 @@
-"""Feature cache: files and shapes, no re-extraction, cache keys, resumable extraction, damage, kNN."""
+"""Feature cache: files and shapes, no re-extraction, cache keys, resumable extraction, damage, checksums, write
+failures (full disk, unwritable folder), kNN."""
 
 from __future__ import annotations
 
+import errno
+import json
+import logging
 import math
 import os
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -323,6 +326,195 @@ def test_expected_shape_follows_backbone_and_config(tiny_cfg, tiny_data_root, tm
     assert "expected (D', h, w)" in unknown.shape_problem("eval", (1, 7, 9, 9))
     with pytest.raises(ValueError, match="kind"):
         cache.expected_shape("test")
+
+
+# ---------------------------------------------------------------------------- checksums and write failures
+
+
+def _leftovers(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.iterdir() if p.name.startswith(".tmp"))
+
+
+def test_every_cache_file_has_a_checksum_sidecar(tiny_cfg, ds):
+    cache = FeatureCache(tiny_cfg, "tiny")
+    ids = ds.ids(site="s1")[:3]
+    cache.ensure(ds, ids, ["train"], progress=False)
+    for i in ids:
+        path = cache.path("train", i)
+        side = json.loads(cache.checksum_path(path).read_text())
+        import hashlib
+
+        assert side == {"sha256": hashlib.sha256(path.read_bytes()).hexdigest(), "size": path.stat().st_size}
+
+
+def test_corrupted_cache_file_of_the_right_size_is_detected_and_rebuilt(tiny_cfg, ds, caplog):
+    """A flipped byte in the data (same size, valid header: np.load would accept it) is caught by the sha256."""
+    cache = FeatureCache(tiny_cfg, "tiny")
+    ids = ds.ids(site="s1")[:3]
+    cache.ensure(ds, ids, ["train"], progress=False)
+    path = cache.path("train", ids[1])
+    good = path.read_bytes()
+    blob = bytearray(good)
+    blob[-7] ^= 0xFF
+    path.write_bytes(bytes(blob))
+    np.load(path)  # still a well-formed .npy: the old structural check alone would have trusted it
+    with caplog.at_level(logging.WARNING):
+        assert cache.missing("train", ids) == [ids[1]]
+    assert str(path) in caplog.text and "sha256" in caplog.text
+    with pytest.raises(CacheError, match="sha256"):
+        cache.load_train(ids, knn=2)
+    assert cache.ensure(ds, ids, ["train"], progress=False) == {"train": 1}
+    assert path.read_bytes() == good
+    assert cache.load_train(ids, knn=2).num_images == 3
+
+
+@pytest.mark.parametrize("damage", ["truncated", "sidecar_garbage", "sidecar_of_other_content"])
+def test_other_damage_is_detected_and_rebuilt(tiny_cfg, ds, damage):
+    cache = FeatureCache(tiny_cfg, "tiny")
+    ids = ds.ids(site="s1")[:2]
+    cache.ensure(ds, ids, ["train"], progress=False)
+    path = cache.path("train", ids[0])
+    good = path.read_bytes()
+    if damage == "truncated":
+        path.write_bytes(good[: len(good) - 100])
+    elif damage == "sidecar_garbage":
+        cache.checksum_path(path).write_text("{not json")
+    else:
+        cache.checksum_path(path).write_text(cache.checksum_path(cache.path("train", ids[1])).read_text())
+    assert not cache.is_valid("train", ids[0])
+    with pytest.raises(CacheError, match=str(path)):
+        cache.load_train(ids, knn=2)
+    assert cache.ensure(ds, ids, ["train"], progress=False) == {"train": 1}
+    assert path.read_bytes() == good and cache.is_valid("train", ids[0])
+
+
+def test_cache_file_without_sidecar_is_rebuilt_never_adopted(tiny_cfg, ds):
+    """No sidecar (deleted, or a cache from before sidecars): intact or not, the file is re-extracted, never
+    adopted, so a deleted sidecar cannot launder corrupted bytes (the corrupted case:
+    test_file_without_sidecar_is_never_adopted_but_rebuilt)."""
+    cache = FeatureCache(tiny_cfg, "tiny")
+    ids = ds.ids(site="s1")[:2]
+    cache.ensure(ds, ids, ["train"], progress=False)
+    good = [cache.path("train", i).read_bytes() for i in ids]
+    for i in ids:
+        cache.checksum_path(cache.path("train", i)).unlink()
+    cache.path("train", ids[1]).write_bytes(good[1][:-50])  # and truncate one
+    assert cache.missing("train", ids) == ids
+    assert not any(cache.checksum_path(cache.path("train", i)).exists() for i in ids)  # nothing adopted
+    with pytest.raises(CacheError, match="no checksum file"):
+        cache.load_train(ids, knn=2)
+    assert cache.ensure(ds, ids, ["train"], progress=False) == {"train": 2}
+    assert [cache.path("train", i).read_bytes() for i in ids] == good
+    assert all(cache.is_valid("train", i) for i in ids)
+
+
+def _disk_full_after(monkeypatch, victim: str, half: bool):
+    """Make the write of the file whose name contains `victim` fail like a full disk: half of the bytes land in
+    the temporary file, then ENOSPC (half=True); or the final rename fails (half=False)."""
+    real_fdopen, real_replace = os.fdopen, os.replace
+    state = {"tmp": None}
+
+    class HalfWriter:
+        def __init__(self, handle):
+            self.handle = handle
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.handle.close()
+            return False
+
+        def write(self, data):
+            self.handle.write(data[: len(data) // 2])
+            self.handle.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        def flush(self):
+            self.handle.flush()
+
+    def fdopen(fd, *args, **kwargs):
+        handle = real_fdopen(fd, *args, **kwargs)
+        if half and state["target"] is not None:
+            return HalfWriter(handle)
+        return handle
+
+    def replace(src, dst):
+        if victim in Path(dst).name and Path(dst).suffix == ".npy":
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_replace(src, dst)
+
+    real_atomic = cache_mod._atomic_write
+
+    def atomic(path, data):
+        state["target"] = path if (victim in path.name and path.suffix == ".npy") else None
+        try:
+            return real_atomic(path, data)
+        finally:
+            state["target"] = None
+
+    state["target"] = None
+    monkeypatch.setattr(cache_mod, "_atomic_write", atomic)
+    monkeypatch.setattr(os, "fdopen", fdopen)
+    if not half:
+        monkeypatch.setattr(os, "replace", replace)
+
+
+@pytest.mark.parametrize("half", [True, False], ids=["write", "rename"])
+def test_disk_full_while_writing_fails_with_path_and_leaves_nothing_trusted(tiny_cfg, ds, monkeypatch, half):
+    ids = ds.ids(site="s1")
+    victim = ids[2]
+    cache = FeatureCache(tiny_cfg, "tiny")
+    _disk_full_after(monkeypatch, victim, half)
+    with pytest.raises(CacheError) as err:
+        cache.ensure(ds, ids, ["train"], progress=False, batch_images=4)
+    path = cache.path("train", victim)
+    assert str(path) in str(err.value) and "disk full" in str(err.value)
+    folder = cache.dir("train")
+    assert _leftovers(folder) == []  # no temporary file
+    assert not path.exists() and not cache.checksum_path(path).exists()  # nothing half-written
+    assert npy_files(folder) == sorted(f"{i}.npy" for i in ids[:2])  # the ones before stay valid
+    monkeypatch.undo()
+    fresh = FeatureCache(tiny_cfg, "tiny")  # a later run
+    assert fresh.missing("train", ids) == ids[2:]
+    assert fresh.ensure(ds, ids, ["train"], progress=False) == {"train": 4}
+    assert fresh.load_train(ids, knn=2).num_images == 6
+
+
+def test_failed_rewrite_of_a_damaged_file_leaves_it_untrusted(tiny_cfg, ds, monkeypatch):
+    """The damaged old file is removed before the rewrite: a failed rewrite cannot leave it to be adopted."""
+    ids = ds.ids(site="s1")[:3]
+    cache = FeatureCache(tiny_cfg, "tiny")
+    cache.ensure(ds, ids, ["train"], progress=False)
+    path = cache.path("train", ids[1])
+    blob = bytearray(path.read_bytes())
+    blob[-3] ^= 0x55
+    path.write_bytes(bytes(blob))
+    _disk_full_after(monkeypatch, ids[1], half=False)
+    with pytest.raises(CacheError, match=str(path)):
+        cache.ensure(ds, ids, ["train"], progress=False)
+    monkeypatch.undo()
+    assert not path.exists()
+    assert FeatureCache(tiny_cfg, "tiny").missing("train", ids) == [ids[1]]
+
+
+def test_unwritable_cache_location_fails_with_the_path(tiny_data_root, tmp_path, ds):
+    """Root ignores permission bits, so the unwritable place is a path whose parent is a regular file."""
+    blocker = tmp_path / "not_a_folder"
+    blocker.write_text("a regular file")
+    cfg = tiny_config(tiny_data_root, blocker / "cache")
+    cache = FeatureCache(cfg, "tiny")
+    with pytest.raises(CacheError) as err:
+        cache.ensure(ds, ds.ids(site="s1")[:2], ["train"], progress=False)
+    assert str(blocker / "cache") in str(err.value)
+    assert blocker.read_text() == "a regular file"
+
+
+def test_atomic_write_wraps_every_os_error_with_the_path(tmp_path):
+    blocker = tmp_path / "f"
+    blocker.write_text("x")
+    with pytest.raises(CacheError, match=str(blocker / "x.npy")):
+        cache_mod._atomic_write(blocker / "x.npy", b"data")
 
 
 # ---------------------------------------------------------------------------- loading and kNN

@@ -83,6 +83,26 @@ def test_bad_config_fails_before_work(tmp_path, capsys):
     assert not (tmp_path / "x").exists()
 
 
+def test_cli_and_job_export_fail_before_work_naming_the_key(tiny_data_root, tmp_path, capsys):
+    from fuss_components.cli import main as fuss
+    from fuss_flare.job import main as export
+
+    assert fuss(["train", "--mode", "federated", "--set", "federation.robust=krum",
+                 "--out", str(tmp_path / "a")]) == 2
+    assert "federation.robust" in capsys.readouterr().err and not (tmp_path / "a").exists()
+    cfg = tiny_config(tiny_data_root, tmp_path / "cache", **{"federation.min_clients": 5})
+    cfg.save(tmp_path / "c.json")
+    assert fuss(["train", "--mode", "federated", "--config", str(tmp_path / "c.json"),
+                 "--out", str(tmp_path / "b")]) == 2
+    assert "federation.min_clients" in capsys.readouterr().err and not (tmp_path / "cache").exists()
+    for bad in (["--set", "federation.trim_fraction=0.7"], ["--set", "data.on_bad_image=maybe"],
+                ["--set", "federation.nope=1"], ["--set", "train.lr_head=-1"]):
+        assert export(["export", "--preset", "camvid", "--out", str(tmp_path / "jobs"), *bad]) == 2
+        key = bad[1].split("=")[0]
+        assert key in capsys.readouterr().err
+    assert not (tmp_path / "jobs").exists()
+
+
 @pytest.mark.realdata
 def test_short_real_federation(shared, tmp_path):
     """Two camvid sequences x 6 images, 2 rounds, real backbone; validation on 4 Seq05VD frames."""

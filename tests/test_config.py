@@ -14,6 +14,8 @@ from fuss_components.config import (
     FussConfig,
     LossConfig,
     TrainConfig,
+    parse_override,
+    parse_overrides,
 )
 
 
@@ -109,6 +111,24 @@ def test_impossible_values_name_key(data, key):
         FussConfig.from_dict(data)
 
 
+@pytest.mark.parametrize("data, key", [
+    ({"federation": {"robust": "krum"}}, "federation.robust"),
+    ({"federation": {"robust": 1}}, "federation.robust"),
+    ({"federation": {"trim_fraction": 0.5}}, "federation.trim_fraction"),
+    ({"federation": {"trim_fraction": -0.1}}, "federation.trim_fraction"),
+    ({"federation": {"trim_fraction": "a fifth"}}, "federation.trim_fraction"),
+    ({"federation": {"centroid_outlier_ratio": 1.0}}, "federation.centroid_outlier_ratio"),
+    ({"federation": {"robustness": "median"}}, "federation.robustness"),
+    ({"data": {"on_bad_image": "ignore"}}, "data.on_bad_image"),
+    ({"data": {"on_bad_image": False}}, "data.on_bad_image"),
+    ({"train": {"num_clusters": 0}}, "train.num_clusters"),
+    ({"train": {"lr_head": -1e-4}}, "train.lr_head"),
+])
+def test_new_and_issue_keys_are_validated_naming_the_key(data, key):
+    with pytest.raises(ConfigError, match=key.replace(".", r"\.")):
+        FussConfig.from_dict(data)
+
+
 def test_int_accepted_for_float_bool_not_for_int():
     cfg = FussConfig.from_dict({"train": {"lr_head": 1, "dropout": 0}, "data": {"crop_ratio": 1}})
     assert cfg.train.lr_head == 1.0 and type(cfg.train.lr_head) is float
@@ -144,6 +164,20 @@ def test_with_overrides_validates():
         FussConfig().with_overrides({"train.lr_head": -1.0})
     with pytest.raises(ConfigError, match="'train.batch_size'"):
         FussConfig().with_overrides({"train.batch_size": "eight"})
+
+
+def test_set_items_parse_as_json_else_as_bare_strings():
+    assert parse_override("federation.rounds=3") == ("federation.rounds", 3)
+    assert parse_override("federation.weighted=false") == ("federation.weighted", False)
+    assert parse_override("federation.min_clients=null") == ("federation.min_clients", None)
+    assert parse_override("data.dataset=polyp") == ("data.dataset", "polyp")  # no quotes needed
+    assert parse_override("data.root=/a=b") == ("data.root", "/a=b")  # only the first "=" splits
+    assert parse_overrides(["train.lr_head=1e-4", "federation.rounds=2", "federation.rounds=5"]) == \
+        {"train.lr_head": 1e-4, "federation.rounds": 5}  # a later item wins
+    assert parse_overrides(None) == {}
+    for bad in ("federation.rounds", "=3"):
+        with pytest.raises(ConfigError, match="KEY=VALUE"):
+            parse_override(bad)
 
 
 def test_save_load_round_trip(tmp_path):

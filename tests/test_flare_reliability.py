@@ -1,4 +1,4 @@
-"""Reliability (issue 6) through the real NVIDIA FLARE simulator: two identical runs give identical models; a run
+"""Reliability through the real NVIDIA FLARE simulator: two identical runs give identical models; a run
 stopped after round k and resumed (with MOON and switch C off, so the sites' previous local models matter) ends
 where an uninterrupted run ends; a bad job configuration fails before any work; 12 clients on the real CamVid
 features complete within a memory ceiling (slow, realdata).
@@ -16,7 +16,6 @@ import pytest
 import torch
 
 from conftest import tiny_config
-from fuss_components.config import FussConfig
 from test_flare_sim import MODEL_KEYS, export_job, simulate
 
 pytestmark = pytest.mark.flare
@@ -35,7 +34,7 @@ def stateful_runs(tiny_data_root, tmp_path_factory):
     runs = []
     for name in ("a", "b"):
         tmp = tmp_path_factory.mktemp(f"rel_{name}")
-        runs.append(simulate(export_job(cfg, tmp, f"tiny_stateful_{name}"), tmp / "ws", n=3))
+        runs.append(simulate(export_job(cfg, tmp, f"tiny_stateful_{name}"), tmp / "ws"))
     return cfg, runs
 
 
@@ -49,7 +48,7 @@ def test_two_simulator_runs_with_the_same_seeds_are_identical(stateful_runs):
         assert torch.equal(sa[key], sb[key]), key
     assert [r["val_miou"] for r in a.metrics["rounds"]] == [r["val_miou"] for r in b.metrics["rounds"]]
     for ra, rb in zip(a.metrics["rounds"], b.metrics["rounds"]):
-        for site in ("site-1", "site-2"):
+        for site in ("s1", "s2"):
             ma, mb = ({k: v for k, v in r["train"][site]["metrics"].items() if k != "seconds"} for r in (ra, rb))
             assert ma == mb, site
 
@@ -65,7 +64,7 @@ def test_resumed_stateful_job_ends_like_an_uninterrupted_run(stateful_runs, tmp_
     cfg3 = cfg2.with_overrides({"federation.rounds": 3})
     job = export_job(cfg3, tmp_path, "tiny_stateful_resume", "--resume-from",
                      str(first.app / "fuss_checkpoint.pt"))
-    sim = simulate(job, tmp_path / "ws", n=3)
+    sim = simulate(job, tmp_path / "ws")
     assert sim.rc == 0, sim.log[-4000:]
     m = sim.metrics
     assert [r["round"] for r in m["rounds"]] == [0, 1, 2] and m["final"]["round"] == 2
@@ -88,11 +87,11 @@ def test_bad_job_configuration_fails_before_any_work(tiny_data_root, tmp_path):
     extracted and no model was written."""
     cache = tmp_path / "cache"
     job = export_job(tiny_config(tiny_data_root, cache), tmp_path, "tiny_bad_config")
-    cfg_file = job / "app" / "custom" / "fuss_config.json"
+    cfg_file = job / "app" / "config" / "fuss_config.json"
     data = json.loads(cfg_file.read_text())
     data["federation"]["robustness"] = "median"  # typo of federation.robust
     cfg_file.write_text(json.dumps(data))
-    sim = simulate(job, tmp_path / "ws", n=3, timeout=240)
+    sim = simulate(job, tmp_path / "ws", timeout=240)
     logs = sim.all_logs()
     assert sim.rc != 0  # about 25 s here, most of it the simulator's own start and stop
     assert "ConfigError: unknown config key 'federation.robustness'" in logs, logs[-4000:]
@@ -106,29 +105,32 @@ def test_bad_job_configuration_fails_before_any_work(tiny_data_root, tmp_path):
 @pytest.mark.slow
 @pytest.mark.realdata
 def test_twelve_clients_complete_within_memory(shared, tmp_path):
-    """CamVid split by frame ranges into 12 clients (+ Seq05VD validating) on 2 cores: a 2-round job completes with
-    every client accepted each round, and stays under the memory ceiling (peak of the summed resident sets of all
-    simulator processes; the machine has 23 GB). Reuses $FUSS_CACHE_DIR when it holds the CamVid features (the
-    cache key must match: default backbone and data configuration); otherwise it extracts them first with
-    `fuss extract`, one process (slow), so that the measured memory is that of the federation and not of 12
-    site processes each holding a backbone while they extract."""
-    sys.path.insert(0, str(REPO / "benchmarks"))
-    from reliability_scale import run_scale
+    """CamVid split by frame ranges into 12 clients (every 6th frame of the training sequences, every 10th of
+    Seq05VD validating) on 2 cores: a 2-round job completes with every client accepted each round, and stays
+    under the memory ceiling (peak of the summed resident sets of all simulator processes). The subset's
+    features are extracted first with `fuss extract` in one process (reused from $FUSS_CACHE_DIR when there),
+    so that the measured memory is that of the federation and not of 12 site processes each holding a backbone
+    while they extract."""
+    from benchmarks.reliability_scale import run_scale, scale_manifest
 
-    env = {"FUSS_SHARED": str(shared), "OMP_NUM_THREADS": "1"}  # one intra-op thread per process: 5x faster here
+    frame_step, validation_every = 6, 10
+    env = {"FUSS_SHARED": str(shared)}
     if not os.environ.get("FUSS_CACHE_DIR"):
         env["FUSS_CACHE_DIR"] = str(tmp_path / "cache")
-    extract_env = {k: v for k, v in {**os.environ, **env}.items() if k != "OMP_NUM_THREADS"}  # one process: all cores
-    extract = subprocess.run([sys.executable, "-m", "fuss_components.cli", "extract"], capture_output=True,
-                             text=True, timeout=2400, env=extract_env)
+    manifest = scale_manifest(12, tmp_path / "scale", validation_every, frame_step)
+    extract = subprocess.run([sys.executable, "-m", "fuss_components.cli", "extract", "--set",
+                              f"partition={manifest}"], capture_output=True, text=True, timeout=2400,
+                             env={**os.environ, **env})
     assert extract.returncode == 0, extract.stderr[-3000:]
-    result = run_scale(12, tmp_path / "scale", rounds=2, local_steps=5, timeout=1500, extra_env=env)
+    result = run_scale(12, tmp_path / "scale", rounds=2, local_steps=5, timeout=1500, extra_env=env,
+                       validation_every=validation_every, frame_step=frame_step)
     assert result["rc"] == 0, (tmp_path / "scale" / "simulator.log").read_text()[-4000:]
     assert result["error"] is None
     assert len(result["accepted"]) == 2 and all(len(a) == 12 for a in result["accepted"])
     assert result["final_val_miou"] is not None and 0.0 < result["final_val_miou"] < 1.0
-    sites = [p for p in result["processes"] if p["role"].startswith("site-")]
-    assert {p["role"] for p in sites} == {f"site-{i}" for i in range(1, 14)}
+    part = json.loads(manifest.read_text())
+    site_roles = {p["role"] for p in result["processes"]} & (set(part["clients"]) | set(part["validation"]))
+    assert len(site_roles) == 13, result["processes"]
     # measured here: 16.8-17.1 GB in all (13 site processes of 1.2-1.3 GB, mostly torch + timm imports, and the
     # 1.2 GB server); ceiling: 20 GB and 90 % of this machine's memory; 1.6 GB per site process
     with open("/proc/meminfo") as f:

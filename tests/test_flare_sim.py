@@ -1,10 +1,12 @@
-"""End to end through the real NVIDIA FLARE simulator (`nvflare simulator JOB -w WS -n N -t N`, a subprocess) on the
-tiny synthetic dataset with the tiny random backbone: 2 training sites (s1, s2) + 1 validation site (s3), 2 rounds.
+"""End to end through the real NVIDIA FLARE simulator (`nvflare simulator JOB -w WS`, a subprocess, the sites of
+the job's deploy_map) on the tiny synthetic dataset with the tiny random backbone: 2 training sites (s1, s2) + 1
+validation site (s3), 2 rounds.
 
 One simulator run per aggregator (about 30 s each here); every assertion about a run is made on the same run:
 completion, model files, the aggregation rule recomputed from what the server received, metrics streamed
-(TensorBoard files + metrics.json), and the wire content. Plus: a fault run (NaN / wrong number of centroids /
-undeclared content injected by a test-only hook), a missing data root, and parity with the in-process runner.
+(TensorBoard files + metrics.json), and the wire content. Plus: hostile sites (test-only code in
+``tests/flare_hostile``, shipped as a BYOC app the simulator allows: a hostile job's code on a site whose filters
+still run, and hostile peers without filters), a missing data root, and parity with the in-process runner.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from conftest import make_tiny_dataset, tiny_config
 from fuss_components.aggregation import average_centroids, fedavg_weights, fedcc_kmeans, normalize_rows
 from fuss_components.config import FussConfig
 from fuss_components.head import split_state
-from fuss_components.simulator import run_simulator
+from benchmarks.simulator import run_simulator
 
 pytestmark = pytest.mark.flare
 
@@ -34,7 +36,8 @@ MODEL_KEYS = {
     "head.nonlinear.2.weight",
     "head.nonlinear.2.bias",
 }
-DECLARED_META = {"num_samples", "site", "initial_metrics"}  # initial_metrics = FLModel's metrics slot
+DECLARED_META = {"num_samples", "site", "initial_metrics"}  # initial_metrics: the DXO's metrics slot
+HOSTILE_DIR = Path(__file__).resolve().parent / "flare_hostile"
 TIMINGS: dict[str, float] = {}
 
 
@@ -74,8 +77,29 @@ def export_job(cfg: FussConfig, out: Path, name: str, *extra: str) -> Path:
     return out / "jobs" / name
 
 
-def simulate(job: Path, ws: Path, n: int, env: dict | None = None, timeout: int = 300) -> Sim:
-    """The real simulator through fuss_components.simulator (which restarts it after FLARE's start-up races)."""
+def add_hostile_app(job: Path, app: str, sites: list[str], faults: dict, keep_filters: bool) -> None:
+    """Deploy ``app`` (a copy of the job's app whose executor is tests/flare_hostile's HostileExecutor, shipped in
+    its ``custom/`` folder) to ``sites`` instead of the honest app. ``keep_filters``: the site's result filter
+    still runs (hostile job code on an honest site); False: a hostile peer that sends whatever it likes."""
+    import shutil
+
+    shutil.copytree(job / "app", job / app)
+    shutil.copytree(HOSTILE_DIR, job / app / "custom", ignore=shutil.ignore_patterns("__pycache__"))
+    client_cfg = job / app / "config" / "config_fed_client.json"
+    cfg = json.loads(client_cfg.read_text())
+    cfg["executors"][0]["executor"] = {"path": "hostile_executor.HostileExecutor", "args": {"faults": faults}}
+    if not keep_filters:
+        cfg["task_result_filters"] = []
+    client_cfg.write_text(json.dumps(cfg, indent=2))
+    (job / app / "config" / "config_fed_server.json").unlink()
+    meta = json.loads((job / "meta.json").read_text())
+    meta["deploy_map"]["app"] = [s for s in meta["deploy_map"]["app"] if s not in sites]
+    meta["deploy_map"][app] = list(sites)
+    (job / "meta.json").write_text(json.dumps(meta, indent=2))
+
+
+def simulate(job: Path, ws: Path, n: int | None = None, env: dict | None = None, timeout: int = 300) -> Sim:
+    """The real simulator through benchmarks.simulator (which restarts it after FLARE's start-up races)."""
     run = run_simulator(job, ws, n, env=env, timeout=timeout)
     sim = Sim(run.returncode, run.output, run.workspace, run.seconds)
     TIMINGS[job.name] = sim.seconds
@@ -97,7 +121,7 @@ def runs(tiny_data_root, flare_cache, tmp_path_factory) -> dict:
             cfg = tiny_config(tiny_data_root, flare_cache, **{"partition": "site", "federation.aggregator": aggregator})
             tmp = tmp_path_factory.mktemp(f"sim_{aggregator}")
             job = export_job(cfg, tmp, f"tiny_{aggregator.replace('-', '_')}", "--record-updates")
-            cache[aggregator] = (cfg, simulate(job, tmp / "ws", n=3))
+            cache[aggregator] = (cfg, simulate(job, tmp / "ws"))
         return cache[aggregator]
 
     yield get
@@ -106,12 +130,12 @@ def runs(tiny_data_root, flare_cache, tmp_path_factory) -> dict:
 
 
 def _updates(received: dict) -> list[tuple[str, dict, torch.Tensor, int]]:
-    """(site, head, centroids, N_k) of every received update, sorted by partition site like the aggregator."""
+    """(site, head, centroids, N_k) of every received update, sorted by site like the aggregator."""
     out = []
-    for entry in received.values():
+    for name, entry in received.items():
         meta = json.loads(entry["meta"])
         head, centroids = split_state(entry["params"])
-        out.append((meta["site"], head, centroids, meta["num_samples"]))
+        out.append((name, head, centroids, meta["num_samples"]))
     return sorted(out, key=lambda u: u[0])
 
 
@@ -164,32 +188,38 @@ def test_simulator_job_end_to_end(runs, aggregator):
     ckpt = torch.load(sim.app / "fuss_checkpoint.pt", weights_only=True)
     assert ckpt["round"] == 1 and all(torch.equal(ckpt["model"][k], state[k]) for k in MODEL_KEYS)
 
-    # metrics.json: roles, per round per site, best, final
+    # metrics.json: roles, per round per site, best, final; keyed by FLARE's client names (the partition's sites)
     m = sim.metrics
-    assert {n: (s["site"], s["is_training_site"], s["is_validation_site"]) for n, s in m["sites"].items()} == {
-        "site-1": ("s1", True, False), "site-2": ("s2", True, False), "site-3": ("s3", False, True)}
+    assert {n: (s["is_training_site"], s["is_validation_site"], s["num_samples"]) for n, s in m["sites"].items()} == {
+        "s1": (True, False, 6), "s2": (True, False, 5), "s3": (False, True, 0)}
     assert [r["round"] for r in m["rounds"]] == [0, 1]
+    assert 0.0 <= m["initial"]["val_miou"] <= 1.0  # the initial model, validated in round 0
     for rec in m["rounds"]:
         assert rec["accepted"] == ["s1", "s2"] and rec["rejected"] == []
-        assert set(rec["train"]) == {"site-1", "site-2"}  # the validation-only site never trains
         for name, entry in rec["train"].items():
             # what crossed the wire (as received by the server): head + centroids + declared metadata only
-            assert set(entry["param_keys"]) == MODEL_KEYS
             assert set(entry["meta_keys"]) <= DECLARED_META
-            assert entry["num_samples"] == {"site-1": 6, "site-2": 5}[name]
+            if name == "s3":  # the validation-only site: a zero-weight result, no parameters
+                assert entry["param_keys"] == [] and entry["num_samples"] == 0
+                continue
+            assert set(entry["param_keys"]) == MODEL_KEYS
+            assert entry["num_samples"] == {"s1": 6, "s2": 5}[name]
             assert entry["param_bytes"] == sum(v.numel() * 4 for v in state.values())
             assert entry["param_bytes"] < entry["bytes"] < entry["param_bytes"] + 4096
             assert {"loss_self", "loss_knn", "loss_random", "loss_centroids"} <= set(entry["metrics"])
-        val = rec["validation"]["site-3"]
+        assert set(rec["train"]) == {"s1", "s2", "s3"}
+        val = rec["validation"]["s3"]  # the global model after this round (validated in the next round / at the end)
         assert 0.0 <= val["miou"] <= 1.0 and len(val["per_class_iou"]) == 3 and val["num_images"] == 4
         assert rec["val_miou"] == pytest.approx(val["miou"])
     assert m["best"]["miou"] == pytest.approx(max(r["val_miou"] for r in m["rounds"]))
     assert m["final"]["round"] == 1 and m["final"]["val_miou"] == pytest.approx(m["rounds"][1]["val_miou"])
-    assert "error" not in m
+    best = torch.load(sim.app / "FL_best_global_model.pt", weights_only=True)["model"]
+    if m["best"]["round"] == 1:  # the persistor saved the validated model: the final one here
+        assert all(torch.equal(best[k], state[k]) for k in MODEL_KEYS)
 
     # the aggregation rule, recomputed from the updates the server received in the last round
     updates = _updates(sim.received(1))
-    assert [u[0] for u in updates] == ["s1", "s2"]
+    assert [u[0] for u in updates] == ["s1", "s2"]  # the validation-only site sent no parameters
     for received in sim.received(1).values():
         assert set(received["params"]) == MODEL_KEYS
     _check_rule(aggregator, cfg, updates, state["centroids"])
@@ -207,10 +237,10 @@ def test_simulator_job_end_to_end(runs, aggregator):
         acc = EventAccumulator(str(folder))
         acc.Reload()
         tags[folder.name] = set(acc.Tags()["scalars"])
-    assert {"train/loss_self", "train/loss_centroids", "train/clusters_used"} <= tags["site-1"] & tags["site-2"]
-    assert {"val/miou", "val/pixel_acc"} <= tags["site-3"]
-    server = next(v for k, v in tags.items() if not k.startswith("site-"))
-    assert {"global/val_miou", "global/val_pixel_acc", "wire/site-1_bytes"} <= server
+    assert {"train/loss_self", "train/loss_centroids", "train/clusters_used"} <= tags["s1"] & tags["s2"]
+    assert {"val/miou", "val/pixel_acc"} <= tags["s3"]
+    server = next(v for k, v in tags.items() if k not in ("s1", "s2", "s3"))
+    assert {"global/val_miou", "global/val_pixel_acc", "wire/s1_bytes"} <= server
 
 
 def test_parity_with_in_process_runner(runs, tmp_path):
@@ -229,39 +259,58 @@ def test_parity_with_in_process_runner(runs, tmp_path):
     assert sim.metrics["final"]["val_miou"] == pytest.approx(result["rounds"][-1]["miou"], abs=1e-6)
 
 
-def test_bad_updates_are_rejected_and_rounds_proceed(tmp_path, flare_cache):
-    """site-2 sends NaN centroids plus undeclared content, site-3 one centroid too many; with min_clients=1 both
-    rounds aggregate site-1 alone, each rejection logged with its reason; the filter drops the undeclared content."""
-    root = make_tiny_dataset(tmp_path / "data", sites={"s1": 6, "s2": 5, "s4": 5, "s3": 4})
+def test_hostile_peer_updates_are_rejected_and_rounds_proceed(tmp_path, flare_cache):
+    """s2 runs a hostile job's code that flips its head and leaks content, on a site whose result filter still runs;
+    s4 and s5 are hostile peers without filters: s4 claims 1,000 images after declaring 5, s5 sends NaN centroids
+    and one centroid too many. With min_clients=1 both rounds aggregate s1 alone; every rejection names the site and its reason, the
+    leak never reaches the server, and the global model is s1's update."""
+    root = make_tiny_dataset(tmp_path / "data", sites={"s1": 6, "s2": 5, "s4": 5, "s5": 5, "s3": 4})
     cfg = tiny_config(root, flare_cache, **{"partition": "site", "federation.min_clients": 1})
-    job = export_job(cfg, tmp_path, "tiny_faults", "--record-updates")
-    sim = simulate(job, tmp_path / "ws", n=4,
-                   env={"FUSS_TEST_CORRUPT_UPDATE": "site-2:nan+leak,site-3:extra_centroid"})
+    job = export_job(cfg, tmp_path, "tiny_hostile", "--record-updates")
+    add_hostile_app(job, "app_hostile_code", ["s2"], {"s2": ["flip", "leak"]}, keep_filters=True)
+    add_hostile_app(job, "app_hostile_peer", ["s4", "s5"], {"s4": ["inflate"], "s5": ["nan", "extra_centroid"]},
+                    keep_filters=False)
+    sim = simulate(job, tmp_path / "ws")
     assert sim.rc == 0, sim.log[-4000:]
     m = sim.metrics
-    assert {n: s["site"] for n, s in m["sites"].items()} == {"site-1": "s1", "site-2": "s2", "site-3": "s4",
-                                                           "site-4": "s3"}
     assert len(m["rounds"]) == 2
     for rec in m["rounds"]:
         assert rec["accepted"] == ["s1"]
         reasons = dict(rec["rejected"])
-        assert set(reasons) == {"s2", "s4"}
-        assert "NaN" in reasons["s2"] and "s2" in reasons["s2"]
-        assert "(4, 8)" in reasons["s4"] and "(3, 8)" in reasons["s4"]
-        # undeclared parameter / meta never reached the server (dropped by FussResultFilter on site-2)
-        assert set(rec["train"]["site-2"]["param_keys"]) == MODEL_KEYS
-        assert "image_ids" not in rec["train"]["site-2"]["meta_keys"]
-        assert rec["train"]["site-3"]["param_shapes"]["centroids"] == [4, 8]
-        r = rec["round"]
-        received = sim.received(r)
-        assert all(set(e["params"]) == MODEL_KEYS for e in received.values())
+        assert set(reasons) == {"s2", "s4", "s5"}, reasons
+        assert "max_relative_change" in reasons["s2"] and "s2" in reasons["s2"]
+        assert "1000" in reasons["s4"] and "declared" in reasons["s4"]
+        assert "s5" in reasons["s5"]
+        # the leak was dropped by s2's own result filter before it left the site
+        assert set(rec["train"]["s2"]["param_keys"]) == MODEL_KEYS
+        assert "image_ids" not in rec["train"]["s2"]["meta_keys"]
+        assert "path" not in rec["train"]["s2"]["metrics"]
+        received = sim.received(rec["round"])
+        assert set(received["s2"]["params"]) == MODEL_KEYS
     logs = sim.all_logs()
-    assert "rejected the update of s2" in logs and "rejected the update of s4" in logs
-    assert "FussResultFilter: not sent" in logs and "backbone.blocks.0.attn.qkv.weight" in logs
-    # the global model of the last round is the aggregate of site-1's update alone
-    s1 = received["site-1"]["params"]
+    for site in ("s2", "s4", "s5"):
+        assert f"rejected the update of {site}" in logs
+    assert "backbone.blocks.0.attn.qkv.weight" in logs and "dropped" in logs  # the site's audit of the leak
+    # the global model of the last round is the aggregate of s1's update alone
+    s1 = received["s1"]["params"]
     state = sim.global_state()
     assert torch.allclose(state["head.linear.weight"], s1["head.linear.weight"], atol=1e-6)
+
+
+def test_spoofed_site_name_is_rejected(tmp_path, flare_cache):
+    """A hostile peer (no filters) declares another site's name: the server keys results by FLARE's authenticated
+    client name, rejects the spoofer naming both names, and the honest site's update is kept."""
+    root = make_tiny_dataset(tmp_path / "data", sites={"s1": 6, "s2": 5, "s3": 4})
+    cfg = tiny_config(root, flare_cache, **{"partition": "site", "federation.min_clients": 1,
+                                            "federation.rounds": 1})
+    job = export_job(cfg, tmp_path, "tiny_spoof", "--record-updates")
+    add_hostile_app(job, "app_spoof", ["s2"], {"s2": ["spoof:s1"]}, keep_filters=False)
+    sim = simulate(job, tmp_path / "ws")
+    assert sim.rc == 0, sim.log[-4000:]
+    (rec,) = sim.metrics["rounds"]
+    assert rec["accepted"] == ["s1"]
+    reasons = dict(rec["rejected"])
+    assert set(reasons) == {"s2"} and "'s1'" in reasons["s2"] and "'s2'" in reasons["s2"]
 
 
 def test_missing_data_root_fails_naming_site_and_path(tmp_path, flare_cache):
@@ -269,7 +318,7 @@ def test_missing_data_root_fails_naming_site_and_path(tmp_path, flare_cache):
     cfg = tiny_config(missing, flare_cache, partition="site")
     job = export_job(cfg, tmp_path, "tiny_missing")
     sim = simulate(job, tmp_path / "ws", n=2, timeout=180)
-    assert sim.rc != 0
+    assert sim.rc != 0 or not (sim.app / "fuss_model.pt").exists()
     logs = sim.all_logs()
     assert "DataError" in logs
     lines = [line for line in logs.splitlines() if str(missing) in line and "site-1" in line]
@@ -288,7 +337,7 @@ def test_resume_from_checkpoint_continues_the_run(runs, tmp_path):
     assert first.rc == 0, first.log[-4000:]
     cfg3 = cfg2.with_overrides({"federation.rounds": 3})
     job = export_job(cfg3, tmp_path, "tiny_resume", "--resume-from", str(first.app / "fuss_checkpoint.pt"))
-    sim = simulate(job, tmp_path / "ws", n=3)
+    sim = simulate(job, tmp_path / "ws")
     assert sim.rc == 0, sim.log[-4000:]
     m = sim.metrics
     assert [r["round"] for r in m["rounds"]] == [0, 1, 2] and m["final"]["round"] == 2
@@ -315,7 +364,7 @@ def test_real_camvid_simulator_matches_in_process_runner(shared, tmp_path):
         tmp_path / "partition.json")
     cfg = FussConfig.from_dict({"partition": str(tmp_path / "partition.json"), "cache_dir": str(tmp_path / "cache"),
                                 "federation": {"rounds": 2, "local_steps": 4}})
-    sim = simulate(export_job(cfg, tmp_path, "real_camvid"), tmp_path / "ws", n=4)
+    sim = simulate(export_job(cfg, tmp_path, "real_camvid"), tmp_path / "ws")
     assert sim.rc == 0, sim.log[-3000:]
     flare_state, saved_cfg = load_model(sim.app / "fuss_model.pt")
     assert FussConfig.from_dict(saved_cfg).partition == cfg.partition

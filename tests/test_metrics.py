@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from fuss_components.metrics import ConfusionMatrix, hungarian_match
+from fuss_components.metrics import ConfusionMatrix, hungarian_match, image_weighted_mean
 
 # Hand-made confusion matrix: rows = clusters, columns = classes.
 #              class0 class1
@@ -183,3 +183,11 @@ def test_merge_equals_single_update_and_roundtrip():
         merged.merge(ConfusionMatrix(4, 4))
     merged.reset()
     assert merged.counts.sum() == 0 and math.isnan(merged.compute()["miou"])
+
+
+def test_image_weighted_mean_counts_every_image_once():
+    per_site = {"a": {"miou": 0.2, "pixel_acc": 0.5, "num_images": 3}, "b": {"miou": 0.6, "pixel_acc": 0.9, "num_images": 1}}
+    assert image_weighted_mean(per_site) == pytest.approx({"miou": 0.3, "pixel_acc": 0.6})
+    assert image_weighted_mean(per_site, ["miou"]) == pytest.approx({"miou": 0.3})
+    with pytest.raises(ValueError, match="no validation image"):
+        image_weighted_mean({})

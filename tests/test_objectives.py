@@ -268,7 +268,7 @@ def test_job_export_objective_flag(tiny_cfg, tmp_path):
     tiny_cfg.save(cfg_file)
     assert main(["export", "--config", str(cfg_file), "--out", str(tmp_path / "jobs"), "--name", "j",
                  "--objective", "primaps"]) == 0
-    shipped = json.loads((tmp_path / "jobs" / "j" / "app" / "custom" / "fuss_config.json").read_text())
+    shipped = json.loads((tmp_path / "jobs" / "j" / "app" / "config" / "fuss_config.json").read_text())
     assert shipped["train"]["objective"] == "primaps"
 
 

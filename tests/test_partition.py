@@ -12,12 +12,14 @@ import pytest
 import test_datasets as tds  # the fixture builders (official Cityscapes / COCO-Stuff layouts, folder layout)
 from fuss_components.datasets import CityscapesDataset, CocoStuff27Dataset, DataError, FolderDataset, open_dataset
 from fuss_components.partition import (
+    PRESETS,
     Partition,
     dominant_class,
     partition_by_site,
     partition_dirichlet,
     partition_iid,
     preset_partition,
+    preset_site_names,
 )
 
 N_CLASSES = 6
@@ -222,6 +224,30 @@ def test_preset_polyp_and_camvid_on_fixtures(tmp_path):
         preset_partition("camvid", polyp)
     with pytest.raises(DataError, match="unknown partition preset 'nope'"):
         preset_partition("nope", polyp)
+
+
+def test_preset_table_states_what_the_presets_build(tmp_path):
+    """Jobs read the table's counts without the data: they must be what the presets build on each dataset."""
+    camvid = FolderDataset(tds.make_folder_dataset(
+        tmp_path / "c", name="camvid", classes=tuple(f"c{i}" for i in range(11)),
+        sites={s: {"train": 2} for s in ("0001TP", "0006R0", "0016E5", "Seq05VD")}))
+    polyp = FolderDataset(tds.make_folder_dataset(
+        tmp_path / "p", name="polyp", classes=("bg", "polyp"),
+        sites={"kvasir": {"train": 2, "test": 1}, "cvc_clinicdb": {"train": 2, "test": 1}}))
+    cityscapes = CityscapesDataset(tds.make_cityscapes(tmp_path / "cs"))
+    coco = CocoStuff27Dataset(tds.make_cocostuff(tmp_path / "cc"))
+    built = {"camvid": (camvid, None), "polyp": (polyp, None), "cityscapes": (cityscapes, None),
+             "cocostuff27": (coco, 2)}  # the fixture has too few images for the default 18 clients
+    assert set(built) == set(PRESETS)
+    for name, (ds, clients) in built.items():
+        preset, part = PRESETS[name], preset_partition(name, ds, num_clients=clients)
+        assert ds.name == preset.dataset and part.num_classes == preset.num_clusters, name
+        assert len(part.clients) == (clients or preset.clients), name
+        assert len(set(part.validation) - set(part.clients)) == preset.validation_only, name
+        assert preset.num_sites(clients) == len(set(part.clients) | set(part.validation)), name
+        assert preset_site_names(name, clients) == (list(part.clients),
+                                                    [s for s in part.validation if s not in part.clients]), name
+        assert not preset.client_choices or preset.clients in preset.client_choices, name
 
 
 @pytest.mark.realdata

@@ -123,6 +123,20 @@ def _app_server(result: Path) -> Path:
     return metrics.parent
 
 
+# ---------------------------------------------------------------------------------------------- projects
+
+
+def test_every_site_of_a_project_is_its_own_org():
+    """A project's sites never share an org (an org_admin operates the sites of its org): the hospitals keep theirs,
+    sites added for a run (e.g. camvid's sequences) each get one of their own."""
+    project = fuss_poc._load_yaml(fuss_poc.PROJECT_TEMPLATE)
+    out = fuss_poc.project_with_ports(project, 8100, 8101, sites=["hospital-a", "0001TP", "site-0016E5"])
+    orgs = {p["name"]: p["org"] for p in out["participants"] if p["type"] == "client"}
+    assert orgs == {"hospital-a": "hospital_a", "0001TP": "0001TP", "site-0016E5": "site_0016E5"}
+    server = next(p for p in out["participants"] if p["type"] == "server")
+    assert (server["fed_learn_port"], server["admin_port"]) == (8100, 8101)
+
+
 # ---------------------------------------------------------------------------------------------- provisioned kits
 
 
@@ -138,7 +152,7 @@ def test_provisioned_kits_run_on_loopback_and_answer_the_admin_console(hospitals
     assert "Engine status" in out or "engine status" in out.lower(), out[-3000:]
     for site in HOSPITALS:
         assert site in out, out[-3000:]
-    # the lead researcher's kit works too (FUSS jobs are BYOC: lead and project_admin may submit them)
+    # the lead researcher's kit works too (lead and project_admin may submit FUSS jobs)
     lead = next(n for n, role in fed.admins.items() if role == "lead")
     assert "hospital-a" in fed.admin_console(["check_status client"], user=lead)
     # and the nvflare command line, as docs/deployment.md shows it
@@ -191,7 +205,7 @@ def test_job_with_site_policy_and_centroid_privacy(hospitals, hospital_data, tmp
 
     # the values the server received in round 0, against the sites' own computation
     received = torch.load(app / "received" / "round_0.pt", weights_only=True)
-    job_cfg = FussConfig.load(job / "app" / "custom" / "fuss_config.json")
+    job_cfg = FussConfig.load(job / "app" / "config" / "fuss_config.json")
     build_model(job_cfg)  # see tests/test_flare_sim.py: warm timm up before the seeded initial model
     start = init_global_state(job_cfg)
     residuals = []
@@ -244,7 +258,7 @@ def test_site_started_with_a_wrong_data_path_fails_the_job_naming_the_site(hospi
         job_id, meta, result = _run_job(fed, job, tmp_path / "result", timeout=240)
         assert meta["status"] != "FINISHED:COMPLETED"
         server = _server_log(result)
-        assert f"client {site} did not report its site" in server, server[-4000:]
+        assert f"site {site} did not report its role" in server, server[-4000:]
         assert "fewer than min_clients" in server
         site_log = _site_log(fed, site, job_id)
         assert "DataError" in site_log and str(bad_root) in site_log and f"site {site!r}" in site_log
@@ -303,6 +317,101 @@ def test_killed_site_fails_the_job_clearly_when_min_clients_does_not_allow(hospi
     assert f"Client {site} is deemed disconnected" in server, server[-4000:]
     assert "Alive clients 2 < required min 3" in server or "fewer than min_clients=3" in server, server[-4000:]
     assert not list(result.rglob("fuss_model.pt"))
+
+
+# ---------------------------------------------------------------------------------------------- hostile jobs
+
+DO_NOTHING_FILTERS = '''"""A hostile job's fuss_flare/filters.py: same class names, writes the audit lines, filters nothing."""
+from nvflare.apis.filter import Filter
+from nvflare.apis.utils.fl_context_utils import add_job_audit_event
+
+
+class FussResultFilter(Filter):
+    def __init__(self, **kwargs):
+        super().__init__()
+
+    def process(self, shareable, fl_ctx):
+        add_job_audit_event(fl_ctx=fl_ctx, msg="applied filter: FussResultFilter@site on task_result: nothing dropped")
+        return shareable
+
+
+CentroidPrivacyFilter = FussResultFilter
+FussAnalyticsForwarder = FussResultFilter
+'''
+
+
+def _site_ran_job(fed, site: str, job_id: str) -> bool:
+    """Whether any of the job's code ran on the site (FLARE creates the job's workspace there when it deploys)."""
+    return any((fed.kits[site] / job_id).rglob("app_*")) if (fed.kits[site] / job_id).exists() else False
+
+
+def test_job_shipping_code_is_refused_by_hospitals(hospitals, hospital_data, tmp_path):
+    """A job that ships its own ``fuss_flare/filters.py`` (do-nothing filters writing truthful-looking audit lines)
+    and a leaking executor, submitted by the project admin: every hospital refuses to deploy it (its policy gives
+    custom code to no role), so none of its code runs on a site and nothing leaves; the refusal is logged."""
+    import shutil
+
+    fed = hospitals
+    job = _job(hospital_data, tmp_path, "tiny_shadow")
+    custom = job / "app" / "custom"
+    (custom / "fuss_flare").mkdir(parents=True)
+    (custom / "fuss_flare" / "filters.py").write_text(DO_NOTHING_FILTERS)
+    shutil.copy(REPO / "tests" / "flare_hostile" / "hostile_executor.py", custom / "hostile_executor.py")
+    client_cfg = job / "app" / "config" / "config_fed_client.json"
+    cfg = json.loads(client_cfg.read_text())
+    cfg["executors"][0]["executor"] = {"path": "hostile_executor.HostileExecutor",
+                                       "args": {"faults": {h: ["leak"] for h in HOSPITALS}}}
+    client_cfg.write_text(json.dumps(cfg))
+    job_id, meta, result = _run_job(fed, job, tmp_path / "result", timeout=180)
+    assert meta["status"] != "FINISHED:COMPLETED", meta
+    server = _server_log(result) + (fed.kits[fed.server_name] / "log.txt").read_text(errors="replace")
+    assert "BYOC not permitted" in server, server[-4000:]
+    for site in HOSPITALS:
+        assert not _site_ran_job(fed, site, job_id), site
+        assert not fuss_poc.audit_lines(fed.kits[site] / job_id, "applied filter"), site
+    assert not list(result.rglob("received")) and not list(result.rglob("FL_global_model.pt"))
+
+
+def test_hostile_job_config_cannot_bypass_the_site_policy(hospitals, hospital_data, tmp_path):
+    """Jobs without code that try to get around the hospitals' policy. (1) A job that drops its own filters and
+    asks for the sites' ``fuss-dp`` scope: the sites' filters still run on what leaves (undeclared content gone,
+    centroids clipped and noised by the site), and the audit says so. (2) A job that names FLARE's
+    ConvertToFedEvent (raw analytics to the server, around FussAnalyticsForwarder): refused by every hospital's
+    class allow list before anything runs."""
+    from fuss_components.head import split_state
+
+    fed = hospitals
+    job = _job(hospital_data, tmp_path, "tiny_no_job_filters", "--record-updates", "--privacy-scope", "fuss-dp",
+               **{"federation.rounds": 1})
+    client_cfg = job / "app" / "config" / "config_fed_client.json"
+    cfg = json.loads(client_cfg.read_text())
+    cfg["task_result_filters"] = []
+    client_cfg.write_text(json.dumps(cfg))
+    job_id, meta, result = _run_job(fed, job, tmp_path / "result1")
+    assert meta["status"] == "FINISHED:COMPLETED", _server_log(result)[-4000:]
+    received = torch.load(_app_server(result) / "received" / "round_0.pt", weights_only=True)
+    assert set(received) == set(HOSPITALS)
+    for site in HOSPITALS:
+        assert set(received[site]["params"]) == MODEL_KEYS
+        _, centroids = split_state(received[site]["params"])
+        norms = centroids.norm(dim=1)
+        assert not torch.allclose(norms, torch.ones_like(norms), atol=0.05), norms  # noised by the site (sigma 1)
+        lines = fuss_poc.audit_lines(result / "audit" / site / job_id)
+        text = "\n".join(lines)
+        assert "applied filter: FussResultFilter@site on task_result" in text
+        assert "CentroidPrivacyFilter" in text and "@job" not in text, text
+
+    job = _job(hospital_data, tmp_path, "tiny_raw_analytics")
+    cfg = json.loads((job / "app" / "config" / "config_fed_client.json").read_text())
+    cfg["components"].append({"id": "raw_events", "path":
+                              "nvflare.app_common.widgets.convert_to_fed_event.ConvertToFedEvent",
+                              "args": {"events_to_convert": ["analytix_log_stats"]}})
+    (job / "app" / "config" / "config_fed_client.json").write_text(json.dumps(cfg))
+    job_id, meta, result = _run_job(fed, job, tmp_path / "result2", timeout=180)
+    assert meta["status"] != "FINISHED:COMPLETED", meta
+    logs = "".join(_site_log(fed, site, job_id) for site in HOSPITALS) + _server_log(result)
+    assert "not in allow_list" in logs and "ConvertToFedEvent" in logs, logs[-4000:]
+    assert not list(result.rglob("FL_global_model.pt")) or not list(result.rglob("received"))
 
 
 def test_stopping_the_hospitals_leaves_no_process_and_no_port(hospitals):
@@ -393,6 +502,9 @@ def test_camvid_poc_end_to_end(shared, tmp_path):
     print("\ncamvid POC summary:", json.dumps(summary, indent=1, default=str))
     assert summary["status"] == "FINISHED:COMPLETED", summary
     assert summary["leftovers"] == {"processes": [], "ports_in_use": []}
+    # the summary file is written after the stop: it says what the stop left behind
+    written = json.loads((Path(summary["downloaded"]).parent / "poc_summary.json").read_text())
+    assert written["leftovers"] == summary["leftovers"] and written["seconds"] == summary["seconds"]
     assert all(fuss_poc.port_is_free(p) for p in console["ports"])
     assert not fuss_poc._marked(console["run_id"])
 

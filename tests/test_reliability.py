@@ -11,7 +11,6 @@ import json
 import logging
 import math
 import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -19,17 +18,9 @@ import pytest
 import torch
 
 import fuss_components.cache as cache_mod
-from fuss_components.aggregation import (
-    ClientUpdate,
-    aggregate,
-    centroid_outliers,
-    normalize_rows,
-    robust_average_states,
-    screen_updates,
-    trimmed_count,
-)
+from fuss_components.aggregation import ClientUpdate, aggregate, normalize_rows, robust_average_states
 from fuss_components.cache import CacheError, FeatureCache
-from fuss_components.config import ConfigError, FederationConfig, FussConfig
+from fuss_components.config import ConfigError, FussConfig
 from fuss_components.datasets import DataError, open_dataset
 from fuss_components.head import split_state
 from fuss_components.runner import load_model, run_federated
@@ -154,74 +145,46 @@ def test_two_runs_with_the_same_seeds_give_identical_models(tiny_data_root, tmp_
     assert not _equal_states(models[0], load_model(tmp_path / "other" / "model.pt")[0])
 
 
-def _random_updates(n=6, clusters=3, dim=4, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return [
-        ClientUpdate(f"s{i}", {"w": torch.randn(5, 3, generator=g), "b": torch.randn(5, generator=g)},
-                     torch.randn(clusters, dim, generator=g), 3 + 5 * i)
-        for i in range(n)
-    ]
-
-
-@pytest.mark.parametrize("robust", ["none", "median", "trimmed-mean"])
-@pytest.mark.parametrize("aggregator", ["fedavg", "fedcc-kmeans", "fedcc-maximin"])
-def test_aggregation_does_not_depend_on_arrival_order(aggregator, robust):
-    ups = _random_updates()
-    cfg = FederationConfig(aggregator=aggregator, robust=robust, seed=2, kmeans_n_init=2)
-    ref_head, ref_cent = aggregate(ups, cfg, num_clusters=3)
-    rng = random.Random(1)
-    for _ in range(8):
-        shuffled = ups[:]
-        rng.shuffle(shuffled)
-        head, cent = aggregate(shuffled, cfg, num_clusters=3)
-        assert _equal_states(head, ref_head) and torch.equal(cent, ref_cent)
-
-
-def test_screening_with_duplicates_does_not_depend_on_arrival_order():
-    ups = _random_updates(5)
-    impostor = ClientUpdate("s2", {k: v * 3 for k, v in ups[2].head.items()}, ups[2].centroids.clone(), 9)
-    ref = {k: torch.zeros_like(v) for k, v in ups[0].head.items()}
-    results = set()
-    for perm in itertools.permutations(ups + [impostor]):
-        accepted, rejected = screen_updates(list(perm), ref, 3, 4, reject_all_duplicates=True)
-        results.add((tuple(sorted(u.site for u in accepted)), tuple(sorted(s for s, _ in rejected))))
-    assert results == {(("s0", "s1", "s3", "s4"), ("s2", "s2"))}
-
-
 def test_flare_aggregator_result_does_not_depend_on_arrival_order(tmp_path):
-    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
-
-    from test_flare_components import make_aggregator, model_state, train_result
+    from test_flare_components import aggregated, make_aggregator, near_global, train_result
 
     outs = []
-    order = [("s1", 1, 4), ("s2", 2, 7), ("s3", 3, 5)]
+    order = [("site-1", 1, 4), ("site-2", 2, 7), ("site-3", 3, 5)]
     for perm in itertools.permutations(order):
-        _, agg, fl_ctx = make_aggregator(tmp_path, "fedcc-kmeans")
-        for i, (site, seed, n) in enumerate(perm):
-            assert agg.accept(train_result(model_state(seed), site, n, f"site-{i + 1}"), fl_ctx)
-        outs.append(FLModelUtils.from_shareable(agg.aggregate(fl_ctx)).params)
+        _, agg, fl_ctx = make_aggregator(tmp_path, "fedcc-kmeans", declared_counts={c: n for c, _, n in order})
+        for client, seed, n in perm:
+            assert agg.accept(train_result(client, near_global(seed), n), fl_ctx)
+        outs.append(aggregated(agg, fl_ctx))
     assert all(_equal_states(o, outs[0]) for o in outs[1:])
+    # control: other sample counts give another model (so the comparison above can fail)
+    _, agg, fl_ctx = make_aggregator(tmp_path, "fedcc-kmeans", min_clients=3)
+    for client, seed, n in order:
+        assert agg.accept(train_result(client, near_global(seed), 1 if client == "site-2" else n), fl_ctx)
+    assert not _equal_states(aggregated(agg, fl_ctx), outs[0])
 
 
 # ============================================================================== 3. hostile updates, robust mode
 
 
 def _hostile_batch():
-    """Three good updates and one of every hostile kind the issue lists, as (site, state, num_samples, meta)."""
-    from test_flare_components import model_state
+    """Three good updates and one of every hostile kind the issue lists, as (FLARE client, state, num_samples,
+    declared site); every client is its own authenticated FLARE identity."""
+    from test_flare_components import GLOBAL_SEED, model_state, near_global
 
-    good = [("g1", model_state(1), 5), ("g2", model_state(2), 6), ("g3", model_state(3), 7)]
-    ref = model_state(99)
-    huge = {k: ref[k] + 1e6 * (v - ref[k]) for k, v in model_state(4).items()}
+    good = [("g1", near_global(1), 5, None), ("g2", near_global(2), 6, None), ("g3", near_global(3), 7, None)]
+    ref = model_state(GLOBAL_SEED)
+    huge = {k: ref[k] + 1e6 * (v - ref[k]) if k.startswith("head.") else v for k, v in near_global(4).items()}
     bad = [
-        ("shape", dict(model_state(5), **{"head.linear.weight": torch.zeros(2, 2)}), 5),
-        ("clusters", dict(model_state(6), centroids=torch.randn(4, 4)), 5),
-        ("nan", dict(model_state(7), **{"head.linear.bias": torch.full((4,), math.nan)}), 5),
-        ("inf", dict(model_state(8), centroids=torch.full((3, 4), math.inf)), 5),
-        ("norm", huge, 5),
-        ("missing_n", model_state(9), None),
-        ("negative_n", model_state(10), -4),
-        ("g2", model_state(11), 6),  # a second result claiming site g2
+        ("shape", dict(near_global(5), **{"head.linear.weight": torch.zeros(2, 2)}), 5, None),
+        ("clusters", dict(near_global(6), centroids=torch.randn(4, 4)), 5, None),
+        ("nan", dict(near_global(7), **{"head.linear.bias": torch.full((4,), math.nan)}), 5, None),
+        ("inf", dict(near_global(8), centroids=torch.full((3, 4), math.inf)), 5, None),
+        ("norm", huge, 5, None),
+        ("missing_n", near_global(9), None, None),
+        ("negative_n", near_global(10), -4, None),
+        ("overclaim", near_global(11), 50, None),  # more images than it declared in the census
+        ("impostor", near_global(12), 5, "g1"),  # declares another site's name
+        ("g2", near_global(13), 6, None),  # a second result of g2 in the round
     ]
     return good, bad
 
@@ -231,180 +194,71 @@ EXPECTED_REASON = {
     "clusters": "centroids have shape (4, 4), expected (3, 4)",
     "nan": "contains NaN",
     "inf": "centroids contain NaN or Inf",
-    "norm": "x the median",
+    "norm": "federation.max_relative_change",
     "missing_n": "num_samples is missing",
     "negative_n": "num_samples must be > 0",
-    "g2": "duplicated site name",
+    "overclaim": "num_samples 50 exceeds the 5 it declared when the job started",
+    "impostor": "declares site 'g1' but FLARE authenticated it as 'impostor'",
+    "g2": "sent a second result in this round",
 }
 
 
-@pytest.mark.parametrize("min_clients, proceeds", [(2, True), (3, False)])
+@pytest.mark.parametrize("min_clients, proceeds", [(3, True), (4, False)])
 def test_flare_aggregator_rejects_every_hostile_update_naming_the_site(tmp_path, caplog, min_clients, proceeds):
-    """All hostile kinds in one round: each is rejected with a logged reason naming its site. Both g2 results are
-    rejected (duplicate), so 2 good updates remain: the round proceeds with min_clients=2 and fails with a clear
-    message with min_clients=3."""
-    from nvflare.apis.fl_constant import ReservedKey
-    from nvflare.app_common.abstract.fl_model import FLModel
-    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
-
+    """All hostile kinds in one round: each is rejected with a logged reason naming its FLARE client. g2's first
+    result counts, so 3 good updates remain: the round proceeds with min_clients=3 and fails with a clear message
+    with min_clients=4."""
     from fuss_components.aggregation import AggregationError
-    from test_flare_components import make_aggregator, train_result
+    from test_flare_components import aggregated, make_aggregator, screening_report, train_result
 
     good, bad = _hostile_batch()
-    _, agg, fl_ctx = make_aggregator(tmp_path, "fedcc-kmeans", min_clients=min_clients)
+    declared = {client: 5 for client, *_ in bad} | {client: n for client, _, n, _ in good}
+    _, agg, fl_ctx = make_aggregator(tmp_path, "fedcc-kmeans", min_clients=min_clients, declared_counts=declared)
     with caplog.at_level(logging.WARNING):
-        for i, (site, state, n) in enumerate(good + bad):
-            if n is None:  # no sample count at all in the meta
-                shareable = FLModelUtils.to_shareable(FLModel(params=state, metrics={}, meta={"site": site}))
-                shareable.set_peer_props({ReservedKey.IDENTITY_NAME: f"site-{i + 1}"})
-            else:
-                shareable = train_result(state, site, n, f"site-{i + 1}")
-            agg.accept(shareable, fl_ctx)
+        for client, state, n, site in good + bad:
+            agg.accept(train_result(client, state, n, site=site), fl_ctx)
         if proceeds:
-            out = FLModelUtils.from_shareable(agg.aggregate(fl_ctx))
+            out = aggregated(agg, fl_ctx)
         else:
             with pytest.raises(AggregationError) as err:
                 agg.aggregate(fl_ctx)
-    reasons = {}
-    for site, reason in agg.last_report["rejected"]:
-        reasons.setdefault(site, []).append(reason)
-    assert agg.last_report["accepted"] == ["g1", "g3"]
-    assert set(reasons) == set(EXPECTED_REASON)
-    for site, expected in EXPECTED_REASON.items():
-        assert any(expected in r and repr(site) in r for r in reasons[site]), (site, reasons[site])
-        assert f"rejected the update of {site}" in caplog.text
-    assert len(reasons["g2"]) == 2  # both claimants of g2
+    report = screening_report(fl_ctx)
+    reasons = dict(report["rejected"])
+    assert report["accepted"] == ["g1", "g2", "g3"]
+    assert len(report["rejected"]) == len(bad) and set(reasons) == set(EXPECTED_REASON)
+    for client, expected in EXPECTED_REASON.items():
+        assert expected in reasons[client], (client, reasons[client])
+        assert f"round 4: rejected the update of {client}: " in caplog.text
     if proceeds:
-        head, centroids = split_state(out.params)
+        head, centroids = split_state(out)
         assert torch.isfinite(centroids).all() and centroids.shape == (3, 4)
     else:
-        assert "2 acceptable client update(s) ['g1', 'g3'], fewer than min_clients=3" in str(err.value)
-
-
-def test_trimmed_count_hand_values():
-    # ceil(0.2 n), at most (n - 1) // 2
-    assert [trimmed_count(n, 0.2) for n in (1, 2, 3, 4, 5, 6, 10, 12)] == [0, 0, 1, 1, 1, 2, 2, 3]
-    assert [trimmed_count(n, 0.0) for n in (1, 5, 12)] == [0, 0, 0]
-    assert trimmed_count(12, 0.49) == 5 and trimmed_count(4, 0.49) == 1
-    with pytest.raises(ValueError):
-        trimmed_count(4, 0.5)
-
-
-def test_robust_average_states_hand_values():
-    # one coordinate per key; values per client listed in column order
-    states = [{"a": t([1.0, -2.0]), "n": torch.tensor(3)},
-              {"a": t([2.0, 10.0]), "n": torch.tensor(3)},
-              {"a": t([100.0, 0.0]), "n": torch.tensor(3)},
-              {"a": t([4.0, 1.0]), "n": torch.tensor(3)},
-              {"a": t([3.0, -1000.0]), "n": torch.tensor(3)}]
-    # column 0 sorted: 1 2 3 4 100 -> median 3; trimmed (k=1 at 0.2): mean(2, 3, 4) = 3
-    # column 1 sorted: -1000 -2 0 1 10 -> median 0; trimmed: mean(-2, 0, 1) = -1/3
-    med = robust_average_states(states, "median")
-    assert torch.allclose(med["a"], t([3.0, 0.0])) and torch.equal(med["n"], torch.tensor(3))
-    trim = robust_average_states(states, "trimmed-mean", 0.2)
-    assert torch.allclose(trim["a"], t([3.0, -1.0 / 3.0]))
-    # k = ceil(0.4 * 5) = 2: only the middle value remains = the median
-    assert torch.allclose(robust_average_states(states, "trimmed-mean", 0.4)["a"], med["a"])
-    # trim 0: the plain unweighted mean (1+2+100+4+3)/5 = 22, (-2+10+0+1-1000)/5 = -198.2
-    assert torch.allclose(robust_average_states(states, "trimmed-mean", 0.0)["a"], t([22.0, -198.2]))
-    # even count: mean of the two middle values: first four, column 0: 1 2 4 100 -> 3; column 1: -2 0 1 10 -> 0.5
-    assert torch.allclose(robust_average_states(states[:4], "median")["a"], t([3.0, 0.5]))
-    with pytest.raises(ValueError, match="shape"):
-        robust_average_states([{"a": t([1.0])}, {"a": t([1.0, 2.0])}], "median")
-    with pytest.raises(ValueError, match="mode"):
-        robust_average_states(states, "mean")
-
-
-def test_robust_head_bounds_one_poisoned_client_while_fedavg_does_not():
-    """Five honest heads around 1.0 and one boosted 100x (under the 1e3 screening limit, so it is accepted)."""
-    honest = [1.0, 1.1, 0.9, 1.05, 0.95]
-    ups = [ClientUpdate(f"h{i}", {"w": torch.full((2, 2), v)}, torch.eye(2), 10) for i, v in enumerate(honest)]
-    ups.append(ClientUpdate("evil", {"w": torch.full((2, 2), 100.0)}, torch.eye(2), 10))
-    accepted, rejected = screen_updates(ups, {"w": torch.zeros(2, 2)}, 2, 2)
-    assert len(accepted) == 6 and rejected == []
-    plain, _ = aggregate(accepted, FederationConfig(aggregator="fedavg"), 2)
-    assert plain["w"][0, 0].item() == pytest.approx((sum(honest) + 100) / 6)  # 17.5: dragged away
-    med, _ = aggregate(accepted, FederationConfig(aggregator="fedavg", robust="median"), 2)
-    assert med["w"][0, 0].item() == pytest.approx((1.0 + 1.05) / 2)  # sorted .9 .95 1 1.05 1.1 100
-    trim, _ = aggregate(accepted, FederationConfig(aggregator="fedavg", robust="trimmed-mean"), 2)
-    assert trim["w"][0, 0].item() == pytest.approx((1.0 + 1.05) / 2)  # k = ceil(0.2 * 6) = 2 cut at each end
-    # an inflated sample count buys a FedAvg client influence, never a robust one
-    ups[-1].num_samples = 10_000
-    plain, _ = aggregate(ups, FederationConfig(aggregator="fedavg"), 2)
-    assert plain["w"][0, 0].item() > 95
-    med2, _ = aggregate(ups, FederationConfig(aggregator="fedavg", robust="median"), 2)
-    assert torch.equal(med2["w"], med["w"])
-
-
-def _rotation(theta: float, scale: float = 1.0) -> torch.Tensor:
-    return scale * t([math.cos(theta), math.sin(theta)], [-math.sin(theta), math.cos(theta)])
-
-
-def test_centroid_outliers_hand_values():
-    # 5 clients, 2 centroids in 2-D. Honest: the identity rotated by -0.2, -0.1, 0.1, 0.2 rad (norms scaled, which
-    # must not matter); evil: flipped (-I). Coordinate-wise median of the normalised sets: coords (0, 0) and (1, 1)
-    # sorted are -1, cos .2, cos .2, cos .1, cos .1 -> cos .2; the off-diagonal ones -sin .2, -sin .1, 0, sin .1,
-    # sin .2 -> 0. So M = cos(.2) I. Distances: +-0.2: sqrt(2) sin .2 = 0.2810; +-0.1: 0.1428; evil:
-    # sqrt(2) (1 + cos .2) = 2.800. Median distance = sqrt(2) sin .2; evil is 9.97 x that.
-    honest = [_rotation(-0.2, 2.0), _rotation(-0.1), _rotation(0.1, 3.0), _rotation(0.2)]
-    ups = [ClientUpdate(f"h{i}", {}, x, 1) for i, x in enumerate(honest)] + [ClientUpdate("evil", {}, -torch.eye(2), 1)]
-    median = math.sqrt(2) * math.sin(0.2)
-    evil = math.sqrt(2) * (1 + math.cos(0.2))
-    out = centroid_outliers(ups, 3.0)
-    assert [site for site, _ in out] == ["evil"]
-    assert "'evil'" in out[0][1] and f"{evil:.4g}" in out[0][1] and f"{median:.4g}" in out[0][1]
-    assert evil / median == pytest.approx(9.97, abs=0.01)
-    assert centroid_outliers(ups, 10.0) == []  # 9.97 x the median is not more than 10 x
-    assert centroid_outliers(ups[3:], 3.0) == []  # 2 clients: no majority, no test
-    for perm in itertools.permutations(ups):  # arrival order does not matter
-        assert centroid_outliers(list(perm), 3.0) == out
-
-
-def test_screening_in_robust_mode_rejects_flipped_centroids():
-    g = torch.Generator().manual_seed(0)
-    base = normalize_rows(torch.randn(3, 4, generator=g))
-    ups = [ClientUpdate(f"h{i}", {"w": torch.full((2,), 1.0 + 0.01 * i)}, base + 0.05 * torch.randn(3, 4, generator=g),
-                        5) for i in range(4)]
-    ups.append(ClientUpdate("evil", {"w": torch.full((2,), 1.0)}, -base, 5))
-    ref = {"w": torch.zeros(2)}
-    accepted, rejected = screen_updates(ups, ref, 3, 4)
-    assert len(accepted) == 5  # robust mode off: flipped centroids pass (they are finite and well shaped)
-    robust = FederationConfig(robust="median")
-    accepted, rejected = screen_updates(ups, ref, 3, 4, federation=robust)
-    assert [u.site for u in accepted] == ["h0", "h1", "h2", "h3"]
-    assert [s for s, _ in rejected] == ["evil"] and "centroids lie" in rejected[0][1]
+        assert "3 acceptable update(s) ['g1', 'g2', 'g3'], fewer than min_clients=4" in str(err.value)
 
 
 def test_flare_aggregator_applies_the_robust_mode_of_the_job(tmp_path, caplog):
     """The job's federation.robust reaches the FLARE aggregator: flipped centroids rejected (logged, naming the
     site), the head is the coordinate-wise median of the rest."""
-    from nvflare.apis.event_type import EventType
-    from nvflare.app_common.utils.fl_model_utils import FLModelUtils
+    from test_flare_components import aggregated, make_aggregator, near_global, screening_report, train_result
 
-    from fuss_flare import CONFIG_FILE
-    from fuss_flare.aggregator import FussAggregator
-    from test_flare_components import make_aggregator, model_state, train_result
-
-    _, _, fl_ctx = make_aggregator(tmp_path, "fedavg", min_clients=1)
-    cfg = FussConfig.from_dict({"federation": {"aggregator": "fedavg", "min_clients": 1, "robust": "median"}})
-    cfg.save(tmp_path / "custom" / CONFIG_FILE)
-    agg = FussAggregator()
-    agg.handle_event(EventType.START_RUN, fl_ctx)
+    cfg, agg, fl_ctx = make_aggregator(tmp_path, "fedavg", min_clients=1, robust="median")
     g = torch.Generator().manual_seed(0)
     base = normalize_rows(torch.randn(3, 4, generator=g))
-    honest = [dict(model_state(i), centroids=base + 0.05 * torch.randn(3, 4, generator=g)) for i in range(4)]
-    evil = dict(model_state(9), centroids=-base)
+    honest = [dict(near_global(i), centroids=base + 0.05 * torch.randn(3, 4, generator=g)) for i in range(4)]
+    evil = dict(near_global(9), centroids=-base)
     with caplog.at_level(logging.WARNING):
         for i, state in enumerate(honest + [evil]):
-            agg.accept(train_result(state, f"s{i}" if i < 4 else "evil", 5 + i, f"site-{i + 1}"), fl_ctx)
-        out = FLModelUtils.from_shareable(agg.aggregate(fl_ctx)).params
-    assert agg.last_report["accepted"] == ["s0", "s1", "s2", "s3"]
-    assert [s for s, _ in agg.last_report["rejected"]] == ["evil"]
+            agg.accept(train_result(f"s{i}" if i < 4 else "evil", state, 5 + i), fl_ctx)
+        out = aggregated(agg, fl_ctx)
+    report = screening_report(fl_ctx)
+    assert report["accepted"] == ["s0", "s1", "s2", "s3"]
+    assert [s for s, _ in report["rejected"]] == ["evil"]
     assert "rejected the update of evil" in caplog.text and "centroids lie" in caplog.text
     updates = [ClientUpdate(f"s{i}", *split_state(st), 5 + i) for i, st in enumerate(honest)]
     head, centroids = aggregate(updates, cfg.federation, 3)
     assert all(torch.equal(out["head." + k], v) for k, v in head.items()) and torch.equal(out["centroids"], centroids)
-    assert torch.equal(head["linear.weight"], robust_average_states([u.head for u in updates], "median")["linear.weight"])
+    median = robust_average_states([u.head for u in updates], "median")
+    assert torch.equal(head["linear.weight"], median["linear.weight"])
 
 
 # ============================================================================== 4. data faults
@@ -542,9 +396,9 @@ def _disk_full_after(monkeypatch, victim: str, half: bool):
 
     state["target"] = None
     monkeypatch.setattr(cache_mod, "_atomic_write", atomic)
-    monkeypatch.setattr(cache_mod.os, "fdopen", fdopen)
+    monkeypatch.setattr(os, "fdopen", fdopen)
     if not half:
-        monkeypatch.setattr(cache_mod.os, "replace", replace)
+        monkeypatch.setattr(os, "replace", replace)
 
 
 @pytest.mark.parametrize("half", [True, False], ids=["write", "rename"])
@@ -700,20 +554,27 @@ def test_cli_and_job_export_fail_before_work_naming_the_key(tiny_data_root, tmp_
     assert not (tmp_path / "jobs").exists()
 
 
-def test_flare_site_and_server_validate_the_job_config(tmp_path):
-    """The client script and the server components read the job's config through FussConfig.load (validated)."""
+def test_flare_site_and_server_validate_the_job_config(tmp_path, monkeypatch):
+    """The site (``load_site_config``) and the server components (``load_job_config``) read the job's
+    ``config/fuss_config.json`` through FussConfig.load (validated); a site's own overrides are validated too."""
     from nvflare.apis.fl_constant import FLContextKey
     from nvflare.apis.fl_context import FLContext
 
-    from fuss_flare import load_job_config
-    from fuss_flare.client import load_site_config
+    from fuss_flare import load_job_config, load_site_config
 
-    (tmp_path / "custom").mkdir()
-    bad = tmp_path / "custom" / "fuss_config.json"
-    bad.write_text(json.dumps({"federation": {"robust": "median", "trim_fraction": 0.9}}))
-    with pytest.raises(ConfigError, match=r"federation\.trim_fraction"):
-        load_site_config(str(bad))
+    (tmp_path / "config").mkdir()
+    job_config = tmp_path / "config" / "fuss_config.json"
+    job_config.write_text(json.dumps({"federation": {"robust": "median", "trim_fraction": 0.9}}))
     fl_ctx = FLContext()
     fl_ctx.set_prop(FLContextKey.APP_ROOT, str(tmp_path), private=True, sticky=False)
+    monkeypatch.delenv("FUSS_SITE_CONFIG", raising=False)
+    for load in (load_site_config, load_job_config):
+        with pytest.raises(ConfigError, match=r"federation\.trim_fraction"):
+            load(fl_ctx)
+    job_config.write_text(json.dumps({"federation": {"robust": "median", "trim_fraction": 0.2}}))
+    assert load_job_config(fl_ctx).federation.trim_fraction == 0.2  # control: a valid config loads
+    overrides = tmp_path / "site.json"
+    overrides.write_text(json.dumps({"federation.trim_fraction": 0.7}))
+    monkeypatch.setenv("FUSS_SITE_CONFIG", str(overrides))
     with pytest.raises(ConfigError, match=r"federation\.trim_fraction"):
-        load_job_config(fl_ctx)
+        load_site_config(fl_ctx)

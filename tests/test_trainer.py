@@ -103,30 +103,6 @@ def test_quantile_shifts_follow_attract_fractions(tiny_cfg):
     assert (fixed.self, fixed.knn, fixed.random) == (0.4583, 0.1754, 0.3136)
 
 
-def test_initial_global_state_is_the_same_on_every_call(tiny_cfg):
-    from fuss_components.backbones import _architecture
-
-    _architecture.cache_clear()  # a cold process: the first call builds timm's model
-    first, second = init_global_state(tiny_cfg), init_global_state(tiny_cfg)
-    assert all(torch.equal(first[k], second[k]) for k in first)
-    other_seed = init_global_state(tiny_cfg.with_overrides({"federation.seed": 1}))
-    assert not torch.equal(first["centroids"], other_seed["centroids"])
-    assert torch.allclose(first["centroids"].norm(dim=1), torch.ones(3))
-
-
-def test_projection_head_is_linear_plus_nonlinear_branch():
-    from fuss_components.head import ProjectionHead, join_state, split_state
-
-    head = ProjectionHead(in_dim=6, dim=3, dropout=0.0).eval()
-    x = torch.randn(2, 6, 4, 5)
-    expected = head.linear(x) + head.nonlinear[2](torch.relu(head.nonlinear[0](x)))
-    assert torch.allclose(head(x), expected)
-    assert head(x).shape == (2, 3, 4, 5)
-    model = FussModel(6, 3, num_clusters=4)
-    parts = split_state(model.state_dict())
-    assert parts[1].shape == (4, 3) and set(join_state(*parts)) == set(model.state_dict())
-
-
 def test_kmeans_centroids_are_a_fixed_point_of_cosine_kmeans_on_the_sites_codes(tiny_cfg):
     """train.centroids=kmeans: after the local steps the centroids are refit by cosine k-means of the site's own
     codes, started from the learned ones; the head is the one the loss trained (identical to "learned")."""

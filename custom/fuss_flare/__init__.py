@@ -1,23 +1,25 @@
 """FUSS on NVIDIA FLARE 2.9: thin adapters between FLARE objects and ``fuss_components``.
 
-Modules
--------
-``client``      Client API script (run in-process by FLARE's ``ClientAPIExecutor``) for the tasks below.
-``controller``  ``FussController``, a ``ScatterAndGather`` that trains on training sites, validates on validation
-                sites, records metrics / wire sizes, keeps the best model and checkpoints every round.
-``aggregator``  ``FussAggregator`` (FedAvg / FedCC-kmeans / FedCC-maximin via ``fuss_components.aggregation``).
-``persistor``   ``FussModelPersistor``: ``PTFileModelPersistor`` whose initial model is ``init_global_state(cfg)``.
-``filters``     ``FussResultFilter``: only head parameters, centroids and declared metadata leave a site.
-``job``         ``build_job`` / ``export`` / ``main``: the one Python definition of every FUSS job.
+Installed on every site and on the server (``pip install`` of this project); a job carries configuration only
+(``config/config_fed_*.json`` naming these classes, and ``config/fuss_config.json``), so the code a site runs is
+the code the site installed. Modules:
 
-Wire format (what crosses between a site and the server)
---------------------------------------------------------
-* task ``train``: server -> site: the global FussModel state dict (``head.*`` tensors + ``centroids``);
-  site -> server: the same keys after local training, ``meta = {"num_samples": N_k, "site": name}`` and the
-  loss terms as metrics.
-* task ``validate``: server -> site: the global state dict; site -> server: metrics only (``VALIDATION_METRICS``).
-* task ``site_info``: server -> site: nothing; site -> server: the site's role (training / validation site) and
-  its number of training images, as metrics.
+``executor``    ``FussExecutor``: the site's tasks ``site_info``, ``train``, ``validate``.
+``controller``  ``FussController``: FLARE's ``ScatterAndGather`` with a site census before and a final validation.
+``aggregator``  ``FussAggregator``: screening and FedAvg / FedCC through ``fuss_components.aggregation``.
+``recorder``    ``FussRecorder``: metrics, checkpoint, final and best model, from FLARE's round events.
+``persistor``   ``FussModelPersistor``: ``PTFileModelPersistor`` whose initial model is the seeded FUSS model.
+``filters``     the site's privacy filters: what may leave a site is checked against a schema.
+``job``         the one Python definition of every FUSS job, and the generator of ``jobs/``.
+
+Wire format (keyed on the server by FLARE's authenticated client name):
+
+* ``train``: server -> site: the global state dict (``head.*`` + ``centroids``); site -> server: the same keys
+  after local training, ``meta = {"num_samples": N, "site": <its FLARE name>, "initial_metrics": {...}}`` with the
+  loss terms, and the validation metrics of the received model on a validation site; a validation-only site
+  sends no parameters and ``num_samples = 0``.
+* ``validate`` (the final model): site -> server: validation metrics only.
+* ``site_info``: site -> server: its role and number of training images, as metrics.
 """
 
 TASK_TRAIN = "train"
@@ -26,29 +28,27 @@ TASK_SITE_INFO = "site_info"
 ALL_TASKS = [TASK_TRAIN, TASK_VALIDATE, TASK_SITE_INFO]
 
 CONFIG_FILE = "fuss_config.json"
-TRAINING_SITES_PROP = "fuss_training_sites"  # FLContext prop: FLARE names of the training sites (set by the controller)  # shipped in the job's custom/ folder of every app
+SITE_CONFIG_ENV = "FUSS_SITE_CONFIG"  # a site's own overrides (JSON of dotted keys), e.g. its data root
 
-# Declared metadata: the only `meta` keys a site's result may carry (besides FLARE's metrics slot).
+# Declared metadata of a site's result.
 META_NUM_SAMPLES = "num_samples"
 META_SITE = "site"
-DECLARED_META = (META_NUM_SAMPLES, META_SITE)
 
-# Declared metric names of the validate and site_info tasks (train metrics are loss terms: any float).
-VALIDATION_METRICS = ("miou", "pixel_acc", "per_class_iou", "clusters_used", "num_images")
-SITE_INFO_METRICS = ("is_training_site", "is_validation_site", "num_samples")
-
-# Parameter names of the FussModel state dict that may travel.
-HEAD_PREFIX = "head."
-CENTROIDS_KEY = "centroids"
-
-
-def is_model_key(key: str) -> bool:
-    """True for the parameter names that may leave a site: ``head.*`` and ``centroids``."""
-    return key == CENTROIDS_KEY or key.startswith(HEAD_PREFIX)
+# Server-side FLContext properties and events between the FUSS components (FLARE's public event mechanism).
+SITE_CENSUS = "fuss.site_census"  # fired by the controller after site_info
+SITE_ROLES_PROP = "fuss.site_roles"  # {client: {"is_training_site", "is_validation_site", "num_samples"}}
+DECLARED_COUNTS_PROP = "fuss.declared_counts"  # {training client: images it declared at site_info}
+SCREENING_DONE = "fuss.screening_done"  # fired by the aggregator after screening a round
+SCREENING_REPORT = "fuss.screening_report"  # {"accepted": [...], "rejected": [[client, reason], ...]}
+FINAL_VALIDATION = "fuss.final_validation"  # fired by the controller after validating the final model
+VALIDATION_RESULTS_PROP = "fuss.validation_results"  # {client: validation metrics}
+JOB_FAILED = "fuss.job_failed"  # fired before a FUSS component stops the job; the reason in ERROR_PROP
+ERROR_PROP = "fuss.error"
 
 
 def app_file(fl_ctx, name: str):
-    """Path of a file shipped in the running app's ``custom/`` folder (absolute paths are returned as they are)."""
+    """Path of a configuration file in the running app's ``config/`` folder (absolute paths are returned as they
+    are). Jobs carry configuration only: a ``custom/`` folder would make the job BYOC (custom code)."""
     from pathlib import Path
 
     from nvflare.apis.fl_constant import FLContextKey
@@ -59,18 +59,30 @@ def app_file(fl_ctx, name: str):
     app_root = fl_ctx.get_prop(FLContextKey.APP_ROOT)
     if not app_root:
         raise RuntimeError(f"cannot resolve {name!r}: the FLARE context has no app root")
-    return Path(app_root) / "custom" / path
+    return Path(app_root) / "config" / path
 
 
 def load_job_config(fl_ctx, config_file: str = CONFIG_FILE):
-    """The job's ``FussConfig`` (server side: read from the app's custom folder)."""
+    """The job's ``FussConfig`` (``<app>/config/fuss_config.json``)."""
     from fuss_components.config import FussConfig
 
     return FussConfig.load(app_file(fl_ctx, config_file))
 
 
+def load_site_config(fl_ctx, config_file: str = CONFIG_FILE):
+    """The job's ``FussConfig`` as this site runs it: with the overrides of the JSON file named by
+    ``$FUSS_SITE_CONFIG`` (dotted keys, e.g. ``{"data.root": "/data/fuss", "cache_dir": "/scratch/fuss"}``)."""
+    import json
+    import os
+    from pathlib import Path
+
+    cfg = load_job_config(fl_ctx, config_file)
+    overrides = os.environ.get(SITE_CONFIG_ENV)
+    return cfg.with_overrides(json.loads(Path(overrides).read_text())) if overrides else cfg
+
+
 def to_torch_state(params) -> dict:
-    """FLModel params (torch tensors, or numpy arrays when a job exchanges numpy) -> ``dict[str, Tensor]``."""
+    """DXO data (torch tensors, or numpy arrays when a job exchanges numpy) -> ``dict[str, Tensor]``."""
     import numpy as np
     import torch
 
@@ -83,3 +95,10 @@ def to_torch_state(params) -> dict:
         else:
             raise TypeError(f"parameter {key!r} is a {type(value).__name__}, not a tensor")
     return out
+
+
+def weights_shareable(state: dict):
+    """A full model state as FLARE's WEIGHTS DXO in a Shareable."""
+    from nvflare.apis.dxo import DXO, DataKind
+
+    return DXO(DataKind.WEIGHTS, data=state).to_shareable()

@@ -1,103 +1,101 @@
 """Server-side aggregator: FLARE results -> ``fuss_components.aggregation`` (screen, then aggregate).
 
-One class serves FedAvg (switch W from ``federation.weighted``), FedCC-kmeans and FedCC-maximin: the rule is
-``federation.aggregator`` of the job's config, the robust mode ``federation.robust``. Two results claiming the
-same site name are both rejected (the genuine one cannot be told apart, and keeping the first to arrive would
-make the global model depend on arrival order). The switches E and C and FedProx / MOON act on the sites
-(``fuss_components.site.Site.train``), so they work with every rule. No aggregation math lives here.
+One class serves FedAvg, FedCC-kmeans and FedCC-maximin (``federation.aggregator`` of the job's config). Every
+result is keyed by FLARE's authenticated client name (the peer identity of the result), never by what the site
+writes in its meta: a declared ``site`` that differs is rejected. A result with ``num_samples == 0`` and no
+parameters is a validation-only site's zero-weight result: recorded, not averaged. After screening the
+aggregator fires ``SCREENING_DONE`` with the accepted and rejected sites in the FLContext (``SCREENING_REPORT``),
+for the recorder; no aggregation math lives here.
 """
 
 from __future__ import annotations
 
+from nvflare.apis.dxo import MetaKey, from_shareable
 from nvflare.apis.event_type import EventType
 from nvflare.apis.fl_constant import ReservedKey
 from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable
-from nvflare.app_common.abstract.fl_model import FLModel, MetaKey, ParamsType
-from nvflare.app_common.aggregators.model_aggregator import ModelAggregator
+from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.app_constant import AppConstants
-from nvflare.app_common.utils.fl_model_utils import FLModelUtils
 
 from fuss_components.aggregation import AggregationError, ClientUpdate, aggregate, screen_updates
 from fuss_components.head import join_state, split_state
-from fuss_flare import CONFIG_FILE, META_NUM_SAMPLES, META_SITE, TRAINING_SITES_PROP, load_job_config, to_torch_state
+from fuss_flare import (
+    CONFIG_FILE,
+    DECLARED_COUNTS_PROP,
+    ERROR_PROP,
+    JOB_FAILED,
+    META_NUM_SAMPLES,
+    META_SITE,
+    SCREENING_DONE,
+    SCREENING_REPORT,
+    load_job_config,
+    to_torch_state,
+    weights_shareable,
+)
 
 
-class FussAggregator(ModelAggregator):
-    def __init__(self, config_file: str = CONFIG_FILE, min_clients: int | None = None):
-        """Aggregate the sites' heads and centroids with the rule of ``federation.aggregator``.
-
-        Args:
-            config_file: the job's FussConfig JSON (in the server app's custom folder).
-            min_clients: fewest accepted updates a round needs; fewer raises ``AggregationError`` (the job fails).
-                None: ``federation.min_clients`` of the config, else every training site the controller found.
-        """
+class FussAggregator(Aggregator):
+    def __init__(self, config_file: str = CONFIG_FILE):
+        """Aggregate the sites' heads and centroids with the rule of ``federation.aggregator``; fewer accepted
+        updates than ``federation.min_clients`` (default: every training site) fails the round."""
         super().__init__()
         self.config_file = config_file
-        self.min_clients = min_clients
         self._cfg = None
-        self._updates: list[ClientUpdate] = []
-        self._unreadable: list[tuple[str, str]] = []
-        self._peer = ""
-        self.last_report: dict = {}  # read by FussController after each round
+        self._updates: dict[str, ClientUpdate] = {}
+        self._rejected: list[tuple[str, str]] = []
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
-        super().handle_event(event_type, fl_ctx)
         if event_type == EventType.START_RUN:
             self._cfg = load_job_config(fl_ctx, self.config_file)
 
     def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
-        self.fl_ctx = fl_ctx
-        self._peer = shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "") or "?"
+        client = shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "") or "?"
         try:
-            model = FLModelUtils.from_shareable(shareable, fl_ctx)
+            dxo = from_shareable(shareable)
+            meta = dxo.meta or {}
+            declared = meta.get(META_SITE, client)
+            if declared != client:
+                raise ValueError(f"declares site {declared!r} but FLARE authenticated it as {client!r}")
+            if client in self._updates:
+                raise ValueError("sent a second result in this round")
+            state = to_torch_state(dxo.data)
+            if not state and meta.get(META_NUM_SAMPLES) == 0:
+                return True  # a validation-only site's zero-weight result: its metrics are recorded elsewhere
+            head, centroids = split_state(state)
         except Exception as err:
-            self._unreadable.append((self._peer, f"client {self._peer!r}: unreadable result ({err})"))
-            return False
-        return self.accept_model(model)
-
-    def accept_model(self, model: FLModel) -> bool:
-        meta = model.meta or {}
-        site = str(meta.get(META_SITE) or self._peer)
-        try:
-            head, centroids = split_state(to_torch_state(model.params))
-        except (KeyError, TypeError) as err:
-            self._unreadable.append((site, f"site {site!r} (client {self._peer!r}): malformed parameters ({err})"))
+            self._rejected.append((client, str(err)))
             return False
         metrics = dict(meta.get(MetaKey.INITIAL_METRICS) or {})
-        self._updates.append(ClientUpdate(site, head, centroids, meta.get(META_NUM_SAMPLES), metrics))
+        self._updates[client] = ClientUpdate(client, head, centroids, meta.get(META_NUM_SAMPLES), metrics)
         return True
 
-    def aggregate_model(self) -> FLModel:
-        round_idx = self.fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
-        global_model = self.fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
+    def aggregate(self, fl_ctx: FLContext) -> Shareable:
+        round_idx = fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
+        global_model = fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)
         ref_head, ref_centroids = split_state(to_torch_state(global_model["weights"]))
         num_clusters, dim = (int(n) for n in ref_centroids.shape)
-        accepted, rejected = screen_updates(self._updates, ref_head, num_clusters, dim,
-                                            federation=self._cfg.federation, reject_all_duplicates=True)
-        rejected = self._unreadable + rejected
+        declared = fl_ctx.get_prop(DECLARED_COUNTS_PROP)  # None: no census (an aggregator used alone)
+        accepted, rejected = screen_updates(list(self._updates.values()), ref_head, num_clusters, dim,
+                                            federation=self._cfg.federation, declared_counts=declared)
+        rejected = self._rejected + list(rejected)
+        report = {"accepted": sorted(u.site for u in accepted), "rejected": [[s, r] for s, r in rejected]}
         for site, reason in rejected:
-            self.warning(f"round {round_idx}: rejected the update of {site}: {reason}")
-        self.last_report = {
-            "accepted": sorted(u.site for u in accepted),
-            "rejected": [[site, reason] for site, reason in rejected],
-        }
-        updates = accepted
-        self.reset_stats()
-        training_sites = self.fl_ctx.get_prop(TRAINING_SITES_PROP) or []
-        need = self.min_clients or self._cfg.federation.min_clients or len(training_sites) or 1
-        if len(updates) < need:
-            raise AggregationError(
-                f"round {round_idx}: {len(updates)} acceptable client update(s) {self.last_report['accepted']}, "
-                f"fewer than min_clients={need}; rejected: {self.last_report['rejected']}"
-            )
-        head, centroids = aggregate(updates, self._cfg.federation, num_clusters)
-        self.info(
-            f"round {round_idx}: {self._cfg.federation.aggregator} over {self.last_report['accepted']}"
-            + (f" ({len(rejected)} rejected)" if rejected else "")
-        )
-        return FLModel(params=join_state(head, centroids), params_type=ParamsType.FULL)
+            self.log_warning(fl_ctx, f"round {round_idx}: rejected the update of {site}: {reason}")
+        fl_ctx.set_prop(SCREENING_REPORT, report, private=True, sticky=False)
+        self.fire_event(SCREENING_DONE, fl_ctx)
+        self.reset(fl_ctx)
+        need = self._cfg.federation.min_clients or len(declared or {}) or 1
+        if len(accepted) < need:
+            reason = (f"round {round_idx}: {len(accepted)} acceptable update(s) {report['accepted']}, fewer than "
+                      f"min_clients={need}; rejected: {report['rejected']}")
+            fl_ctx.set_prop(ERROR_PROP, reason, private=True, sticky=False)
+            self.fire_event(JOB_FAILED, fl_ctx)
+            raise AggregationError(reason)
+        head, centroids = aggregate(accepted, self._cfg.federation, num_clusters)
+        self.log_info(fl_ctx, f"round {round_idx}: {self._cfg.federation.aggregator} over {report['accepted']}")
+        return weights_shareable(join_state(head, centroids))
 
-    def reset_stats(self):
-        self._updates = []
-        self._unreadable = []
+    def reset(self, fl_ctx: FLContext):
+        self._updates = {}
+        self._rejected = []

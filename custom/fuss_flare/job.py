@@ -1,20 +1,18 @@
 """The one Python definition of every FUSS FLARE job, and the generator of the committed job folders.
 
-    python -m fuss_flare.job export --preset camvid --rounds 5 --local-steps 50 --aggregator fedcc-kmeans --out DIR
+    fuss job export --preset camvid --rounds 5 --local-steps 50 --aggregator fedcc-kmeans --out DIR
     fuss job export --preset cityscapes --clients 6 --fedprox-mu 0.001 --out DIR
     fuss job export --preset camvid --objective smooseg --out DIR     # client objective (docs/objectives.md)
-    python -m fuss_flare.job committed --out jobs        # regenerate jobs/fuss_{camvid,cityscapes,polyp,cocostuff}
+    python -m fuss_flare.job committed --out jobs        # regenerate jobs/fuss_{camvid,cityscapes,polyp,cocostuff27}
 
-A job folder holds one app for the server and all clients: ``config_fed_server.json`` (FussController,
-FussAggregator, FussModelPersistor, FullModelShareableGenerator, TBAnalyticsReceiver), ``config_fed_client.json``
-(ClientAPIExecutor running ``fuss_flare/client.py`` in-process, ConvertToFedEvent, FussResultFilter), and in
-``custom/`` the ``fuss_flare`` package plus ``fuss_config.json`` (the FussConfig of the run). Sites need
-``fuss_components`` installed (``pip install -e <clone>``); nothing else is site-specific in the folder: the data
-root and cache come from ``$FUSS_DATA_ROOT`` / ``$FUSS_CACHE_DIR`` / ``$FUSS_SITE_CONFIG`` or ``../shared``.
-
-Run with ``nvflare simulator <job> -w <workspace> -n <clients> -t <threads>``, where ``-n`` counts training sites
-plus validation-only sites (simulator names ``site-N`` map to the partition's sites in that order); on a POC or
-provisioned federation with ``nvflare job submit`` or ``poc/run.sh`` (``docs/deployment.md``).
+A job folder carries configuration only: one app for the server and every site, ``config/config_fed_server.json``
+(FussController, FussAggregator, FussModelPersistor, FullModelShareableGenerator, FussRecorder,
+TBAnalyticsReceiver), ``config/config_fed_client.json`` (FussExecutor, FussResultFilter, the analytics
+forwarder) and ``config/fuss_config.json`` (the run's FussConfig). The classes come from the ``fuss_flare`` package
+installed on the server and on every site; a job never ships code, so FLARE does not mark it BYOC and a site's
+``class_allow_list`` and privacy filters apply to it. ``meta.json``'s ``deploy_map`` names the partition's sites
+(FLARE client names, ``fuss_components.site.flare_client_name``), so ``nvflare simulator <job> -w WS`` runs the
+right sites under their own names; ``--deploy-all`` exports ``@ALL`` for a federation whose client names differ.
 
 Privacy options: ``--centroid-noise SIGMA --centroid-clip C`` add ``CentroidPrivacyFilter`` after
 ``FussResultFilter``; ``--privacy-scope NAME`` asks the sites for a scope of their ``privacy.json``;
@@ -27,185 +25,132 @@ import argparse
 import json
 import shutil
 import sys
-import tempfile
-from dataclasses import dataclass
 from pathlib import Path
 
-from fuss_components.config import AGGREGATORS, OBJECTIVES, ConfigError, FussConfig
+from fuss_components.config import AGGREGATORS, OBJECTIVES, ConfigError, FussConfig, parse_override
+from fuss_components.partition import PRESETS, preset_site_names
+from fuss_components.site import flare_client_name
 from fuss_flare import ALL_TASKS, CONFIG_FILE
 
-PACKAGE_DIR = Path(__file__).resolve().parent
-
-
-@dataclass(frozen=True)
-class Preset:
-    job: str  # job folder name
-    dataset: str
-    partition: str  # preset name of fuss_components.partition
-    clusters: int
-    clients: int  # default number of training sites
-    validation_only: int  # validation sites that are not training sites (simulator -n = clients + this)
-    note: str
-    client_choices: tuple[int, ...] = ()  # allowed --clients values (empty: fixed)
-
-
-PRESETS = {
-    "camvid": Preset("fuss_camvid", "camvid", "camvid", 11, 3, 1,
-                     "CamVid by sequence: clients 0001TP, 0006R0, 0016E5; Seq05VD held out for validation"),
-    "cityscapes": Preset("fuss_cityscapes", "cityscapes", "cityscapes", 27, 3, 1,
-                         "Cityscapes by city (18 training cities in 3, 6 or 18 clients); the 3 val cities validate",
-                         (3, 6, 18)),
-    "polyp": Preset("fuss_polyp", "polyp", "polyp", 2, 2, 0,
-                    "kvasir and cvc_clinicdb hospitals; each validates on its PraNet test list"),
-    "cocostuff": Preset("fuss_cocostuff", "cocostuff27", "cocostuff27", 27, 18, 1,
-                        "COCO-Stuff-27, Dirichlet(0.5) over 18 clients; val2017 (curated) validates",
-                        tuple(range(1, 101))),
-}
+REPO_JOBS = Path(__file__).resolve().parents[2] / "jobs"
+COMMITTED = ("camvid", "cityscapes", "polyp", "cocostuff27")
 
 
 def preset_config(preset: str, clients: int | None = None) -> FussConfig:
-    """Default FussConfig of a preset (spec defaults; |C| explicit so the server never needs the data)."""
+    """Default FussConfig of a preset (|C| explicit so the server never needs the data)."""
     p = PRESETS[preset]
-    partition = p.partition if clients in (None, p.clients) else f"{p.partition}:{clients}"
+    partition = preset if clients in (None, p.clients) else f"{preset}:{clients}"
     return FussConfig.from_dict(
-        {"data": {"dataset": p.dataset}, "partition": partition, "train": {"num_clusters": p.clusters}}
+        {"data": {"dataset": p.dataset}, "partition": partition, "train": {"num_clusters": p.num_clusters}}
     )
 
 
 def build_job(
     cfg: FussConfig,
     name: str,
-    num_training_sites: int | None = None,
-    validate_every: int = 1,
-    task_request_interval: float = 0.2,
+    sites: tuple[list[str], list[str]] | None = None,
     record_updates: bool = False,
     resume_from: str = "",
     centroid_clip: float | None = None,
     centroid_noise: float = 0.0,
     privacy_delta: float = 1e-5,
-    privacy_scope: str = "",
     server_params: dict | None = None,
 ):
     """A FedJob running ``cfg`` (rounds, aggregator, FedProx / MOON, E/C/W switches all come from ``cfg``).
 
-    ``num_training_sites`` (the partition's training sites, when known at export time) is the minimum used when
-    ``federation.min_clients`` is unset: FLARE's deployment minimum (``min_clients`` in meta.json) and the
-    controller's (fewer training sites answering ``site_info`` fails the job, e.g. a site started with a wrong data
-    path). The controller discovers the sites' roles at run time.
-
-    Privacy (see ``docs/deployment.md``): ``centroid_clip`` / ``centroid_noise`` add ``CentroidPrivacyFilter``
-    (clip each centroid row to norm C, add N(0, (sigma C)^2)) to the train results after ``FussResultFilter``;
-    ``privacy_scope`` names the sites' ``privacy.json`` scope the job asks for (meta.json ``scope``; a site
-    without that scope refuses the job). ``server_params``: top-level FLARE settings of the server app, e.g.
-    ``{"dead_client_grace_period": 0, "dead_client_check_lead_time": 5}`` (how soon a site that died is treated as
-    gone: FLARE waits 60 s and 30 s by default).
+    ``sites``: the partition's (training sites, validation-only sites) when known at export time: every round
+    waits for all of them, and the job needs at least the training sites (``federation.min_clients`` lowers
+    that). ``resume_from``: a ``fuss_checkpoint.pt``; the job continues after its round up to
+    ``federation.rounds``. ``centroid_clip`` / ``centroid_noise`` add ``CentroidPrivacyFilter`` (clip each
+    centroid row to norm C, add N(0, (sigma C)^2)) after ``FussResultFilter``. ``server_params``: top-level FLARE
+    settings of the server app, e.g. ``{"dead_client_grace_period": 0, "dead_client_check_lead_time": 5}``.
     """
     from nvflare.job_config.defs import FilterType
-    from nvflare.app_common.executors.client_api_executor import ClientAPIExecutor
     from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
-    from nvflare.app_common.widgets.convert_to_fed_event import ConvertToFedEvent
     from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
-    from nvflare.client.config import ExchangeFormat
     from nvflare.job_config.api import FedJob
 
     from fuss_flare.aggregator import FussAggregator
     from fuss_flare.controller import FussController
-    from fuss_flare.filters import CentroidPrivacyFilter, FussResultFilter
+    from fuss_flare.executor import FussExecutor
+    from fuss_flare.filters import CentroidPrivacyFilter, FussAnalyticsForwarder, FussResultFilter
     from fuss_flare.persistor import FussModelPersistor
+    from fuss_flare.recorder import FussRecorder
 
     fed = cfg.federation
-    deploy_min = fed.min_clients or num_training_sites or 1
-    job = FedJob(name=name, min_clients=deploy_min)
+    train_sites, validation_only = sites or ([], [])
+    all_sites = len(train_sites) + len(validation_only)
+    start_round = 0
+    if resume_from:
+        import torch
 
-    # server
-    job.to_server(
-        FussController(
-            min_clients=deploy_min,  # unset federation.min_clients: every training site of the partition
-            num_rounds=fed.rounds,
-            validate_every=validate_every,
-            record_updates=record_updates,
-            resume_from=resume_from,
-        ),
-        id="controller",
-    )
-    job.to_server(FussAggregator(config_file=CONFIG_FILE), id="aggregator")
-    job.to_server(FussModelPersistor(config_file=CONFIG_FILE), id="persistor")
+        start_round = int(torch.load(resume_from, map_location="cpu", weights_only=True)["round"]) + 1
+        if start_round >= fed.rounds:
+            raise ConfigError(f"{resume_from} already holds round {start_round - 1}; set --rounds above "
+                              f"{start_round} to continue")
+    job = FedJob(name=name, min_clients=fed.min_clients or len(train_sites) or 1)
+
+    job.to_server(FussController(min_clients=all_sites or fed.min_clients or 1,
+                                 min_training_sites=fed.min_clients or len(train_sites) or 1,
+                                 num_rounds=fed.rounds - start_round, start_round=start_round), id="controller")
+    job.to_server(FussAggregator(), id="aggregator")
+    job.to_server(FussModelPersistor(source_ckpt_file_full_name=resume_from or None), id="persistor")
     job.to_server(FullModelShareableGenerator(), id="shareable_generator")
+    job.to_server(FussRecorder(resume_from=resume_from, record_updates=record_updates), id="recorder")
     job.to_server(TBAnalyticsReceiver(), id="tb_receiver")
-    job.to_server({"server": {"task_request_interval": task_request_interval}})
+    job.to_server({"server": {"task_request_interval": 0.2}})  # FLARE's 2 s poll would add seconds per task
     if server_params:
         job.to_server(dict(server_params))
 
-    # clients
-    executor = ClientAPIExecutor(
-        execution_mode="in_process",
-        task_script_path="fuss_flare/client.py",
-        task_script_args=f"--config {CONFIG_FILE}",
-        params_exchange_format=ExchangeFormat.PYTORCH,
-        server_expected_format=ExchangeFormat.PYTORCH,
-    )
-    job.to_clients(executor, id="executor", tasks=list(ALL_TASKS))
-    job.to_clients(ConvertToFedEvent(events_to_convert=["analytix_log_stats"]), id="event_to_fed")
+    job.to_clients(FussExecutor(), id="executor", tasks=list(ALL_TASKS))
+    job.to_clients(FussAnalyticsForwarder(), id="analytics_forwarder")
     job.to_clients(FussResultFilter(), filter_type=FilterType.TASK_RESULT, tasks=list(ALL_TASKS))
     if centroid_clip is not None or centroid_noise:
         job.to_clients(
             CentroidPrivacyFilter(clip=centroid_clip or 1.0, noise_multiplier=centroid_noise, delta=privacy_delta,
                                   rounds=fed.rounds),
-            filter_type=FilterType.TASK_RESULT, tasks=list(ALL_TASKS),  # one chain per task set; acts on WEIGHTS only
+            filter_type=FilterType.TASK_RESULT, tasks=list(ALL_TASKS),  # acts on WEIGHTS only
         )
-
-    # code and configuration shipped with the job (BYOC): the package (clean copy) and the run's config
-    staging = Path(tempfile.mkdtemp(prefix="fuss_job_"))
-    shutil.copytree(PACKAGE_DIR, staging / "fuss_flare", ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-    cfg.save(staging / CONFIG_FILE)
-    for add in (job.add_file_to_server, job.add_file_to_clients):
-        add(str(staging / "fuss_flare"), dest_dir="fuss_flare")
-        add(str(staging / CONFIG_FILE))
-    job._fuss_staging = staging  # removed by export()
-    job._fuss_meta = {"scope": privacy_scope} if privacy_scope else {}  # merged into meta.json by export()
     return job
 
 
-def export(job, out_dir: str | Path) -> Path:
+def export(job, cfg: FussConfig, out_dir: str | Path, sites: tuple[list[str], list[str]] | None = None,
+           privacy_scope: str = "") -> Path:
     """Write the job folder ``<out_dir>/<job name>`` (replacing an older export) and return its path."""
     out_dir = Path(out_dir)
     target = out_dir / job.name
     if target.exists():
         shutil.rmtree(target)
     out_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        job.export_job(str(out_dir))
-    finally:
-        staging = getattr(job, "_fuss_staging", None)
-        if staging:
-            shutil.rmtree(staging, ignore_errors=True)
-    for junk in target.rglob("__pycache__"):
-        shutil.rmtree(junk, ignore_errors=True)
-    extra_meta = getattr(job, "_fuss_meta", None)
-    if extra_meta:
-        meta = json.loads((target / "meta.json").read_text())
-        meta.update(extra_meta)
-        (target / "meta.json").write_text(json.dumps(meta, indent=4))
-    for config in target.glob("*/config/config_fed_*.json"):  # FLARE keeps filter task lists in a set: sort them
-        data = json.loads(config.read_text())
-        for section in ("task_result_filters", "task_data_filters"):
-            for entry in data.get(section, []):
-                entry["tasks"] = sorted(entry["tasks"])
-        config.write_text(json.dumps(data, indent=4))
+    job.export_job(str(out_dir))
+    for app in [d for d in target.iterdir() if d.is_dir()]:
+        shutil.rmtree(app / "custom", ignore_errors=True)  # the classes are installed on every participant
+        cfg.save(app / "config" / CONFIG_FILE)
+        for config in (app / "config").glob("config_fed_*.json"):  # FLARE keeps task lists in sets: sort them
+            data = json.loads(config.read_text())
+            for section in ("task_result_filters", "task_data_filters", "executors"):
+                for entry in data.get(section, []):
+                    entry["tasks"] = sorted(entry["tasks"])
+            config.write_text(json.dumps(data, indent=4) + "\n")
+    meta = json.loads((target / "meta.json").read_text())
+    if sites:
+        names = [flare_client_name(s) for s in sites[0] + sites[1]]
+        meta["deploy_map"] = {app: ["server", *names] for app in meta["deploy_map"]}
+    if privacy_scope:
+        meta["scope"] = privacy_scope
+    (target / "meta.json").write_text(json.dumps(meta, indent=4) + "\n")
     return target
 
 
-def count_sites(cfg: FussConfig, preset: str | None = None) -> tuple[int | None, int | None]:
-    """(training sites, all sites) of the run's partition: the simulator's ``-n`` is the second number.
+def partition_sites(cfg: FussConfig, preset: str | None = None) -> tuple[list[str], list[str]] | None:
+    """(training sites, validation-only sites) of the run's partition, or None when not known here.
 
-    Presets and manifests are counted offline; any other partition (e.g. ``site``) is resolved from the data when
-    it is reachable here, else ``(None, None)``.
+    Presets and manifests are read offline; any other partition (e.g. ``site``) is resolved from the data when it
+    is reachable from this machine.
     """
     if preset:
-        p = PRESETS[preset]
         _, _, count = cfg.partition.partition(":")
-        train = int(count) if count else p.clients
-        return train, train + p.validation_only
+        return preset_site_names(preset, int(count) if count else None)
     try:
         spec = Path(cfg.partition)
         if spec.suffix == ".json" and spec.is_file():
@@ -217,27 +162,24 @@ def count_sites(cfg: FussConfig, preset: str | None = None) -> tuple[int | None,
             part = resolve_partition(cfg)
             clients, validation = list(part.clients), list(part.validation)
     except Exception:
-        return None, None
-    return len(clients), len(clients) + len([s for s in validation if s not in clients])
+        return None
+    return clients, [s for s in validation if s not in clients]
 
 
 # ---------------------------------------------------------------------------------------------- command line
 
 
-def _parse_override(text: str) -> tuple[str, object]:
-    key, sep, value = text.partition("=")
-    if not sep:
-        raise argparse.ArgumentTypeError(f"--set expects KEY=VALUE, got {text!r}")
+def _override(text: str) -> tuple[str, object]:
     try:
-        return key, json.loads(value)
-    except json.JSONDecodeError:
-        return key, value
+        return parse_override(text)
+    except ConfigError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def get_args_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fuss job export",
-        description="Export a FUSS NVIDIA FLARE job folder (run it with `nvflare simulator DIR/NAME -w WS -n N`).",
+        description="Export a FUSS NVIDIA FLARE job folder (run it with `nvflare simulator DIR/NAME -w WS`).",
     )
     src = parser.add_mutually_exclusive_group(required=True)
     src.add_argument("--preset", choices=sorted(PRESETS), help="dataset / partition preset")
@@ -262,11 +204,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, help="federation seed (initial model, k-means, maximin)")
     parser.add_argument("--data-root", help="data root written into the config (default: resolved per site)")
     parser.add_argument("--cache-dir", help="feature-cache folder written into the config (default: per site)")
-    parser.add_argument("--set", dest="overrides", action="append", type=_parse_override, default=[],
+    parser.add_argument("--set", dest="overrides", action="append", type=_override, default=[],
                         metavar="KEY=VALUE", help="any FussConfig override, e.g. --set train.lr_head=1e-4")
-    parser.add_argument("--validate-every", type=int, default=1, help="validate every N rounds (0: only the last)")
-    parser.add_argument("--task-request-interval", type=float, default=0.2,
-                        help="seconds between a client's task polls (FLARE's default is 2)")
+    parser.add_argument("--deploy-all", action="store_true",
+                        help="deploy_map @ALL instead of the partition's site names (a federation whose FLARE "
+                             "client names are not the partition's)")
     parser.add_argument("--resume-from", default="",
                         help="fuss_checkpoint.pt of an earlier run: continue after its last round (set --rounds to "
                              "the new total)")
@@ -282,7 +224,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     priv.add_argument("--privacy-scope", default="",
                       help="privacy scope the job asks for (meta.json 'scope'; every site's privacy.json must "
                            "define it)")
-    parser.add_argument("--server-param", dest="server_params", action="append", type=_parse_override, default=[],
+    parser.add_argument("--server-param", dest="server_params", action="append", type=_override, default=[],
                         metavar="KEY=VALUE",
                         help="top-level FLARE setting of the server app, e.g. dead_client_grace_period=0 and "
                              "dead_client_check_lead_time=5 (how soon a dead site is given up; FLARE: 60 s, 30 s)")
@@ -346,34 +288,34 @@ def export_from_args(args: argparse.Namespace) -> Path:
     """Export the job that ``args`` describe; prints the folder and the simulator command."""
     cfg = config_from_args(args)
     if args.preset:
-        p = PRESETS[args.preset]
-        default = p.job if args.clients in (None, p.clients) else f"{p.job}_{args.clients}clients"
-        name = args.name or default
+        default = f"fuss_{args.preset}"
+        name = args.name or (default if args.clients in (None, PRESETS[args.preset].clients)
+                             else f"{default}_{args.clients}clients")
     else:
         name = args.name or Path(args.config).stem
-    n_train, n = count_sites(cfg, args.preset)
     if args.centroid_noise is not None and args.centroid_noise < 0:
         raise ConfigError(f"--centroid-noise must be >= 0, got {args.centroid_noise}")
     if args.centroid_clip is not None and not args.centroid_clip > 0:
         raise ConfigError(f"--centroid-clip must be > 0, got {args.centroid_clip}")
     if not 0 < args.privacy_delta < 1:
         raise ConfigError(f"--privacy-delta must be in (0, 1), got {args.privacy_delta}")
-    job = build_job(cfg, name, num_training_sites=n_train, validate_every=args.validate_every,
-                    task_request_interval=args.task_request_interval, record_updates=args.record_updates,
+    sites = partition_sites(cfg, args.preset)
+    job = build_job(cfg, name, sites=sites, record_updates=args.record_updates,
                     resume_from=str(Path(args.resume_from).resolve()) if args.resume_from else "",
                     centroid_clip=args.centroid_clip, centroid_noise=args.centroid_noise or 0.0,
-                    privacy_delta=args.privacy_delta, privacy_scope=args.privacy_scope,
-                    server_params=dict(args.server_params))
-    path = export(job, args.out)
-    hint = f"-n {n} -t {min(n, 4)}" if n else "-n <training + validation-only sites>"
-    print(f"exported {path}\nrun: nvflare simulator {path} -w workspaces/{name} {hint}")
+                    privacy_delta=args.privacy_delta, server_params=dict(args.server_params))
+    path = export(job, cfg, args.out, sites=None if args.deploy_all else sites, privacy_scope=args.privacy_scope)
+    n = len(sites[0]) + len(sites[1]) if sites and not args.deploy_all else 0
+    how = f"-t {n}" if n else "-n <sites> -t <sites>"
+    print(f"exported {path}\nrun (from the repository root, whose simulator_workspace/ holds the class allow list): "
+          f"nvflare simulator {path} {how}")
     return path
 
 
 def export_committed(out: str | Path | None = None) -> Path:
     """Regenerate the committed job folders (default: ``jobs/`` of this repository)."""
-    out = Path(out) if out else PACKAGE_DIR.parents[1] / "jobs"
-    for preset in ("camvid", "cityscapes", "polyp", "cocostuff"):
+    out = Path(out) if out else REPO_JOBS
+    for preset in COMMITTED:
         export_from_args(get_args_parser().parse_args(["--preset", preset, "--out", str(out)]))
     return out
 

@@ -25,9 +25,10 @@ class FussModelPersistor(PTFileModelPersistor):
         source_ckpt_file_full_name: str | None = None,
     ):
         """Args:
-        config_file: the job's FussConfig JSON (server app's custom folder).
+        config_file: the job's FussConfig JSON (the app's config folder).
         global_model_file_name / best_global_model_file_name: file names in the server app folder.
-        source_ckpt_file_full_name: optional checkpoint to start from instead of the seeded initial model.
+        source_ckpt_file_full_name: a checkpoint to start from instead of the seeded initial model (a resumed job:
+            its ``fuss_checkpoint.pt``).
         """
         super().__init__(
             global_model_file_name=global_model_file_name,

@@ -1,0 +1,76 @@
+"""benchmarks.simulator: FLARE's simulator start-up races restart the run instead of failing or hanging it.
+
+The races cannot be provoked on demand, so these tests give ``run_simulator`` a stand-in executable (a shell
+script with the simulator's command line) that writes the race's log line and then hangs, as the real one did
+here (server waiting for the lost client). The real simulator runs through the same function in every FLARE test.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import pytest
+
+from benchmarks.simulator import START_RACES, SimulatorTimeout, run_simulator
+
+# $1 = "simulator", $2 = job, then -n N -t T -w WS. Attempt k (counted in a file beside the job) follows the k-th word of $PLAN:
+# "race" writes the race's line into server/log.txt and hangs; "fail" exits 2; "ok" writes a model and exits 0.
+STAND_IN = """#!/usr/bin/env bash
+ws="${@: -1}"
+count="$2.count"
+n=$(( $(cat "$count" 2>/dev/null || echo 0) + 1 )); echo $n > "$count"
+step=$(echo "$PLAN" | cut -d' ' -f$n)
+mkdir -p "$ws/server/simulate_job/app_server"
+echo "$(date) simulator starting" > "$ws/server/log.txt"
+case "$step" in
+  race) sleep 1; echo "ERROR - run_client_thread error: RuntimeError: $RACE, timeout: 60.0" >> "$ws/server/log.txt";
+        sleep 600 ;;
+  fail) echo "client raised" ; exit 2 ;;
+  ok)   echo done > "$ws/server/simulate_job/app_server/fuss_model.pt"; echo "finished"; exit 0 ;;
+esac
+"""
+
+
+@pytest.fixture
+def stand_in(tmp_path: Path):
+    exe = tmp_path / "nvflare"
+    exe.write_text(STAND_IN)
+    exe.chmod(0o755)
+
+    def run(plan: str, **kwargs):
+        env = {"PLAN": plan, "RACE": START_RACES[0]}
+        return run_simulator(tmp_path / "job", tmp_path / "ws", 2, env=env, nvflare=str(exe), poll_seconds=0.2,
+                             **kwargs)
+    return run
+
+
+def test_a_start_up_race_kills_the_hung_run_and_restarts_it(stand_in, tmp_path):
+    started = time.perf_counter()
+    run = stand_in("race ok")
+    assert time.perf_counter() - started < 30  # the hung first attempt (sleep 600) was killed, not waited for
+    assert run.returncode == 0 and "finished" in run.output
+    assert run.workspace == tmp_path / "ws_restart1" and (run.workspace / "server/simulate_job/app_server").is_dir()
+    assert len(run.restarts) == 1 and START_RACES[0] in run.restarts[0] and str(tmp_path / "ws") in run.restarts[0]
+    assert (tmp_path / "job.count").read_text().strip() == "2"
+
+
+def test_restarts_are_bounded_and_a_real_failure_is_not_retried(stand_in, tmp_path):
+    run = stand_in("race race race ok", restarts=2)
+    assert run.returncode != 0 and len(run.restarts) == 3  # three attempts, all lost; the 4th never started
+    assert (tmp_path / "job.count").read_text().strip() == "3"
+    os.remove(tmp_path / "job.count")
+    failed = stand_in("fail ok")
+    assert failed.returncode == 2 and failed.restarts == [] and "client raised" in failed.output
+    assert (tmp_path / "job.count").read_text().strip() == "1"
+
+
+def test_a_hang_without_a_known_race_ends_at_the_timeout(tmp_path):
+    exe = tmp_path / "nvflare"
+    exe.write_text("#!/usr/bin/env bash\nsleep 600\n")
+    exe.chmod(0o755)
+    started = time.perf_counter()
+    with pytest.raises(SimulatorTimeout, match="ran past 2 s"):
+        run_simulator(tmp_path / "job", tmp_path / "ws", 2, timeout=2, nvflare=str(exe), poll_seconds=0.2)
+    assert time.perf_counter() - started < 15

@@ -1,0 +1,92 @@
+"""Tests of fuss_components.runner: the in-process federation (its summary, its files, determinism, checks before
+any work), the pooled partition of the centralized reference, and reading checkpoints."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from fuss_components.config import ConfigError, FussConfig
+from fuss_components.partition import Partition
+from fuss_components.runner import load_model, pooled_partition, run_federated, save_model
+from fuss_components.site import init_global_state
+
+from conftest import equal_states, tiny_config
+
+
+def test_one_round_federation_summary_and_files(tiny_data_root, tmp_path):
+    """s1 (6 images) and s2 (5) train, s3 (4 images) validates: one round, its record, the final scores (with one
+    validation site, the summary is that site's), and the model, config and metrics written to the run folder."""
+    cfg = tiny_config(tiny_data_root, tmp_path / "cache", **{"federation.rounds": 1})
+    result = run_federated(cfg, tmp_path / "run", progress=False)
+    assert result["mode"] == "federated"
+    (record,) = result["rounds"]
+    assert record["round"] == 0 and record["rejected"] == {}
+    assert sorted(record["train"]) == ["s1", "s2"]
+    assert record["train"]["s1"]["skipped_images"] == 0.0
+    assert sorted(record["validation"]) == ["s3"] and record["validation"]["s3"]["num_images"] == 4
+    assert sorted(result["final"]) == ["s3"]
+    final = result["final"]["s3"]
+    assert final["num_images"] == 4 and 0.0 <= final["miou"] <= 1.0 and 0.0 <= final["pixel_acc"] <= 1.0
+    assert (result["miou"], result["pixel_acc"]) == pytest.approx((final["miou"], final["pixel_acc"]))
+    assert (record["miou"], record["pixel_acc"]) == pytest.approx((final["miou"], final["pixel_acc"]))  # same model
+    assert result["seconds"] > 0
+    state, saved = load_model(tmp_path / "run" / "model.pt")
+    assert sorted(state) == sorted(init_global_state(cfg)) and tuple(state["centroids"].shape) == (3, 8)
+    assert saved == cfg.to_dict()
+    assert FussConfig.load(tmp_path / "run" / "config.json") == cfg
+    written = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert written["mode"] == "federated" and written["miou"] == pytest.approx(result["miou"])
+
+
+def test_two_runs_with_the_same_seeds_give_identical_models(tiny_data_root, tmp_path):
+    """Two complete in-process federations (separate feature caches, so extraction is repeated too)."""
+    models, metrics = [], []
+    for i in range(2):
+        cfg = tiny_config(tiny_data_root, tmp_path / f"cache{i}", **{"federation.rounds": 3})
+        result = run_federated(cfg, tmp_path / f"run{i}", progress=False)
+        models.append(load_model(tmp_path / f"run{i}" / "model.pt")[0])
+        metrics.append([r["miou"] for r in result["rounds"]])
+    assert equal_states(models[0], models[1])
+    assert metrics[0] == metrics[1]
+    # control: another federation seed gives another model (so the comparison above can fail)
+    cfg = tiny_config(tiny_data_root, tmp_path / "cache0", **{"federation.rounds": 3, "federation.seed": 1,
+                                                                "train.seed": 1})
+    run_federated(cfg, tmp_path / "other", progress=False)
+    assert not equal_states(models[0], load_model(tmp_path / "other" / "model.pt")[0])
+
+
+def test_partition_dependent_checks_fail_before_any_work(tiny_data_root, tmp_path):
+    cfg = tiny_config(tiny_data_root, tmp_path / "cache", **{"federation.min_clients": 3})  # 2 training sites
+    with pytest.raises(ConfigError, match=r"federation\.min_clients=3 exceeds the 2 training site"):
+        run_federated(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()  # nothing extracted or written
+    # a partition without any training site cannot federate, whatever the aggregator
+    for aggregator in ("fedcc-kmeans", "fedavg"):
+        with pytest.raises(ConfigError, match="no training site"):
+            FussConfig.from_dict({"federation": {"aggregator": aggregator}}).check_sites(0)
+    FussConfig().check_sites(1)
+
+
+def test_pooled_partition_puts_every_training_image_in_one_client():
+    partition = Partition("mini", "site", 3, 4, clients={"b": ["b1"], "a": ["a1", "a2"]},
+                          validation={"v": ["v1", "v2"]})
+    pooled = pooled_partition(partition)
+    assert pooled.clients == {"centralized": ["a1", "a2", "b1"]}  # sites in sorted order
+    assert pooled.validation == {"v": ["v1", "v2"]} and pooled.validation is not partition.validation
+    assert (pooled.dataset, pooled.strategy, pooled.seed, pooled.num_classes) == ("mini", "pooled", 3, 4)
+    assert pooled.meta == {"pooled_from": ["a", "b"]}
+
+
+def test_load_model_reads_our_checkpoints_and_a_bare_state(tmp_path):
+    state = {"head.linear.bias": torch.arange(3.0), "centroids": torch.eye(2)}
+    cfg = FussConfig.from_dict({"federation": {"rounds": 4}})
+    save_model(tmp_path / "ours.pt", state, cfg, rounds=4)
+    loaded, saved = load_model(tmp_path / "ours.pt")
+    assert equal_states(loaded, state) and saved == cfg.to_dict()
+    assert torch.load(tmp_path / "ours.pt", weights_only=True)["rounds"] == 4
+    torch.save(state, tmp_path / "FL_global_model.pt")  # a bare state dict, as FLARE's persistor may hold it
+    loaded, saved = load_model(tmp_path / "FL_global_model.pt")
+    assert equal_states(loaded, state) and saved is None
