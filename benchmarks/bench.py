@@ -97,7 +97,8 @@ def bench_flare(out_file: str | Path, work_dir: str | Path, rounds: int = 3, loc
     max_diff = max(float((flare_state[k] - v).abs().max()) for k, v in ref_state.items())
     backbone = load_backbone(cfg.backbone, torch.device("cpu"))
     backbone_bytes = sum(p.numel() * p.element_size() for p in backbone.model.parameters())
-    sent = [e["bytes"] for r in sim.metrics["rounds"] for e in r["train"].values() if "bytes" in e]
+    sent = [e["bytes"] for r in sim.metrics["rounds"] for e in r["train"].values()
+            if e.get("param_keys")]  # training updates (a validation-only site's result carries no parameters)
     result = {
         "rounds": rounds, "local_steps": local_steps or "1 epoch", "threads": torch.get_num_threads(),
         "simulator_threads_per_site": threads_per_site, "inprocess_seconds": t_inprocess,

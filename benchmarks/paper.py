@@ -147,7 +147,8 @@ def simulate(cfg: FussConfig, work: Path, name: str, threads_per_site: int | Non
         raise RuntimeError(f"job export of {name} failed: {export.stderr[-2000:]}")
     partition = resolve_partition(cfg)
     n = len(set(partition.clients) | set(partition.validation))
-    proc = run_simulator(work / "jobs" / name, work / "ws" / name, n, env=_sim_env(threads_per_site), timeout=timeout)
+    proc = run_simulator(work / "jobs" / name, work / "ws" / name, threads=n, env=_sim_env(threads_per_site),
+                         timeout=timeout)  # the sites of the job's deploy_map, all at once
     run = SimRun(proc.workspace, proc.seconds, restarts=proc.restarts)
     if proc.returncode != 0 or not run.model_file.exists():
         raise RuntimeError(f"simulator run {name} failed (rc {proc.returncode}); workspace {proc.workspace}:\n"
@@ -277,7 +278,8 @@ def run_setting(setting: Setting, cfg: FussConfig, work: Path, crf_every: int, t
         out["eval"] = evaluate_state(cfg, model, crf_every, overlay_dir, overlays)
         out["curve"] = [r.get("val_miou") for r in sim.metrics["rounds"]]
         out["bytes_per_client_round"] = statistics.mean(
-            e["bytes"] for r in sim.metrics["rounds"] for e in r["train"].values() if "bytes" in e)
+            e["bytes"] for r in sim.metrics["rounds"] for e in r["train"].values()
+            if e.get("param_keys"))  # training updates (a validation-only site's result carries no parameters)
         out["centroids"] = state["centroids"].tolist()
         out["flare_seconds"] = sim.seconds
         if sim.restarts:

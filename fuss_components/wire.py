@@ -502,50 +502,6 @@ def describe_dropped(dropped: list[tuple[str, str]]) -> str:
     return f"{len(dropped)} dropped: " + "; ".join(f"{name} ({reason})" for name, reason in dropped)
 
 
-# ------------------------------------------------------------------------------------------- a centroid release
-
-
-def check_noise_settings(clip: float, noise_multiplier: float, delta: float) -> None:
-    """ValueError unless ``clip > 0``, ``noise_multiplier >= 0`` and ``0 < delta < 1``."""
-    if not clip > 0:
-        raise ValueError(f"clip must be > 0, got {clip}")
-    if noise_multiplier < 0:
-        raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
-    if not 0 < delta < 1:
-        raise ValueError(f"delta must be in (0, 1), got {delta}")
-
-
-def release_centroids(value, clip: float, noise_multiplier: float):
-    """``(released, rows clipped)``: ``value`` (a torch tensor or a numpy array) through
-    ``fuss_components.privacy.privatize_centroids``, released as the same type and dtype."""
-    from .privacy import privatize_centroids
-
-    as_numpy = isinstance(value, np.ndarray)
-    centroids = torch.from_numpy(np.ascontiguousarray(value)) if as_numpy else value.detach().cpu()
-    released, num_clipped = privatize_centroids(centroids.float(), clip, noise_multiplier)
-    released = released.to(centroids.dtype)
-    return (released.numpy() if as_numpy else released), num_clipped
-
-
-def describe_release(num_rows: int, num_clipped: int, clip: float, noise_multiplier: float, delta: float,
-                     release: int, rounds: int | None = None) -> str:
-    """The audit line of a site's ``release``-th centroid release: clipping, noise, and the (epsilon, delta) per
-    round, so far and, with ``rounds``, over the planned job (simple composition, ``privacy.account``)."""
-    from .privacy import account
-
-    text = (f"clip C={clip:g}, sigma={noise_multiplier:g}: {num_clipped}/{num_rows} rows clipped, "
-            f"noise std {noise_multiplier * clip:g} per coordinate; ")
-    if noise_multiplier <= 0:
-        return text + f"release {release}: no noise, no DP guarantee (epsilon=inf)"
-    so_far = account(num_rows, clip, noise_multiplier, delta, release)
-    text += (f"release {release}: per round (epsilon={so_far.epsilon:.4g}, delta={delta:g}), "
-             f"cumulative (epsilon={so_far.total_epsilon:.4g}, delta={so_far.total_delta:g}) by simple composition")
-    if rounds:
-        planned = account(num_rows, clip, noise_multiplier, delta, int(rounds))
-        text += f"; all {rounds} rounds: (epsilon={planned.total_epsilon:.4g}, delta={planned.total_delta:g})"
-    return text
-
-
 # ------------------------------------------------------------------------------------------- the site's own data
 
 

@@ -1,8 +1,8 @@
 """The FLARE layer without the simulator: the public FLARE API it is built on, ``FussAggregator`` on real FLARE
-objects (screening, identities, validation-only results, the census counts, ``SCREENING_DONE``), the job
-configuration a site and the server read, the job generator and its command line, the committed job folders and
-the simulator workspace's class allow list. The site filters: ``test_flare_filters.py``; hostile rounds and
-arrival order through the aggregator: ``test_reliability.py``."""
+objects (screening, identities, validation-only results, the census counts, ``SCREENING_DONE``, hostile rounds,
+arrival order, the robust mode), the job configuration a site and the server read and validate, the job generator
+and its command line, the committed job folders and the simulator workspace's class allow list. The site filters:
+``test_flare_filters.py``; the centroid privacy filter: ``test_flare_privacy.py``."""
 
 from __future__ import annotations
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 from scipy.stats import norm
@@ -91,3 +92,24 @@ def test_account_per_round_and_composed():
     assert "2*C*sqrt(K)" in text and "after 10 round(s)" in text and "simple composition" in text
     assert set(acc.to_dict()) >= {"epsilon", "delta", "total_epsilon", "total_delta", "sensitivity"}
 
+
+# ---------------------------------------------------------------------------------------------- a centroid release
+
+
+def test_centroid_release_keeps_type_and_dtype_and_is_described():
+    with pytest.raises(ValueError, match="clip"):
+        P.check_noise_settings(0.0, 1.0, 1e-5)
+    with pytest.raises(ValueError, match="noise_multiplier"):
+        P.check_noise_settings(1.0, -1.0, 1e-5)
+    with pytest.raises(ValueError, match="delta"):
+        P.check_noise_settings(1.0, 1.0, 1.0)
+    rows = np.full((3, 4), 2.0, dtype=np.float64)  # every row has norm 4 > C
+    released, num_clipped = P.release_centroids(rows, 0.5, 0.0)
+    assert isinstance(released, np.ndarray) and released.dtype == np.float64 and num_clipped == 3
+    assert np.allclose(np.linalg.norm(released, axis=1), 0.5)
+    released, num_clipped = P.release_centroids(torch.zeros(3, 4, dtype=torch.float16), 0.5, 1.0)
+    assert released.dtype == torch.float16 and num_clipped == 0 and not torch.equal(released, torch.zeros(3, 4))
+    assert P.describe_release(3, 3, 0.5, 0.0, 1e-5, 1).endswith("release 1: no noise, no DP guarantee (epsilon=inf)")
+    text = P.describe_release(3, 0, 0.5, 1.0, 1e-5, 2, rounds=4)
+    assert text.startswith("clip C=0.5, sigma=1: 0/3 rows clipped, noise std 0.5 per coordinate; release 2: ")
+    assert "cumulative (epsilon=" in text and "delta=2e-05" in text and "; all 4 rounds: (epsilon=" in text

@@ -387,25 +387,3 @@ def test_audit_descriptions_name_items_never_values():
     unknown = wire.JobSchema(None, "", wire.SiteBounds(), "DataError: no data", ())
     assert wire.describe_sent({}, {}, unknown) == (
         "0 item(s) sent (none), meta (none); the site's own counts are unknown: DataError: no data")
-
-
-# ---------------------------------------------------------------------------------------------- a centroid release
-
-
-def test_centroid_release_keeps_type_and_dtype_and_is_described():
-    with pytest.raises(ValueError, match="clip"):
-        wire.check_noise_settings(0.0, 1.0, 1e-5)
-    with pytest.raises(ValueError, match="noise_multiplier"):
-        wire.check_noise_settings(1.0, -1.0, 1e-5)
-    with pytest.raises(ValueError, match="delta"):
-        wire.check_noise_settings(1.0, 1.0, 1.0)
-    rows = np.full((3, 4), 2.0, dtype=np.float64)  # every row has norm 4 > C
-    released, num_clipped = wire.release_centroids(rows, 0.5, 0.0)
-    assert isinstance(released, np.ndarray) and released.dtype == np.float64 and num_clipped == 3
-    assert np.allclose(np.linalg.norm(released, axis=1), 0.5)
-    released, num_clipped = wire.release_centroids(torch.zeros(3, 4, dtype=torch.float16), 0.5, 1.0)
-    assert released.dtype == torch.float16 and num_clipped == 0 and not torch.equal(released, torch.zeros(3, 4))
-    assert wire.describe_release(3, 3, 0.5, 0.0, 1e-5, 1).endswith("release 1: no noise, no DP guarantee (epsilon=inf)")
-    text = wire.describe_release(3, 0, 0.5, 1.0, 1e-5, 2, rounds=4)
-    assert text.startswith("clip C=0.5, sigma=1: 0/3 rows clipped, noise std 0.5 per coordinate; release 2: ")
-    assert "cumulative (epsilon=" in text and "delta=2e-05" in text and "; all 4 rounds: (epsilon=" in text

@@ -23,7 +23,7 @@ from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.widgets.convert_to_fed_event import FED_EVENT_PREFIX
 from nvflare.widgets.widget import Widget
 
-from fuss_components import wire
+from fuss_components import privacy, wire
 from fuss_components.head import CENTROIDS_KEY
 from fuss_flare import CONFIG_FILE, TASK_SITE_INFO, TASK_TRAIN, TASK_VALIDATE, load_site_config
 
@@ -144,7 +144,7 @@ class CentroidPrivacyFilter(DXOFilter):
         """On ``train`` results: clip each centroid row to L2 norm ``clip`` and add N(0, (noise_multiplier * clip)^2)
         per coordinate, from fresh OS entropy in every call, never from the job's seed (``fuss_components.privacy``:
         the sensitivity argument and the (epsilon, delta) accounting). Each release is written to the job's audit
-        log (``wire.describe_release``: clip count, per-round and cumulative (epsilon, delta)).
+        log (``privacy.describe_release``: clip count, per-round and cumulative (epsilon, delta)).
 
         Args:
             clip: C, the largest row norm that leaves the site (> 0).
@@ -155,7 +155,7 @@ class CentroidPrivacyFilter(DXOFilter):
         """
         super().__init__(supported_data_kinds=[DataKind.WEIGHTS], data_kinds_to_filter=[DataKind.WEIGHTS])
         try:
-            wire.check_noise_settings(clip, noise_multiplier, delta)
+            privacy.check_noise_settings(clip, noise_multiplier, delta)
         except ValueError as err:
             raise ValueError(f"CentroidPrivacyFilter: {err}") from None
         self.clip, self.noise_multiplier, self.delta = float(clip), float(noise_multiplier), float(delta)
@@ -167,9 +167,9 @@ class CentroidPrivacyFilter(DXOFilter):
         value = (dxo.data or {}).get(self.centroids_key)
         if value is None:
             return None
-        dxo.data[self.centroids_key], num_clipped = wire.release_centroids(value, self.clip, self.noise_multiplier)
+        dxo.data[self.centroids_key], num_clipped = privacy.release_centroids(value, self.clip, self.noise_multiplier)
         self.releases += 1
-        msg = "CentroidPrivacyFilter: " + wire.describe_release(
+        msg = "CentroidPrivacyFilter: " + privacy.describe_release(
             int(value.shape[0]), num_clipped, self.clip, self.noise_multiplier, self.delta, self.releases, self.rounds)
         self.log_info(fl_ctx, msg)
         add_job_audit_event(fl_ctx=fl_ctx, msg=msg)
