@@ -408,10 +408,10 @@ class FussConfig:
             *parents, leaf = dotted.split(".")
             for part in parents:
                 if not isinstance(node.get(part), dict):
-                    raise ConfigError(f"unknown config key {dotted!r}")
+                    raise ConfigError(_unknown_key(dotted, _dotted_keys(data)))
                 node = node[part]
             if leaf not in node:
-                raise ConfigError(f"unknown config key {dotted!r}")
+                raise ConfigError(_unknown_key(dotted, _dotted_keys(data)))
             node[leaf] = value
         return FussConfig.from_dict(data)
 
@@ -434,6 +434,27 @@ def parse_overrides(items: typing.Iterable[str] | None) -> dict[str, Any]:
     return dict(parse_override(item) for item in items or ())
 
 
+def _dotted_keys(data: dict, prefix: str = "") -> list[str]:
+    """Every leaf key of a nested config dict, dotted (``train.lr_head``)."""
+    keys = []
+    for name, value in data.items():
+        keys += _dotted_keys(value, f"{prefix}{name}.") if isinstance(value, dict) else [prefix + name]
+    return keys
+
+
+def _unknown_key(key: str, known: typing.Iterable[str]) -> str:
+    """The error text for an unknown key: the closest known keys, else the keys of its section."""
+    import difflib
+
+    known = sorted(known)
+    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
+    if close:
+        return f"unknown config key {key!r}; did you mean {' or '.join(repr(k) for k in close)}?"
+    section = key.rpartition(".")[0]
+    siblings = [k for k in known if k.rpartition(".")[0] == section] or known
+    return f"unknown config key {key!r} (known: {', '.join(siblings)})"
+
+
 def _build(cls: type, data: Any, prefix: str) -> Any:
     if not isinstance(data, dict):
         raise ConfigError(f"config section {prefix.rstrip('.') or '<root>'!r} must be a mapping")
@@ -441,7 +462,7 @@ def _build(cls: type, data: Any, prefix: str) -> Any:
     known = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - known)
     if unknown:
-        raise ConfigError(f"unknown config key {prefix + unknown[0]!r} (known: {', '.join(sorted(known))})")
+        raise ConfigError(_unknown_key(prefix + unknown[0], [prefix + k for k in known]))
     kwargs = {}
     for name, value in data.items():
         hint = hints[name]

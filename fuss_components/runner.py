@@ -66,8 +66,11 @@ class _Run:
                                    num_overlays=num_overlays) for s in self.validation_sites}
 
 
-def _summary(per_site: dict[str, dict]) -> dict[str, float]:
-    """mIoU and pixel accuracy over all validation sites' images."""
+def _summary(per_site: dict[str, dict]) -> dict[str, float | None]:
+    """mIoU and pixel accuracy over all validation sites' images; None without a validation site (a federation of
+    unlabeled sites trains and saves its model all the same)."""
+    if not per_site:
+        return {"miou": None, "pixel_acc": None}
     return image_weighted_mean(per_site, ("miou", "pixel_acc"))
 
 
@@ -89,7 +92,8 @@ def run_federated(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progr
             updates.append(ClientUpdate(site.name, head, centroids, result.num_samples, result.metrics))
         reference, centroids = split_state(state)
         accepted, rejected = screen_updates(updates, reference, run.num_clusters, centroids.shape[1],
-                                            federation=fed, reject_all_duplicates=True)
+                                            federation=fed, reject_all_duplicates=True,
+                                            declared_counts={s.name: s.num_samples for s in run.train_sites})
         for site_name, reason in rejected:
             log.warning("round %d: rejected update of %s: %s", round_idx, site_name, reason)
         if len(accepted) < min_clients:
@@ -100,8 +104,8 @@ def run_federated(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progr
                   "rejected": dict(rejected), "validation": validation, **_summary(validation)}
         history.append(record)
         if progress:
-            log.info("round %d/%d: validation mIoU %.4f acc %.4f", round_idx + 1, fed.rounds, record["miou"],
-                     record["pixel_acc"])
+            log.info("round %d/%d: validation mIoU %s acc %s", round_idx + 1, fed.rounds, _fmt(record["miou"]),
+                     _fmt(record["pixel_acc"]))
     final = run.validate(state, crf=crf, overlay_dir=out_dir / "overlays", num_overlays=4)
     result = {"mode": "federated", "rounds": history, "final": final, **_summary(final),
               "seconds": time.perf_counter() - started}
@@ -125,11 +129,12 @@ def run_local(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progress:
         per_site[site.name] = {"validation": run.validate(state, crf=crf)}
         per_site[site.name].update(_summary(per_site[site.name]["validation"]))
         if progress:
-            log.info("local %s: validation mIoU %.4f", site.name, per_site[site.name]["miou"])
-    mious = [v["miou"] for v in per_site.values()]
-    result = {"mode": "local", "sites": per_site, "miou": statistics.mean(mious), "miou_best": max(mious),
-              "miou_worst": min(mious), "pixel_acc": statistics.mean(v["pixel_acc"] for v in per_site.values()),
-              "seconds": time.perf_counter() - started}
+            log.info("local %s: validation mIoU %s", site.name, _fmt(per_site[site.name]["miou"]))
+    mious = [v["miou"] for v in per_site.values() if v["miou"] is not None]
+    accs = [v["pixel_acc"] for v in per_site.values() if v["pixel_acc"] is not None]
+    result = {"mode": "local", "sites": per_site, "miou": statistics.mean(mious) if mious else None,
+              "miou_best": max(mious, default=None), "miou_worst": min(mious, default=None),
+              "pixel_acc": statistics.mean(accs) if accs else None, "seconds": time.perf_counter() - started}
     _finish(out_dir, cfg, result)
     return result
 
@@ -156,8 +161,8 @@ def run_centralized(cfg: FussConfig, out_dir: str | Path, crf: bool = False, pro
         history.append({"round": round_idx, "train": result.metrics, "validation": validation,
                         **_summary(validation)})
         if progress:
-            log.info("centralized epoch-round %d/%d: validation mIoU %.4f (clusters used %d)", round_idx + 1,
-                     cfg.federation.rounds, history[-1]["miou"], result.metrics["clusters_used"])
+            log.info("centralized epoch-round %d/%d: validation mIoU %s (clusters used %d)", round_idx + 1,
+                     cfg.federation.rounds, _fmt(history[-1]["miou"]), result.metrics["clusters_used"])
     final = run.validate(state, crf=crf, overlay_dir=out_dir / "overlays", num_overlays=4)
     out = {"mode": "centralized", "rounds": history, "final": final, **_summary(final),
            "seconds": time.perf_counter() - started}
@@ -205,8 +210,12 @@ def run_raw_kmeans(cfg: FussConfig, out_dir: str | Path, crf: bool = False, max_
 def _finish(out_dir: Path, cfg: FussConfig, result: dict) -> None:
     cfg.save(out_dir / "config.json")
     _write_json(out_dir / "metrics.json", result)
-    log.info("%s: mIoU %.4f, pixel accuracy %.4f -> %s", result["mode"], result["miou"], result["pixel_acc"],
-             out_dir)
+    log.info("%s: mIoU %s, pixel accuracy %s -> %s", result["mode"], _fmt(result["miou"]),
+             _fmt(result["pixel_acc"]), out_dir)
+
+
+def _fmt(value: float | None) -> str:
+    return "n/a (no validation site)" if value is None else f"{value:.4f}"
 
 
 RUNNERS = {"federated": run_federated, "local": run_local, "centralized": run_centralized,

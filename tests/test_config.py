@@ -280,3 +280,15 @@ def test_min_clients_beyond_the_training_sites_is_rejected():
     with pytest.raises(ConfigError, match=r"federation\.min_clients=3 exceeds the 2 training site"):
         cfg.check_sites(2)
     cfg.check_sites(3)
+
+
+@pytest.mark.parametrize("key,suggestion", [
+    ("federation.robustness", "'federation.robust'"),
+    ("train.lr_hed", "'train.lr_head'"),
+])
+def test_unknown_key_names_the_closest_known_keys(key, suggestion):
+    with pytest.raises(ConfigError, match=f"unknown config key '{key}'; did you mean .*{suggestion}"):
+        FussConfig().with_overrides({key: 1})
+    section, _, leaf = key.partition(".")
+    with pytest.raises(ConfigError, match=f"did you mean .*{suggestion}"):
+        FussConfig.from_dict({section: {leaf: 1}})

@@ -90,3 +90,24 @@ def test_load_model_reads_our_checkpoints_and_a_bare_state(tmp_path):
     torch.save(state, tmp_path / "FL_global_model.pt")  # a bare state dict, as FLARE's persistor may hold it
     loaded, saved = load_model(tmp_path / "FL_global_model.pt")
     assert equal_states(loaded, state) and saved is None
+
+
+def test_every_mode_runs_and_saves_without_a_validation_site(tiny_data_root, tmp_path):
+    """A federation of unlabeled sites: no validation site in the partition. Federated, local-only and centralized
+    training all run, write their models and report no score instead of failing after the work."""
+    from fuss_components.datasets import open_dataset
+    from fuss_components.runner import run_centralized, run_local
+
+    ds = open_dataset("tiny", tiny_data_root)
+    manifest = Partition("tiny", "site", 0, 3, {"s1": ds.ids(site="s1"), "s2": ds.ids(site="s2")}, {}, {}).save(
+        tmp_path / "no_validation.json")
+    cfg = tiny_config(tiny_data_root, tmp_path / "cache", **{"federation.rounds": 1, "partition": str(manifest)})
+    for mode, run in (("federated", run_federated), ("local", run_local), ("centralized", run_centralized)):
+        result = run(cfg, tmp_path / mode, progress=True)
+        assert result["miou"] is None and result["pixel_acc"] is None, mode
+        written = json.loads((tmp_path / mode / "metrics.json").read_text())
+        assert written["miou"] is None, mode
+        models = sorted((tmp_path / mode).rglob("model.pt"))
+        assert len(models) == (2 if mode == "local" else 1), (mode, models)
+        state, _ = load_model(models[0])
+        assert tuple(state["centroids"].shape) == (3, 8)
