@@ -32,7 +32,8 @@ import numpy as np
 import torch
 
 from benchmarks.simulator import run_simulator
-from fuss_components.config import ConfigError, FussConfig, parse_overrides
+from fuss_components.backbones import backbone_caveat as library_backbone_caveat
+from fuss_components.config import BackboneConfig, ConfigError, FussConfig, parse_overrides
 from fuss_components.evaluate import evaluate_model
 from fuss_components.files import atomic_write_json, atomic_write_text
 from fuss_components.metrics import image_weighted_mean
@@ -44,10 +45,8 @@ log = logging.getLogger(__name__)
 
 
 def backbone_caveat(block: int) -> str:
-    """The caveat every reported number carries (shared/docs/assets.md), naming the feature block used."""
-    return ("backbone dinov2_vits14_imgfocus (shared/weights): DINOv2 ViT-S/14 weights very probably fine-tuned end "
-            f"to end for image saliency; features from block index {block}; not comparable in absolute terms with "
-            "the paper's DINO ViT-B/8 numbers")
+    """The caveat of the shared backbone (the benchmarks' default weights), naming the feature block."""
+    return library_backbone_caveat(BackboneConfig(), block)
 
 # Budgets: "full" is the paper's schedule; "reduced" finishes in about an hour per dataset on 2 CPU cores.
 # crf_every: dense CRF on every k-th validation image (CRF costs about 0.3 s per image here, the rest is cached).

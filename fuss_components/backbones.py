@@ -20,7 +20,7 @@ from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
 from .config import BackboneConfig
-from .paths import backbone_weights
+from .paths import DEFAULT_WEIGHTS_FILE, backbone_weights
 
 log = logging.getLogger(__name__)
 
@@ -181,3 +181,18 @@ def _unwrap_state_dict(state: dict) -> dict:
 def _key_mismatch(model: torch.nn.Module, state: dict) -> tuple[list[str], list[str]]:
     expected, given = set(model.state_dict()), set(state)
     return sorted(expected - given), sorted(given - expected)
+
+
+def backbone_caveat(backbone: BackboneConfig, block: int) -> str:
+    """The caveat every reported number and exported model carries: what the features of this backbone can be
+    trusted for, naming the weights and the feature block (the shared weights: ``shared/docs/assets.md``)."""
+    weights = backbone_weights(backbone.weights)
+    if weights == RANDOM_WEIGHTS:
+        return f"backbone {backbone.name} with RANDOM weights (tests only): the clusters carry no meaning"
+    if Path(weights).name == DEFAULT_WEIGHTS_FILE:
+        return ("backbone dinov2_vits14_imgfocus (shared/weights): DINOv2 ViT-S/14 weights very probably fine-tuned "
+                f"end to end for image saliency; features from block index {block}; not comparable in absolute "
+                "terms with the paper's DINO ViT-B/8 numbers")
+    source = "timm's pretrained tag" if weights == TIMM_WEIGHTS else f"weights file {Path(weights).name}"
+    return (f"backbone {backbone.name} ({source}); features from block index {block}; cluster ids are "
+            "unsupervised, not dataset classes")

@@ -1,4 +1,4 @@
-"""The ``fuss`` command line: partition, extract, train, evaluate, predict, job.
+"""The ``fuss`` command line: partition, extract, train, evaluate, predict, export, job.
 
 Every subcommand takes ``--config FILE`` (JSON, see ``fuss_components.config``) and ``--set key=value``
 overrides (dotted keys, JSON values), and writes its resolved config and metrics as JSON next to its outputs.
@@ -63,9 +63,16 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("predict", help="segment a folder of images into masks and overlays")
     _add_config_args(p)
     p.add_argument("--model", required=True)
-    p.add_argument("--images", required=True, help="folder of .jpg/.png images")
+    p.add_argument("--images", required=True,
+                   help="folder of images, searched recursively (.jpg .jpeg .png .tif .tiff .bmp and DICOM)")
     p.add_argument("--crf", action="store_true")
     p.add_argument("--out", required=True)
+
+    p = sub.add_parser("export", help="write a deployable model: one TorchScript file (image -> cluster ids) + JSON")
+    _add_config_args(p)
+    p.add_argument("--model", required=True, help="fuss_model.pt / model.pt / FL_global_model.pt")
+    p.add_argument("--format", choices=["torchscript"], default="torchscript")
+    p.add_argument("--out", required=True, help="folder for fuss_segmenter.pt and fuss_segmenter.json")
 
     p = sub.add_parser("job", help="export FLARE job folders (needs the fuss_flare layer)")
     p.add_argument("job_args", nargs=argparse.REMAINDER, help="arguments of `fuss job export ...`")
@@ -141,6 +148,7 @@ def cmd_evaluate(args, cfg: FussConfig) -> int:
 
     state, cfg = _model_and_config(args, cfg)
     run = _Run(cfg)
+    run.dataset.require_labels("fuss evaluate")
     out = Path(args.out)
     final = run.validate(state, crf=args.crf, overlay_dir=out / "overlays", num_overlays=args.overlays)
     result = {"mode": "evaluate", "model": str(args.model), "final": final, **_summary(final)}
@@ -159,6 +167,7 @@ def cmd_predict(args, cfg: FussConfig) -> int:
 
     from .backbones import load_backbone
     from .crf import dense_crf
+    from .datasets import DataError, ImageFolderDataset
     from .evaluate import CRF_LOGIT_SCALE
     from .site import build_model
     from .transforms import eval_view
@@ -167,9 +176,7 @@ def cmd_predict(args, cfg: FussConfig) -> int:
     import torch.nn.functional as F
 
     state, cfg = _model_and_config(args, cfg)
-    images = sorted(p for p in Path(args.images).iterdir() if p.suffix.lower() in (".jpg", ".jpeg", ".png"))
-    if not images:
-        raise FileNotFoundError(f"no .jpg/.png images in {args.images}")
+    images = ImageFolderDataset(args.images)  # the same reader (and ids) as a site's own image folder
     device = resolve_device(cfg.train.device)
     backbone = load_backbone(cfg.backbone, device)
     model = build_model(cfg, state["centroids"].shape[0])
@@ -178,26 +185,41 @@ def cmd_predict(args, cfg: FussConfig) -> int:
     out = Path(args.out)
     (out / "masks").mkdir(parents=True, exist_ok=True)
     (out / "overlays").mkdir(parents=True, exist_ok=True)
-    for path in images:
+    written = 0
+    for image_id in images.ids():
         try:
-            image = Image.open(path).convert("RGB")
-        except OSError as err:
-            raise FileNotFoundError(f"cannot read image {path}: {err}") from err
+            image = images.load_image(image_id)
+        except DataError as err:
+            if cfg.data.on_bad_image != "skip":
+                raise
+            log.warning("skipping image %s: %s (data.on_bad_image='skip')", image_id, err)
+            continue
         feats = backbone.features(eval_view(image, cfg.data.eval_short_side, backbone.patch_size)[None].to(device))
         logits = F.interpolate(model.cluster_logits(feats), size=image.size[::-1], mode="bilinear")[0].cpu()
         if args.crf:
             mask = dense_crf(np.asarray(image), (logits * CRF_LOGIT_SCALE).numpy()).argmax(0)
         else:
             mask = logits.argmax(0).numpy()
-        Image.fromarray(mask.astype(np.uint8)).save(out / "masks" / f"{path.stem}.png")
-        Image.fromarray(overlay(np.asarray(image), mask)).save(out / "overlays" / f"{path.stem}.png")
+        Image.fromarray(mask.astype(np.uint8)).save(out / "masks" / f"{image_id}.png")
+        Image.fromarray(overlay(np.asarray(image), mask)).save(out / "overlays" / f"{image_id}.png")
+        written += 1
     cfg.save(out / "config.json")
-    log.info("wrote %d masks (cluster ids) and overlays to %s", len(images), out)
+    log.info("wrote %d masks (cluster ids) and overlays to %s", written, out)
+    return 0
+
+
+def cmd_export(args, cfg: FussConfig) -> int:
+    from .export import export_model, read_model_file
+
+    read_model_file(args.model)  # a missing or unreadable model file: an error naming it, before any work
+    _, cfg = _model_and_config(args, cfg)  # the same config as `fuss predict` would use
+    card = export_model(args.model, args.out, cfg, args.format)
+    print(json.dumps({"out": args.out, "module_file": card["module_file"], "num_clusters": card["num_clusters"]}))
     return 0
 
 
 COMMANDS = {"partition": cmd_partition, "extract": cmd_extract, "train": cmd_train, "evaluate": cmd_evaluate,
-            "predict": cmd_predict}
+            "predict": cmd_predict, "export": cmd_export}
 
 if __name__ == "__main__":
     sys.exit(main())

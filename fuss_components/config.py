@@ -46,7 +46,9 @@ BAD_IMAGE_POLICIES = ("fail", "skip")
 class DataConfig:
     """Which dataset, where it lives, and how images become backbone inputs."""
 
-    dataset: str = "camvid"  # a folder of <root> in the meta.json layout, or "cityscapes" / "cocostuff27"
+    # a folder of <root>: the meta.json layout, else a plain folder of unlabeled images (datasets.ImageFolderDataset);
+    # or "cityscapes" / "cocostuff27"
+    dataset: str = "camvid"
     root: str | None = None  # None: $FUSS_DATA_ROOT, else the shared data folder
     train_size: int = 224  # each five-crop view is resized to this (a multiple of the patch size)
     crop_ratio: float = 0.5  # five-crop side = crop_ratio * short side

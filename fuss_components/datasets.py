@@ -1,4 +1,5 @@
-"""Segmentation datasets: the shared folder layout (``meta.json``), Cityscapes (27 classes) and COCO-Stuff-27.
+"""Segmentation datasets: the shared folder layout (``meta.json``), a plain folder of unlabeled images, Cityscapes
+(27 classes) and COCO-Stuff-27.
 
 Every dataset is a list of :class:`Sample` records (id, site, split, image and label paths) plus two loaders:
 ``load_image`` (RGB ``PIL.Image``) and ``load_label`` (``uint8 (H, W)`` array with class ids ``0..K-1`` and
@@ -10,6 +11,10 @@ Layouts:
 
 * folder (``FolderDataset``): ``<root>/meta.json`` (``classes``, ``ignore_index``, ``items[]`` with ``id``,
   ``split``, ``site`` and any extra fields), ``images/<split>/<id>.jpg``, ``labels/<split>/<id>.png``.
+* plain image folder (``ImageFolderDataset``): any folder without ``meta.json``; every image file below it
+  (recursively, DICOM included) is one unlabeled training image of one site named after the folder. Such a dataset
+  has ``has_labels = False``: extraction, training, site partitions and prediction work, while everything that
+  needs labels (evaluation, validation sites, Dirichlet partitions) raises ``DataError`` naming the dataset.
 * Cityscapes (``CityscapesDataset``): the official ``leftImg8bit/<split>/<city>/<city>_<seq>_<frame>_leftImg8bit.png``
   and ``gtFine/<split>/<city>/<city>_<seq>_<frame>_gtFine_labelIds.png``; the 27 classes used by STEGO are the
   label ids 7..33 (class = labelId - 7), every other label id is ignored.
@@ -21,6 +26,7 @@ Layouts:
 from __future__ import annotations
 
 import json
+import os
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +40,7 @@ __all__ = [
     "Sample",
     "SegmentationDataset",
     "FolderDataset",
+    "ImageFolderDataset",
     "CityscapesDataset",
     "CocoStuff27Dataset",
     "CITYSCAPES_CLASSES",
@@ -73,13 +80,23 @@ class SegmentationDataset:
     """Base class: a stable list of samples plus image/label loaders with input checks.
 
     Subclasses fill ``name``, ``classes``, ``num_classes``, ``ignore_index`` and call :meth:`_set_samples`; a
-    subclass whose label files do not hold class ids directly overrides :meth:`_map_label`.
+    subclass whose label files do not hold class ids directly overrides :meth:`_map_label`. A dataset without
+    labels sets ``has_labels = False`` (and ``num_classes = 0``: its classes are unknown).
     """
 
     name: str = "dataset"
     classes: list[str]
     num_classes: int
     ignore_index: int = IGNORE_INDEX
+    has_labels: bool = True
+
+    def require_labels(self, purpose: str) -> None:
+        """``DataError`` naming the dataset when it has no labels; ``purpose`` says what needed them."""
+        if not self.has_labels:
+            where = getattr(self, "root", None)
+            raise DataError(f"dataset {self.name!r}{f' ({where})' if where else ''} has no labels: {purpose} "
+                            f"needs labelled images (a plain image folder supports extraction, training, site "
+                            f"partitions and prediction only)")
 
     def _set_samples(self, samples: list[Sample]) -> None:
         index: dict[str, Sample] = {}
@@ -157,6 +174,7 @@ class SegmentationDataset:
         the image's (naming both files and sizes), or when it holds values that are neither a class id nor the
         ignore index (naming the file and the bad values).
         """
+        self.require_labels("reading a label")
         s = self.sample(id)
         if s.label_path is None:
             raise DataError(f"{self.name}: image {id!r} has no label ({s.image_path})")
@@ -257,6 +275,171 @@ class FolderDataset(SegmentationDataset):
             self._set_samples(samples)
         except DataError as exc:
             raise DataError(f"{meta_path}: {exc}") from None
+
+
+# ====================================================================== plain image folder
+IMAGE_FOLDER_EXTENSIONS = (".jpg", ".jpeg", ".png", ".tif", ".tiff", ".bmp")
+DICOM_EXTENSION = ".dcm"
+DICOM_MAGIC_OFFSET, DICOM_MAGIC = 128, b"DICM"  # the DICOM file preamble is 128 bytes, then "DICM"
+IMAGE_FOLDER_FILE_EXTENSIONS = IMAGE_FOLDER_EXTENSIONS + (DICOM_EXTENSION,)
+ID_SEPARATOR = "__"  # stands for "/" in the id of an image in a sub-folder
+
+
+def is_dicom_file(path: Path) -> bool:
+    """A ``.dcm`` file, or any file with the ``DICM`` marker at byte 128 (DICOM files often have no extension)."""
+    if path.suffix.lower() == DICOM_EXTENSION:
+        return True
+    try:
+        with open(path, "rb") as f:
+            f.seek(DICOM_MAGIC_OFFSET)
+            return f.read(len(DICOM_MAGIC)) == DICOM_MAGIC
+    except OSError:
+        return False
+
+
+def dicom_to_rgb(path: Path) -> Image.Image:
+    """A single-frame DICOM image as an 8-bit RGB ``PIL.Image``; ``DataError`` naming the file otherwise.
+
+    Greyscale images: stored values x -> x * RescaleSlope + RescaleIntercept (modality values, e.g. Hounsfield
+    units), then the VOI window (first WindowCenter c / WindowWidth w when the tags hold several): values in
+    [c - w/2, c + w/2] map linearly onto 0..255 and values outside are clipped; without a (positive) window, the
+    image's own min..max is used. MONOCHROME1 (low values are bright) is inverted, and the grey image is repeated
+    into 3 channels. Colour images (3 samples per pixel) are scaled to 0..255 if they are not 8-bit already.
+    """
+    try:
+        import pydicom
+    except ImportError:  # a dependency of the project; this only helps a partial install
+        raise DataError(f"cannot read DICOM image {path}: the pydicom package is not installed") from None
+    try:
+        ds = pydicom.dcmread(path, force=True)
+        pixels = ds.pixel_array
+    except FileNotFoundError:
+        raise DataError(f"image file missing: {path}") from None
+    except Exception as exc:  # pydicom fails in many ways (bad header, no pixel data, codec missing)
+        raise DataError(f"cannot read DICOM image {path}: {type(exc).__name__}: {exc}") from None
+    frames = int(ds.get("NumberOfFrames", 1) or 1)
+    samples = int(ds.get("SamplesPerPixel", 1) or 1)
+    if frames > 1:
+        raise DataError(f"cannot read DICOM image {path}: {frames} frames; only single-frame images are supported")
+    if samples == 3 and pixels.ndim == 3:
+        rgb = pixels if pixels.dtype == np.uint8 else _scale_to_uint8(pixels.astype(np.float64), None)
+        return Image.fromarray(np.ascontiguousarray(rgb), "RGB")
+    if samples != 1 or pixels.ndim != 2:
+        raise DataError(f"cannot read DICOM image {path}: {samples} samples per pixel with pixel array shape "
+                        f"{pixels.shape}; expected a greyscale or RGB image")
+    slope = float(ds.get("RescaleSlope", 1) or 1)
+    intercept = float(ds.get("RescaleIntercept", 0) or 0)
+    values = pixels.astype(np.float64) * slope + intercept
+    grey = _scale_to_uint8(values, _voi_window(ds))
+    if str(ds.get("PhotometricInterpretation", "")).strip().upper() == "MONOCHROME1":
+        grey = 255 - grey
+    return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), "RGB")
+
+
+def _first_value(value) -> float | None:
+    """The first of a multi-valued DICOM number (or the number itself); None when absent or not a number."""
+    if value is None:
+        return None
+    if not isinstance(value, (str, bytes)) and hasattr(value, "__len__"):
+        if len(value) == 0:
+            return None
+        value = value[0]
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return None
+
+
+def _voi_window(ds) -> tuple[float, float] | None:
+    """(low, high) of the first VOI window of a DICOM dataset, or None without a usable one."""
+    centre, width = _first_value(ds.get("WindowCenter")), _first_value(ds.get("WindowWidth"))
+    if centre is None or width is None or not width > 0:
+        return None
+    return centre - width / 2, centre + width / 2
+
+
+def _scale_to_uint8(values: np.ndarray, window: tuple[float, float] | None) -> np.ndarray:
+    """Values in [low, high] -> 0..255 (rounded, clipped); the array's own min..max without a window."""
+    low, high = window if window is not None else (float(values.min()), float(values.max()))
+    if high <= low:  # a constant image: all black
+        return np.zeros(values.shape, np.uint8)
+    scaled = (values - low) / (high - low) * 255.0
+    return np.clip(np.rint(scaled), 0, 255).astype(np.uint8)
+
+
+class ImageFolderDataset(SegmentationDataset):
+    """A plain folder of unlabeled images: the data of one site that brings its own images.
+
+    Every file below ``root`` (recursively, hidden files and folders skipped) with extension .jpg .jpeg .png .tif
+    .tiff .bmp (any case), or that is a DICOM file (extension .dcm, or the ``DICM`` marker at byte 128), is one
+    image, in sorted order of relative path.
+
+    * id: the path relative to ``root`` without its image extension, with ``/`` replaced by ``__``
+      (``ct/p01/slice_003.dcm`` -> ``ct__p01__slice_003``). Ids are file-system safe (one path component: the
+      feature cache stores ``<id>.npy``) and unique: two files that would get the same id (``a.png`` beside
+      ``a.jpg``, or ``x__y.png`` beside ``x/y.png``) raise ``DataError`` naming both.
+    * split: ``"train"``; site: the folder's name, so the ``site`` partition has one client; a federation of
+      folders is several sites, each with its own folder (and data root).
+    * no labels: ``has_labels`` is False, ``num_classes`` 0 (unknown; ``train.num_clusters`` must be set).
+
+    Images are read as RGB; DICOM files through pydicom (:func:`dicom_to_rgb`). An unreadable file raises
+    ``DataError`` naming it, like any other image, so ``data.on_bad_image`` applies.
+    """
+
+    has_labels = False
+
+    def __init__(self, root_dir: str | Path, name: str | None = None):
+        self.root = Path(root_dir)
+        if not self.root.is_dir():
+            raise DataError(f"image folder not found: {self.root}")
+        self.name = name or self.root.resolve().name
+        self.classes = []
+        self.num_classes = 0
+        self.ignore_index = IGNORE_INDEX
+        samples = []
+        for path in self._image_files():
+            relative = path.relative_to(self.root)
+            known_suffix = relative.suffix.lower() in IMAGE_FOLDER_FILE_EXTENSIONS
+            stem = relative.with_suffix("") if known_suffix else relative  # DICOM names like 1.2.840.5 keep dots
+            dicom = relative.suffix.lower() not in IMAGE_FOLDER_EXTENSIONS
+            samples.append(Sample(
+                id=ID_SEPARATOR.join(stem.parts), site=self.name, split="train", image_path=path, label_path=None,
+                extra={"relative_path": relative.as_posix(), "format": "dicom" if dicom else "image"},
+            ))
+        if not samples:
+            raise DataError(f"no images ({' '.join(IMAGE_FOLDER_FILE_EXTENSIONS)} or DICOM) under {self.root}, "
+                            f"and no meta.json of the labelled folder layout")
+        self._set_samples(samples)
+
+    def _image_files(self) -> list[Path]:
+        found, visited = [], set()
+        for folder, subfolders, files in os.walk(self.root, followlinks=True):
+            real = os.path.realpath(folder)
+            if real in visited:  # a linked folder seen before (or a link cycle): its images are already counted
+                subfolders[:] = []
+                continue
+            visited.add(real)
+            subfolders[:] = sorted(d for d in subfolders if not d.startswith("."))
+            for name in files:
+                path = Path(folder) / name
+                if name.startswith("."):
+                    continue
+                if path.suffix.lower() in IMAGE_FOLDER_FILE_EXTENSIONS or is_dicom_file(path):
+                    found.append(path)
+        return sorted(found, key=lambda p: p.relative_to(self.root).as_posix())
+
+    def _is_dicom(self, id: str) -> bool:  # noqa: A002
+        return self.sample(id).extra["format"] == "dicom"
+
+    def load_image(self, id: str) -> Image.Image:  # noqa: A002
+        if self._is_dicom(id):
+            return dicom_to_rgb(self.sample(id).image_path)
+        return super().load_image(id)
+
+    def image_size(self, id: str) -> tuple[int, int]:  # noqa: A002
+        if self._is_dicom(id):
+            return self.load_image(id).size
+        return super().image_size(id)
 
 
 # ====================================================================== Cityscapes
@@ -469,7 +652,9 @@ def open_dataset(name: str, root: str | Path) -> SegmentationDataset:
 
     ``"cityscapes"`` -> :class:`CityscapesDataset` on ``root/cityscapes`` if that folder exists, else ``root``;
     ``"cocostuff27"`` -> :class:`CocoStuff27Dataset` on ``root/cocostuff`` if it exists, else ``root``;
-    any other name -> :class:`FolderDataset` on ``root/<name>`` (``DataError`` naming the path if missing).
+    any other name -> :class:`FolderDataset` on ``root/<name>`` when it holds a ``meta.json``, else
+    :class:`ImageFolderDataset` (a plain folder of unlabeled images) on it; ``DataError`` naming the path if the
+    folder is missing.
     """
     root = Path(root).expanduser()
     if name == "cityscapes":
@@ -481,4 +666,6 @@ def open_dataset(name: str, root: str | Path) -> SegmentationDataset:
     folder = root / name
     if not folder.is_dir():
         raise DataError(f"unknown dataset {name!r}: no folder {folder}")
+    if not (folder / "meta.json").exists():
+        return ImageFolderDataset(folder, name=name)
     return FolderDataset(folder)

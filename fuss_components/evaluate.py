@@ -40,6 +40,8 @@ def evaluate_model(model: Segmenter, dataset: SegmentationDataset, ids: Sequence
     With ``crf`` the same metrics after dense CRF are added under ``"crf"``. With ``overlay_dir``, the first
     ``num_overlays`` images are saved as image | prediction | label PNGs (clusters mapped to their matched class).
     """
+    if not getattr(dataset, "has_labels", True):  # any object with load_label / num_classes is a labelled dataset
+        dataset.require_labels("evaluation (mIoU, pixel accuracy)")
     plain = ConfusionMatrix(num_clusters, dataset.num_classes, dataset.ignore_index)
     refined = ConfusionMatrix(num_clusters, dataset.num_classes, dataset.ignore_index) if crf else None
     for image_id in tqdm(ids, desc="evaluate", unit="img", disable=not progress):

@@ -260,6 +260,7 @@ def partition_by_site(ds: SegmentationDataset, sites: Iterable[str] | None = Non
 
 def dominant_classes(ds: SegmentationDataset, ids: Sequence[str], progress: bool = True) -> dict[str, int]:
     """Dominant class of each image (reads every label once, with a progress bar)."""
+    ds.require_labels("a Dirichlet partition (by each image's dominant class)")
     return {i: dominant_class(ds.load_label(i), ds.ignore_index)
             for i in tqdm(ids, desc=f"{ds.name}: dominant classes", unit="img", disable=not progress,
                           leave=False)}

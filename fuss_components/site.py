@@ -99,7 +99,11 @@ def num_clusters(cfg: FussConfig, dataset: SegmentationDataset | None = None) ->
     """|C|: configured, else the dataset's number of classes."""
     if cfg.train.num_clusters is not None:
         return cfg.train.num_clusters
-    return (dataset or open_site_dataset(cfg)).num_classes
+    dataset = dataset or open_site_dataset(cfg)
+    if not dataset.has_labels:
+        raise DataError(f"dataset {dataset.name!r} has no labels, so its number of classes is unknown: set "
+                        f"train.num_clusters")
+    return dataset.num_classes
 
 
 def build_model(cfg: FussConfig, clusters: int | None = None) -> FussModel:
@@ -130,6 +134,8 @@ class Site:
         self.name = resolve_site_name(name, self.partition)
         self.train_ids = list(self.partition.clients.get(self.name, []))
         self.validation_ids = list(self.partition.validation.get(self.name, []))
+        if self.validation_ids:  # fail before any extraction or training, not at the first validation
+            self.dataset.require_labels(f"site {self.name!r} as a validation site")
         self.num_clusters = num_clusters(cfg, self.dataset)
         self.cache = FeatureCache(cfg, self.dataset.name)
         self.device = resolve_device(cfg.train.device)

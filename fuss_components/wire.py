@@ -516,15 +516,16 @@ def site_bounds(cfg, site: str) -> tuple[str, SiteBounds]:
 
     dataset = open_site_dataset(cfg, site)
     clusters = num_clusters(cfg, dataset)
+    classes = dataset.num_classes if dataset.has_labels else None  # an unlabeled folder's classes are unknown
     if cfg.partition.partition(":")[0] in LABEL_READING_PRESETS:
-        return site, SiteBounds(dataset.num_classes, clusters, len(dataset), len(dataset))
+        return site, SiteBounds(classes, clusters, len(dataset), len(dataset))
     partition = resolve_partition(cfg, dataset)
     name = resolve_site_name(site, partition)
 
     def held(ids) -> int:
         return sum(1 for image_id in set(ids) if image_id in dataset)
 
-    return name, SiteBounds(dataset.num_classes, clusters, held(partition.clients.get(name, [])),
+    return name, SiteBounds(classes, clusters, held(partition.clients.get(name, [])),
                             held(partition.validation.get(name, [])))
 
 

@@ -50,6 +50,49 @@ def make_tiny_dataset(root: Path, sites: dict[str, int] = TINY_SITES, size: tupl
     return root
 
 
+def write_dicom(path: Path, stored: np.ndarray, photometric: str = "MONOCHROME2", **tags) -> Path:
+    """A single-frame 16-bit greyscale DICOM file holding ``stored`` (unsigned), with extra tags such as
+    ``RescaleSlope=2, WindowCenter=[100, 50]``."""
+    from pydicom.dataset import FileDataset, FileMetaDataset
+    from pydicom.uid import ExplicitVRLittleEndian, SecondaryCaptureImageStorage, generate_uid
+
+    meta = FileMetaDataset()
+    meta.MediaStorageSOPClassUID = SecondaryCaptureImageStorage
+    meta.MediaStorageSOPInstanceUID = generate_uid()
+    meta.TransferSyntaxUID = ExplicitVRLittleEndian
+    ds = FileDataset(str(path), {}, file_meta=meta, preamble=b"\0" * 128)
+    ds.SOPClassUID, ds.SOPInstanceUID = meta.MediaStorageSOPClassUID, meta.MediaStorageSOPInstanceUID
+    ds.Rows, ds.Columns = stored.shape
+    ds.SamplesPerPixel, ds.PhotometricInterpretation = 1, photometric
+    ds.BitsAllocated, ds.BitsStored, ds.HighBit, ds.PixelRepresentation = 16, 16, 15, 0
+    for key, value in tags.items():
+        setattr(ds, key, value)
+    ds.PixelData = np.ascontiguousarray(stored, dtype=np.uint16).tobytes()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def make_image_folder(root: Path, name: str, size: tuple[int, int] = (40, 56), seed: int = 0) -> Path:
+    """A plain folder ``root/<name>`` of unlabeled images in nested sub-folders: ``a.png``, ``sub/b.jpg``,
+    ``sub/deeper/c.tif`` and ``ct/d.dcm`` (a windowed CT-like DICOM), plus files that are not images
+    (``notes.txt``, ``.hidden.png``). Returns the folder."""
+    rng = np.random.default_rng(seed)
+    folder = root / name
+    h, w = size
+    for rel in ("a.png", "sub/b.jpg", "sub/deeper/c.tif"):
+        img = rng.normal(110, 12, (h, w, 3)).clip(0, 255).astype(np.uint8)
+        y, x = rng.integers(0, h // 2), rng.integers(0, w // 2)
+        img[y:y + h // 2, x:x + w // 2] = (200, 30, 30)
+        (folder / rel).parent.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(img).save(folder / rel)
+    write_dicom(folder / "ct" / "d.dcm", rng.integers(0, 300, (h, w)), RescaleSlope=2, RescaleIntercept=-100,
+                WindowCenter=100, WindowWidth=200)
+    (folder / "notes.txt").write_text("not an image")
+    Image.fromarray(np.zeros((h, w, 3), np.uint8)).save(folder / ".hidden.png")
+    return folder
+
+
 @pytest.fixture(scope="session")
 def tiny_data_root(tmp_path_factory) -> Path:
     """Data root holding the synthetic dataset 'tiny' (sites s1, s2 train; s3 test)."""

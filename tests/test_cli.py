@@ -132,3 +132,46 @@ def test_extract_builds_every_site_once(tiny_data_root, tmp_path, caplog):
     with caplog.at_level("INFO", logger="fuss"):
         assert main(["extract", "--config", cfg]) == 0
     assert "{'train': 0}" in caplog.text and "{'eval': 0}" in caplog.text
+
+
+# ============================================================================== a plain folder of unlabeled images
+def test_plain_image_folder_extract_train_predict(tmp_path, capsys):
+    """A folder without meta.json (nested PNG / JPEG / TIFF / DICOM, one unreadable DICOM skipped) is one
+    unlabeled site: extract, a one-site federation (no validation: mIoU None, model saved), a site partition and
+    prediction work; evaluation and a Dirichlet partition fail naming the dataset."""
+    from conftest import make_image_folder
+
+    folder = make_image_folder(tmp_path / "data", "scans")
+    (folder / "ct" / "broken.dcm").write_bytes(b"not a dicom")
+    cfg = tiny_config(tmp_path / "data", tmp_path / "cache", **{"data.dataset": "scans", "partition": "site",
+                                                                "data.on_bad_image": "skip"})
+    config = _config_file(cfg, tmp_path)
+    assert main(["extract", "--config", config]) == 0
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 4  # the broken file is skipped
+    assert main(["partition", "--config", config, "--out", str(tmp_path / "p.json")]) == 0
+    partition = Partition.load(tmp_path / "p.json")
+    assert partition.clients == {"scans": ["a", "ct__broken", "ct__d", "sub__b", "sub__deeper__c"]}
+    assert partition.validation == {} and partition.num_classes == 0
+    capsys.readouterr()
+    out = tmp_path / "fed"
+    assert main(["train", "--mode", "federated", "--config", config, "--out", str(out)]) == 0
+    assert json.loads(capsys.readouterr().out.strip().splitlines()[-1])["miou"] is None
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["miou"] is None and metrics["final"] == {} and len(metrics["rounds"]) == 2
+    assert metrics["rounds"][-1]["train"]["scans"]["skipped_images"] == 1.0
+    assert (out / "model.pt").is_file()
+
+    assert main(["predict", "--model", str(out / "model.pt"), "--images", str(folder), "--out",
+                 str(tmp_path / "pred"), "--set", "data.on_bad_image=skip"]) == 0
+    masks = sorted(p.name for p in (tmp_path / "pred" / "masks").iterdir())
+    assert masks == ["a.png", "ct__d.png", "sub__b.png", "sub__deeper__c.png"]
+    mask = np.asarray(Image.open(tmp_path / "pred" / "masks" / "ct__d.png"))
+    assert mask.shape == (40, 56) and mask.max() < 3
+
+    capsys.readouterr()
+    assert main(["evaluate", "--model", str(out / "model.pt"), "--out", str(tmp_path / "eval")]) == 2
+    assert "dataset 'scans'" in capsys.readouterr().err
+    assert main(["partition", "--config", config, "--strategy", "dirichlet", "--clients", "2",
+                 "--out", str(tmp_path / "d.json")]) == 2
+    err = capsys.readouterr().err
+    assert "dataset 'scans'" in err and "no labels" in err and not (tmp_path / "d.json").exists()

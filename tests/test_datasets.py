@@ -18,9 +18,12 @@ from fuss_components.datasets import (
     CocoStuff27Dataset,
     DataError,
     FolderDataset,
+    ImageFolderDataset,
     Sample,
     open_dataset,
 )
+
+from conftest import make_image_folder, write_dicom
 
 H, W = 32, 64
 
@@ -158,8 +161,8 @@ def test_open_dataset_folder_and_unknown(tmp_path):
     assert isinstance(ds, FolderDataset) and len(ds) == 6
     with pytest.raises(DataError, match=re.escape(str(tmp_path / "nope"))):
         open_dataset("nope", tmp_path)
-    (tmp_path / "empty").mkdir()
-    with pytest.raises(DataError, match=re.escape(str(tmp_path / "empty" / "meta.json"))):
+    (tmp_path / "empty").mkdir()  # neither meta.json nor images: a plain image folder without images
+    with pytest.raises(DataError, match=re.escape(str(tmp_path / "empty")) + ".*no meta.json"):
         open_dataset("empty", tmp_path)
 
 
@@ -241,6 +244,70 @@ def test_bad_meta_json(tmp_path):
     meta_path.write_text("{not json")
     with pytest.raises(DataError, match=re.escape(str(meta_path))):
         FolderDataset(root)
+
+
+# ---------------------------------------------------------------------------------------------- plain image folder
+def test_image_folder_ids_sites_and_images(tmp_path):
+    folder = make_image_folder(tmp_path, "scans")
+    write_dicom(folder / "ct" / "1.2.840.7", np.zeros((4, 6)))  # no extension: found by its DICM marker
+    ds = open_dataset("scans", tmp_path)
+    assert isinstance(ds, ImageFolderDataset) and not ds.has_labels and ds.num_classes == 0
+    # sorted by relative path; "/" -> "__"; only a known image extension is stripped (DICOM names keep dots)
+    assert ds.ids() == ["a", "ct__1.2.840.7", "ct__d", "sub__b", "sub__deeper__c"]
+    assert ds.sites() == ["scans"] and ds.splits() == ["train"]
+    assert ds.sample("sub__deeper__c").image_path == folder / "sub" / "deeper" / "c.tif"
+    assert ds.sample("sub__deeper__c").label_path is None
+    assert [ds.sample(i).extra["format"] for i in ds.ids()] == ["image", "dicom", "dicom", "image", "image"]
+    png = ds.load_image("a")
+    assert png.mode == "RGB" and np.array_equal(np.asarray(png), np.asarray(Image.open(folder / "a.png")))
+    assert np.array_equal(np.asarray(ds.load_image("sub__deeper__c")),
+                          np.asarray(Image.open(folder / "sub" / "deeper" / "c.tif")))
+    assert ds.load_image("sub__b").size == (56, 40) and ds.image_size("ct__d") == (56, 40)
+    assert ds.load_image("ct__1.2.840.7").size == (6, 4)
+    # FolderDataset layout is unaffected: a folder with meta.json still opens as the labelled layout
+    assert isinstance(open_dataset("other", make_folder_dataset(tmp_path / "labelled", name="other").parent),
+                      FolderDataset)
+
+
+def test_image_folder_dicom_rescale_and_window(tmp_path):
+    stored = np.array([[0, 50, 75, 110], [125, 150, 175, 200]])
+    # rescaled 2x - 100: [[-100, 0, 50, 120], [150, 200, 250, 300]]; first window C=100, W=200 -> [0, 200]
+    write_dicom(tmp_path / "f" / "ct.dcm", stored, "MONOCHROME2", RescaleSlope=2, RescaleIntercept=-100,
+                WindowCenter=[100, 40], WindowWidth=[200, 400])
+    # MONOCHROME1 without a window: min-max of the rescaled pixels (0..400), then inverted
+    write_dicom(tmp_path / "f" / "xray.dcm", np.array([[0, 100], [300, 400]]), "MONOCHROME1")
+    ds = ImageFolderDataset(tmp_path / "f")
+    ct = np.asarray(ds.load_image("ct"))
+    assert ct.shape == (2, 4, 3) and (ct == ct[:, :, :1]).all()
+    # (v - 0) / 200 * 255, rounded and clipped: 50 -> 63.75, 120 -> 153, 150 -> 191.25
+    assert ct[:, :, 0].tolist() == [[0, 0, 64, 153], [191, 255, 255, 255]]
+    xray = np.asarray(ds.load_image("xray"))[:, :, 0]
+    assert xray.tolist() == [[255, 191], [64, 0]]  # 255 - [[0, 63.75], [191.25, 255]]
+
+
+def test_image_folder_unreadable_files_and_duplicate_ids_name_the_file(tmp_path):
+    folder = tmp_path / "f"
+    folder.mkdir()
+    (folder / "broken.png").write_bytes(b"not a png")
+    (folder / "broken.dcm").write_bytes(b"not a dicom")
+    # both would be id "broken": the second file is named in the error
+    with pytest.raises(DataError, match="duplicate image id 'broken'.*broken.png"):
+        ImageFolderDataset(folder)
+    (folder / "broken.png").rename(folder / "broken_png.png")
+    ds = ImageFolderDataset(folder)
+    with pytest.raises(DataError, match=re.escape(str(folder / "broken_png.png"))):
+        ds.load_image("broken_png")
+    with pytest.raises(DataError, match="cannot read DICOM image " + re.escape(str(folder / "broken.dcm"))):
+        ds.load_image("broken")
+
+
+def test_image_folder_has_no_labels(tmp_path):
+    ds = open_dataset("scans", make_image_folder(tmp_path, "scans").parent)
+    with pytest.raises(DataError, match="dataset 'scans'.*has no labels: reading a label"):
+        ds.load_label("a")
+    with pytest.raises(DataError, match="dataset 'scans'.*has no labels: evaluation"):
+        ds.require_labels("evaluation")
+    FolderDataset(make_folder_dataset(tmp_path / "labelled")).require_labels("evaluation")  # labelled: no error
 
 
 # ---------------------------------------------------------------------------------------------- Cityscapes

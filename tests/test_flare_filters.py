@@ -195,7 +195,7 @@ def test_centroids_non_finite_or_huge(app, state, audit, value, reason):
     centroids[0, 0] = value
     dxo = from_shareable(site_filter(train_result(dict(state, centroids=centroids)), context(app, "train")))
     assert "centroids" not in dxo.data and len(dxo.data) == 6
-    assert f"data[centroids] (" in filter_lines(audit())[0] and reason in filter_lines(audit())[0]
+    assert "data[centroids] (" in filter_lines(audit())[0] and reason in filter_lines(audit())[0]
 
 
 @pytest.mark.parametrize("value", [-1, 0, 7, 10**6, 2**63 - 1, 6.0, 5.5, True, "6", None, [6]])

@@ -203,3 +203,38 @@ def test_unreadable_images_are_skipped_and_counted_when_configured(bad_image_roo
     result = run_federated(cfg, tmp_path / "run", progress=False)
     assert [r["train"]["s1"]["skipped_images"] for r in result["rounds"]] == [1.0, 1.0]
     assert result["final"]["s3"]["num_images"] == 3
+
+
+# ============================================================================== plain image folders as sites
+def test_two_image_folders_federate_as_two_sites(tmp_path):
+    """Two plain folders of unlabeled images, each a site with its own data root (as FUSS_SITE_CONFIG gives a
+    FLARE site), train from the same global model and aggregate; labels are never needed, and without
+    train.num_clusters the unknown number of classes is an error naming the dataset."""
+    from fuss_components.aggregation import ClientUpdate, aggregate
+    from fuss_components.head import join_state, split_state
+
+    from conftest import make_image_folder
+
+    configs = {}
+    for n, name in enumerate(("hospital_a", "hospital_b")):
+        make_image_folder(tmp_path / name, name, seed=n)
+        configs[name] = tiny_config(tmp_path / name, tmp_path / name / "cache",
+                                    **{"data.dataset": name, "partition": "site"})
+    sites = [Site(cfg, name) for name, cfg in configs.items()]
+    assert [(s.name, s.num_samples, s.is_validation_site) for s in sites] == [("hospital_a", 4, False),
+                                                                               ("hospital_b", 4, False)]
+    state = init_global_state(configs["hospital_a"])
+    for round_idx in range(2):
+        updates = []
+        for site in sites:
+            result = site.train(state, round_idx)
+            head, centroids = split_state(result.state)
+            updates.append(ClientUpdate(site.name, head, centroids, result.num_samples, result.metrics))
+        state = join_state(*aggregate(updates, configs["hospital_a"].federation, 3))
+    assert torch.isfinite(state["centroids"]).all() and state["centroids"].shape == (3, 8)
+    with pytest.raises(DataError, match="dataset 'hospital_a' has no labels.*train.num_clusters"):
+        Site(configs["hospital_a"].with_overrides({"train.num_clusters": None}), "hospital_a")
+    # a partition that asks an unlabeled folder to validate fails before any work
+    Partition("hospital_a", "site", 0, 0, {"hospital_a": ["a"]}, {"hospital_a": ["sub__b"]}).save(tmp_path / "p.json")
+    with pytest.raises(DataError, match="dataset 'hospital_a'.*no labels: site 'hospital_a' as a validation site"):
+        Site(configs["hospital_a"].with_overrides({"partition": str(tmp_path / "p.json")}), "hospital_a")

@@ -1,0 +1,230 @@
+"""A deployable model: one self-contained TorchScript file that turns an image into cluster ids, plus a JSON
+card beside it.
+
+The TorchScript module reproduces ``fuss predict`` without CRF, step by step: ImageNet normalisation of the RGB
+image, the whole-image evaluation resize (short side -> ``data.eval_short_side``, both sides rounded to multiples
+of the patch size, bilinear with antialias), the backbone's patch tokens of block ``backbone.block`` after the
+final norm, the projection head, cosine similarity to the centroids, bilinear upsampling of those logits to the
+input size and the argmax. Only the backbone blocks up to the used one are kept.
+
+Input: a ``uint8`` tensor ``(H, W, 3)`` in RGB order, e.g. ``torch.from_numpy(np.asarray(pil_image.convert("RGB")))``
+(the array ``fuss predict`` starts from). Any size works: the resize happens inside the module. Output: an ``int64``
+tensor ``(H, W)`` of cluster ids. One image per call; the module runs on the device its tensors are moved to
+(``torch.jit.load(path, map_location=...)``).
+"""
+
+from __future__ import annotations
+
+import copy
+import hashlib
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from timm.layers import resample_abs_pos_embed
+from torch import nn
+
+from .backbones import RANDOM_WEIGHTS, TIMM_WEIGHTS, Backbone, backbone_caveat, load_backbone, sha256_file
+from .config import FussConfig
+from .files import atomic_write, atomic_write_json
+from .paths import backbone_weights
+from .transforms import IMAGENET_MEAN, IMAGENET_STD
+
+log = logging.getLogger(__name__)
+
+FORMATS = ("torchscript",)
+MODULE_FILE = "fuss_segmenter.pt"
+CARD_FILE = "fuss_segmenter.json"
+INPUT_SPEC = "uint8 tensor (H, W, 3), RGB, any size (resized inside the module as `fuss predict` does)"
+OUTPUT_SPEC = "int64 tensor (H, W): the cluster id of every pixel"
+RESIZE_RULE = ("short side -> eval_short_side, aspect kept, each side rounded (half to even) to a multiple of the "
+               "patch size and at least one patch; bilinear with antialias on the normalised float image")
+
+
+class ExportError(ValueError):
+    """The model file cannot be exported; the message names the file."""
+
+
+class SegmenterModule(nn.Module):
+    """uint8 ``(H, W, 3)`` image -> int64 ``(H, W)`` cluster ids; the ``fuss predict`` path without CRF."""
+
+    def __init__(self, backbone: Backbone, head: nn.Module, centroids: torch.Tensor, eval_short_side: int):
+        super().__init__()
+        vit = copy.deepcopy(backbone.model)
+        self.patch_embed = vit.patch_embed
+        self.norm_pre = vit.norm_pre
+        self.blocks = nn.Sequential(*list(vit.blocks)[:backbone.block + 1])  # the later blocks are never used
+        self.norm = vit.norm
+        self.pos_embed = _PositionEmbedding(vit)
+        self.head = copy.deepcopy(head)
+        self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1))
+        self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1))
+        # normalised once here; predict normalises the same tensor the same way at every call
+        self.register_buffer("unit_centroids", F.normalize(centroids.detach().float(), dim=1))
+        self.eval_short_side = int(eval_short_side)
+        self.patch = int(backbone.patch_size)
+        self.num_prefix_tokens = int(vit.num_prefix_tokens)
+        self.eval().requires_grad_(False)
+
+    @torch.jit.export
+    def eval_size(self, height: int, width: int) -> tuple[int, int]:
+        """The backbone input size of an image: ``transforms.eval_size`` (TorchScript's ``round`` rounds half to
+        even, like Python's). Exported, so a deployment can ask which size the backbone sees."""
+        scale = self.eval_short_side / min(height, width)
+        patch = self.patch
+        return (max(patch, int(round(height * scale / patch)) * patch),
+                max(patch, int(round(width * scale / patch)) * patch))
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        if image.dim() != 3 or image.size(2) != 3 or image.dtype != torch.uint8:
+            raise ValueError("expected a uint8 tensor of shape (H, W, 3) in RGB order")
+        with torch.no_grad():
+            height, width = image.size(0), image.size(1)
+            # the same ops as transforms.eval_view: to float in [0, 1], normalise, resize
+            pixels = image.permute(2, 0, 1).to(torch.float32).mul_(1.0 / 255)
+            pixels = pixels.sub_(self.mean).div_(self.std).unsqueeze(0)
+            view_h, view_w = self.eval_size(height, width)
+            if view_h != height or view_w != width:
+                pixels = F.interpolate(pixels, size=[view_h, view_w], mode="bilinear", align_corners=False,
+                                       antialias=True)
+            tokens = self.norm_pre(self.pos_embed(self.patch_embed(pixels)))
+            tokens = self.norm(self.blocks(tokens))[:, self.num_prefix_tokens:]
+            feats = tokens.reshape(1, view_h // self.patch, view_w // self.patch, -1).permute(0, 3, 1, 2)
+            code = F.normalize(self.head(feats.contiguous()), dim=1)
+            logits = torch.einsum("bdhw,cd->bchw", code, self.unit_centroids)
+            logits = F.interpolate(logits, size=[height, width], mode="bilinear", align_corners=False)
+            return logits[0].argmax(0)
+
+
+class _PositionEmbedding(nn.Module):
+    """The ViT's prefix tokens and position embedding, resampled to the token grid of each input: timm's
+    ``_pos_embed`` of a ``dynamic_img_size`` ViT, as a module of its own so the rest of the ViT can be left out."""
+
+    def __init__(self, vit: nn.Module):
+        super().__init__()
+        if not getattr(vit, "dynamic_img_size", False):
+            raise ExportError("the backbone must be created with dynamic_img_size=True (load_backbone does)")
+        self.cls_token = vit.cls_token
+        self.reg_token = vit.reg_token
+        self.pos_embed = vit.pos_embed
+        self.pos_drop = vit.pos_drop
+        self.grid_size: list[int] = [int(s) for s in vit.patch_embed.grid_size]
+        self.num_prefix_tokens = 0 if vit.no_embed_class else int(vit.num_prefix_tokens)
+        self.no_embed_class = bool(vit.no_embed_class)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, grid_h, grid_w, channels = x.shape
+        to_cat: list[torch.Tensor] = []
+        cls_token = self.cls_token
+        if cls_token is not None:
+            to_cat.append(cls_token.expand(batch, -1, -1))
+        reg_token = self.reg_token
+        if reg_token is not None:
+            to_cat.append(reg_token.expand(batch, -1, -1))
+        x = x.view(batch, -1, channels)
+        pos_embed = self.pos_embed
+        if pos_embed is None:
+            return torch.cat(to_cat + [x], dim=1)
+        pos_embed = resample_abs_pos_embed(pos_embed, new_size=[grid_h, grid_w], old_size=self.grid_size,
+                                           num_prefix_tokens=self.num_prefix_tokens)
+        if self.no_embed_class:
+            x = x + pos_embed
+            if len(to_cat) > 0:
+                x = torch.cat(to_cat + [x], dim=1)
+        else:
+            if len(to_cat) > 0:
+                x = torch.cat(to_cat + [x], dim=1)
+            x = x + pos_embed
+        return self.pos_drop(x)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for chunk in iter(lambda: handle.read(1 << 22), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None, list[str] | None]:
+    """(model state, saved config or None, saved cluster names or None) of a ``fuss_model.pt`` / ``model.pt`` /
+    ``FL_global_model.pt``; a missing or unreadable file raises an error that names it."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"model file not found: {path}")
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # truncated, not a torch file, or unsafe content
+        raise ExportError(f"cannot read model file {path}: {err}") from err
+    state, config, names = blob, None, None
+    if isinstance(blob, dict) and "model" in blob:
+        state, config, names = blob["model"], blob.get("config"), blob.get("cluster_names")
+    if not isinstance(state, dict) or "centroids" not in state:
+        raise ExportError(f"model file {path} holds no FUSS model (no 'centroids' entry)")
+    return state, config, names
+
+
+def cluster_names(saved: Any, count: int) -> list[str]:
+    """The model's own cluster names when it carries one per cluster, else ``cluster 0`` .. ``cluster C-1``."""
+    if isinstance(saved, (list, tuple)) and len(saved) == count and all(isinstance(n, str) for n in saved):
+        return list(saved)
+    return [f"cluster {i}" for i in range(count)]
+
+
+def build_segmenter(state: dict[str, torch.Tensor], cfg: FussConfig) -> tuple[SegmenterModule, Backbone]:
+    """The eager module (CPU) of a model state under its config, and the backbone it was built from."""
+    from .site import build_model  # site pulls in datasets and the cache; only needed here
+
+    backbone = load_backbone(cfg.backbone, "cpu")
+    model = build_model(cfg, state["centroids"].shape[0])
+    model.load_state_dict(state)
+    return SegmenterModule(backbone, model.head.eval(), model.centroids, cfg.data.eval_short_side), backbone
+
+
+def export_model(model_path: str | Path, out_dir: str | Path, cfg: FussConfig | None = None,
+                 fmt: str = "torchscript") -> dict[str, Any]:
+    """Write ``<out_dir>/fuss_segmenter.pt`` (TorchScript) and ``fuss_segmenter.json``; returns the card.
+
+    ``cfg`` None: the config saved in the model file (as ``fuss predict``), else the defaults.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; supported: {', '.join(FORMATS)}")
+    model_path = Path(model_path)
+    state, saved_config, saved_names = read_model_file(model_path)
+    if cfg is None:
+        cfg = FussConfig.from_dict(saved_config) if saved_config is not None else FussConfig()
+    segmenter, backbone = build_segmenter(state, cfg)
+    with warnings.catch_warnings():
+        # torch 2.x marks torch.jit as deprecated; TorchScript is still the one self-contained format that loads
+        # without this package (torch.jit.load), so it is what we ship
+        warnings.simplefilter("ignore", FutureWarning)
+        scripted = torch.jit.script(segmenter)
+        module_path = atomic_write(Path(out_dir) / MODULE_FILE, lambda handle: torch.jit.save(scripted, handle))
+    weights = backbone_weights(cfg.backbone.weights)
+    weights_file = None if weights in (RANDOM_WEIGHTS, TIMM_WEIGHTS) else Path(weights)
+    num_clusters = int(state["centroids"].shape[0])
+    card = {
+        "format": fmt,
+        "module_file": module_path.name,
+        "load": f"torch.jit.load('{module_path.name}')",
+        "input": INPUT_SPEC,
+        "output": OUTPUT_SPEC,
+        "num_clusters": num_clusters,
+        "cluster_names": cluster_names(saved_names, num_clusters),
+        "preprocessing": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
+                          "eval_short_side": cfg.data.eval_short_side, "patch_size": backbone.patch_size,
+                          "resize": RESIZE_RULE, "crf": False},
+        "backbone": {"name": cfg.backbone.name, "block": backbone.block, "weights": weights,
+                     "weights_sha256": sha256_file(weights_file) if weights_file else None},
+        "caveat": backbone_caveat(cfg.backbone, backbone.block),
+        "source_model": {"path": str(model_path), "sha256": _sha256(model_path)},
+        "torch_version": torch.__version__,
+        "config": cfg.to_dict(),
+    }
+    atomic_write_json(module_path.parent / CARD_FILE, card)
+    log.info("wrote %s and %s (%d clusters, backbone %s up to block %d)", module_path, CARD_FILE,
+             num_clusters, cfg.backbone.name, backbone.block)
+    return card
