@@ -270,9 +270,9 @@ class FederationConfig:
     seed: int = 0
     # Robust aggregation (fuss_components.aggregation): "none" = FedAvg of the head (Eq. 8); "median" /
     # "trimmed-mean" = unweighted coordinate-wise median / trimmed mean of the heads; "clip" = FedAvg after
-    # clipping each head's change from the global head to the round's median change. In every robust mode,
-    # updates whose centroids lie more than centroid_outlier_ratio x the median distance from the clients' median
-    # centroids are rejected (needs >= 3 updates). trim_fraction: share of the clients cut at EACH end per coordinate
+    # clipping each head's change from the global head to the round's median change. Screening rejects updates
+    # whose centroids lie more than centroid_outlier_ratio x the median distance from the clients' median centroids
+    # (needs >= 3 updates) whenever the sites start from the global centroids (switch C on) or robust is not none. trim_fraction: share of the clients cut at EACH end per coordinate
     # (rounded up, at most (n - 1) // 2).
     robust: str = "none"
     trim_fraction: float = 0.2

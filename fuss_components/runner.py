@@ -98,7 +98,7 @@ def run_federated(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progr
             log.warning("round %d: rejected update of %s: %s", round_idx, site_name, reason)
         if len(accepted) < min_clients:
             raise AggregationError(f"round {round_idx}: {len(accepted)} usable updates, min_clients={min_clients}")
-        state = join_state(*aggregate(accepted, fed, run.num_clusters))
+        state = join_state(*aggregate(accepted, fed, run.num_clusters, reference_head=reference))
         validation = run.validate(state)
         record = {"round": round_idx, "train": {u.site: u.metrics for u in updates},
                   "rejected": dict(rejected), "validation": validation, **_summary(validation)}

@@ -488,19 +488,23 @@ def test_centroid_outliers_hand_values():
         assert centroid_outliers(list(perm), 3.0) == out
 
 
-def test_screening_in_robust_mode_rejects_flipped_centroids():
+def test_screening_rejects_outlier_centroids_when_sites_share_the_global_centroids():
+    """Flipped centroids among 5 updates: rejected by default (switch C on: every site started the round from the
+    global centroids, so honest sets are comparable) and in a robust mode; kept with switch C off and no robust
+    mode, where sites keep their own centroids and a median over them means nothing."""
     g = torch.Generator().manual_seed(0)
     base = normalize_rows(torch.randn(3, 4, generator=g))
     ups = [ClientUpdate(f"h{i}", {"w": torch.full((2,), 1.0 + 0.01 * i)}, base + 0.05 * torch.randn(3, 4, generator=g),
                         5) for i in range(4)]
     ups.append(ClientUpdate("evil", {"w": torch.full((2,), 1.0)}, -base, 5))
     ref = {"w": torch.ones(2)}
-    accepted, rejected = screen_updates(ups, ref, 3, 4)
-    assert len(accepted) == 5  # robust mode off: flipped centroids pass (they are finite and well shaped)
-    robust = FederationConfig(robust="median")
-    accepted, rejected = screen_updates(ups, ref, 3, 4, federation=robust)
-    assert [u.site for u in accepted] == ["h0", "h1", "h2", "h3"]
-    assert [s for s, _ in rejected] == ["evil"] and "centroids lie" in rejected[0][1]
+    for federation in (None, FederationConfig(robust="median"),
+                       FederationConfig(robust="median", aggregate_centroids=False)):
+        accepted, rejected = screen_updates(ups, ref, 3, 4, federation=federation)
+        assert [u.site for u in accepted] == ["h0", "h1", "h2", "h3"]
+        assert [s for s, _ in rejected] == ["evil"] and "centroids lie" in rejected[0][1]
+    accepted, rejected = screen_updates(ups, ref, 3, 4, federation=FederationConfig(aggregate_centroids=False))
+    assert len(accepted) == 5 and rejected == []
 
 
 # ------------------------------------------------------------------------------------------------ screening

@@ -92,7 +92,7 @@ class FussAggregator(Aggregator):
             fl_ctx.set_prop(ERROR_PROP, reason, private=True, sticky=False)
             self.fire_event(JOB_FAILED, fl_ctx)
             raise AggregationError(reason)
-        head, centroids = aggregate(accepted, self._cfg.federation, num_clusters)
+        head, centroids = aggregate(accepted, self._cfg.federation, num_clusters, reference_head=ref_head)
         self.log_info(fl_ctx, f"round {round_idx}: {self._cfg.federation.aggregator} over {report['accepted']}")
         return weights_shareable(join_state(head, centroids))
 
