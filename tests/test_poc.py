@@ -268,57 +268,6 @@ def test_site_started_with_a_wrong_data_path_fails_the_job_naming_the_site(hospi
         fed.restart_site(site, good.env())
 
 
-def _kill_after_first_round(fed, site: str, job_id: str, timeout: float = 120) -> None:
-    """Wait until the server recorded round 0, then kill every process of ``site`` at once."""
-    metrics = fed.server_job_dir(job_id) / "app_server" / "metrics.json"
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        if metrics.is_file():
-            try:
-                if json.loads(metrics.read_text())["rounds"]:
-                    break
-            except (ValueError, KeyError):
-                pass
-        time.sleep(0.2)
-    else:
-        raise TimeoutError("round 0 did not finish")
-    assert fed.kill_site(site)
-
-
-@pytest.mark.slow
-def test_killed_site_lets_the_job_finish_with_the_others_when_min_clients_allows(hospitals, hospital_data,
-                                                                                   tmp_path):
-    fed, site = hospitals, "hospital-a"
-    job = _job(hospital_data, tmp_path, "tiny_kill_ok", *FAST_DEAD_SITE, **{
-        "federation.rounds": 3, "federation.min_clients": 2, "federation.local_steps": 20})
-    try:
-        job_id, meta, result = _run_job(fed, job, tmp_path / "result", timeout=300,
-                                        during=lambda jid: _kill_after_first_round(fed, site, jid))
-        assert meta["status"] == "FINISHED:COMPLETED", _server_log(result)[-4000:]
-        metrics = json.loads((_app_server(result) / "metrics.json").read_text())
-        accepted = [r["accepted"] for r in metrics["rounds"]]
-        assert accepted[0] == HOSPITALS and accepted[-1] == ["hospital-b", "hospital-c"], accepted
-        assert (_app_server(result) / "fuss_model.pt").is_file()
-        assert f"Client {site} is deemed disconnected" in _server_log(result)
-    finally:
-        fed.restart_site(site, hospital_data["sites"][site].env())
-
-
-@pytest.mark.slow
-def test_killed_site_fails_the_job_clearly_when_min_clients_does_not_allow(hospitals, hospital_data, tmp_path):
-    """(The killed site is not restarted: the next test stops the federation and checks nothing is left.)"""
-    fed, site = hospitals, "hospital-a"
-    job = _job(hospital_data, tmp_path, "tiny_kill_fail", *FAST_DEAD_SITE, **{
-        "federation.rounds": 2, "federation.min_clients": 3, "federation.local_steps": 20})
-    job_id, meta, result = _run_job(fed, job, tmp_path / "result", timeout=300,
-                                    during=lambda jid: _kill_after_first_round(fed, site, jid))
-    assert meta["status"] != "FINISHED:COMPLETED"
-    server = _server_log(result)
-    assert f"Client {site} is deemed disconnected" in server, server[-4000:]
-    assert "Alive clients 2 < required min 3" in server or "fewer than min_clients=3" in server, server[-4000:]
-    assert not list(result.rglob("fuss_model.pt"))
-
-
 # ---------------------------------------------------------------------------------------------- hostile jobs
 
 DO_NOTHING_FILTERS = '''"""A hostile job's fuss_flare/filters.py: same class names, writes the audit lines, filters nothing."""
@@ -412,6 +361,57 @@ def test_hostile_job_config_cannot_bypass_the_site_policy(hospitals, hospital_da
     logs = "".join(_site_log(fed, site, job_id) for site in HOSPITALS) + _server_log(result)
     assert "not in allow_list" in logs and "ConvertToFedEvent" in logs, logs[-4000:]
     assert not list(result.rglob("FL_global_model.pt")) or not list(result.rglob("received"))
+
+
+def _kill_after_first_round(fed, site: str, job_id: str, timeout: float = 120) -> None:
+    """Wait until the server recorded round 0, then kill every process of ``site`` at once."""
+    metrics = fed.server_job_dir(job_id) / "app_server" / "metrics.json"
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if metrics.is_file():
+            try:
+                if json.loads(metrics.read_text())["rounds"]:
+                    break
+            except (ValueError, KeyError):
+                pass
+        time.sleep(0.2)
+    else:
+        raise TimeoutError("round 0 did not finish")
+    assert fed.kill_site(site)
+
+
+@pytest.mark.slow
+def test_killed_site_lets_the_job_finish_with_the_others_when_min_clients_allows(hospitals, hospital_data,
+                                                                                   tmp_path):
+    fed, site = hospitals, "hospital-a"
+    job = _job(hospital_data, tmp_path, "tiny_kill_ok", *FAST_DEAD_SITE, **{
+        "federation.rounds": 3, "federation.min_clients": 2, "federation.local_steps": 20})
+    try:
+        job_id, meta, result = _run_job(fed, job, tmp_path / "result", timeout=300,
+                                        during=lambda jid: _kill_after_first_round(fed, site, jid))
+        assert meta["status"] == "FINISHED:COMPLETED", _server_log(result)[-4000:]
+        metrics = json.loads((_app_server(result) / "metrics.json").read_text())
+        accepted = [r["accepted"] for r in metrics["rounds"]]
+        assert accepted[0] == HOSPITALS and accepted[-1] == ["hospital-b", "hospital-c"], accepted
+        assert (_app_server(result) / "fuss_model.pt").is_file()
+        assert f"Client {site} is deemed disconnected" in _server_log(result)
+    finally:
+        fed.restart_site(site, hospital_data["sites"][site].env())
+
+
+@pytest.mark.slow
+def test_killed_site_fails_the_job_clearly_when_min_clients_does_not_allow(hospitals, hospital_data, tmp_path):
+    """(The killed site is not restarted: the next test stops the federation and checks nothing is left.)"""
+    fed, site = hospitals, "hospital-a"
+    job = _job(hospital_data, tmp_path, "tiny_kill_fail", *FAST_DEAD_SITE, **{
+        "federation.rounds": 2, "federation.min_clients": 3, "federation.local_steps": 20})
+    job_id, meta, result = _run_job(fed, job, tmp_path / "result", timeout=300,
+                                    during=lambda jid: _kill_after_first_round(fed, site, jid))
+    assert meta["status"] != "FINISHED:COMPLETED"
+    server = _server_log(result)
+    assert f"Client {site} is deemed disconnected" in server, server[-4000:]
+    assert "Alive clients 2 < required min 3" in server or "fewer than min_clients=3" in server, server[-4000:]
+    assert not list(result.rglob("fuss_model.pt"))
 
 
 def test_stopping_the_hospitals_leaves_no_process_and_no_port(hospitals):
