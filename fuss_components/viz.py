@@ -3,6 +3,7 @@
 Colours are consistent between calls: ``palette(n)[:m] == palette(m)`` for ``m <= n``, so id ``i`` always gets
 the same colour. Black is reserved for ``ignore_index``; no palette entry is black. To compare a clustering with
 the labels in one picture, map cluster ids to classes first (``ConfusionMatrix.compute()["assignment"]``).
+``overlay_with_legend`` is the picture ``fuss predict`` writes: the overlay with a legend of the clusters it shows.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-__all__ = ["palette", "colorize", "overlay", "save_overlay"]
+__all__ = ["palette", "colorize", "overlay", "save_overlay", "legend", "overlay_with_legend"]
 
 # 27 hand-picked, well separated colours (Kelly-like high-contrast set without white/black, then extras).
 _FIXED = np.array(
@@ -171,4 +172,75 @@ def save_overlay(
     out = Path(path)
     out.parent.mkdir(parents=True, exist_ok=True)
     Image.fromarray(np.concatenate(panels, axis=1)).save(out, format="PNG")
+    return out
+
+
+LEGEND_BACKGROUND = (255, 255, 255)
+LEGEND_TEXT = (0, 0, 0)
+LEGEND_OUTLINE = (64, 64, 64)  # keeps light swatches (the palette holds white) visible on the white panel
+
+
+def _font(size: int):
+    from PIL import ImageFont
+
+    try:
+        return ImageFont.load_default(size)
+    except (TypeError, ImportError):  # Pillow < 10.1, or built without FreeType: the one fixed-size bitmap font
+        return ImageFont.load_default()
+
+
+def legend(colours: Any, labels: list[str], font_size: int = 12) -> np.ndarray:
+    """A white ``(h, w, 3)`` ``uint8`` panel with one row per entry, top to bottom: a square swatch of
+    ``colours[k]`` (``font_size`` pixels, grey outline) and then ``labels[k]`` in black, in PIL's default font."""
+    from PIL import Image, ImageDraw
+
+    colours = np.asarray(colours, dtype=np.uint8).reshape(-1, 3)
+    if len(colours) != len(labels):
+        raise ValueError(f"{len(colours)} colours but {len(labels)} labels")
+    font = _font(font_size)
+    pad = max(4, font_size // 2)
+    measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+    boxes = [measure.textbbox((0, 0), text, font=font) for text in labels]
+    line = max([font_size] + [box[3] for box in boxes])
+    text_x = pad + font_size + pad
+    width = text_x + max([box[2] for box in boxes], default=0) + pad
+    height = 2 * pad + len(labels) * line + max(0, len(labels) - 1) * (pad // 2)
+    panel = Image.new("RGB", (width, height), LEGEND_BACKGROUND)
+    draw = ImageDraw.Draw(panel)
+    for k, (colour, text) in enumerate(zip(colours.tolist(), labels)):
+        top = pad + k * (line + pad // 2)
+        swatch_top = top + (line - font_size) // 2
+        draw.rectangle([pad, swatch_top, pad + font_size - 1, swatch_top + font_size - 1], fill=tuple(colour),
+                       outline=LEGEND_OUTLINE)
+        draw.text((text_x, top + (line - boxes[k][3]) // 2), text, fill=LEGEND_TEXT, font=font)
+    return np.asarray(panel)
+
+
+def overlay_with_legend(
+    image: Any,
+    mask: Any,
+    names: list[str],
+    alpha: float = 0.5,
+    ignore_index: int | None = 255,
+    font_size: int | None = None,
+) -> np.ndarray:
+    """``overlay(image, mask)`` with a legend on its right: one row per cluster present in ``mask`` (id order),
+    its colour, ``names[id]`` and its share of the (not ignored) pixels, e.g. ``polyp  12.5%``.
+
+    Colours are ``palette(len(names))``, the same for every image of a model. The output is ``uint8``
+    ``(max(H, legend height), W + legend width, 3)``: the overlay at the top left, white below it when the legend
+    is taller. ``font_size`` default: 1/30 of the image height, at least 12 pixels.
+    """
+    colours = _palette_fn(len(names))
+    shown = overlay(image, mask, alpha=alpha, palette=colours, ignore_index=ignore_index)
+    m = _as_mask(mask)
+    ids = (m if ignore_index is None else m[m != ignore_index]).ravel()
+    counts = np.bincount(ids, minlength=len(names))
+    present = np.flatnonzero(counts)
+    labels = [f"{names[i]}  {100.0 * counts[i] / ids.size:.1f}%" for i in present]
+    height, width = shown.shape[:2]
+    panel = legend(colours[present], labels, font_size or max(12, round(height / 30)))
+    out = np.full((max(height, panel.shape[0]), width + panel.shape[1], 3), LEGEND_BACKGROUND, dtype=np.uint8)
+    out[:height, :width] = shown
+    out[:panel.shape[0], width:] = panel
     return out

@@ -1,4 +1,4 @@
-"""Tests of fuss_components.viz: the palette, colourised masks, overlays and the three-panel PNG."""
+"""Tests of fuss_components.viz: the palette, colourised masks, overlays, the three-panel PNG and legends."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from fuss_components.viz import colorize, overlay, palette, save_overlay
+from fuss_components.viz import colorize, legend, overlay, overlay_with_legend, palette, save_overlay
 
 from conftest import two_halves
 
@@ -55,3 +55,42 @@ def test_save_overlay_writes_three_panels(tmp_path):
         assert im.size == (20, 12)
     with pytest.raises(ValueError, match="sizes differ"):
         save_overlay(tmp_path / "z.png", image, pred[:5])
+
+
+def _rows_of(panel, colour):
+    """The row indices where the panel holds this exact colour."""
+    return np.flatnonzero(np.all(panel == np.asarray(colour, np.uint8), axis=2).any(axis=1))
+
+
+def test_legend_swatches_in_order_and_size_grows_with_text():
+    colours = palette(3)
+    panel = legend(colours[[0, 2]], ["road", "sky"], font_size=12)
+    assert panel.dtype == np.uint8 and panel.shape[2] == 3
+    assert panel[0, 0].tolist() == [255, 255, 255]  # white background
+    road, sky = _rows_of(panel, colours[0]), _rows_of(panel, colours[2])
+    # each swatch is a 12 px square with a 1 px outline: 10 rows of its solid colour, road above sky
+    assert len(road) == 10 and len(sky) == 10 and road.max() < sky.min()
+    assert np.all(panel == colours[0], axis=2).sum() == 100
+    assert len(_rows_of(panel, colours[1])) == 0  # cluster 1 is not listed
+    wider = legend(colours[[0, 2]], ["road", "sky with a much longer name"], font_size=12)
+    assert wider.shape[0] == panel.shape[0] and wider.shape[1] > panel.shape[1]
+    assert legend(colours, ["a", "b", "c"], font_size=12).shape[0] > panel.shape[0]
+    with pytest.raises(ValueError, match="2 colours but 1 labels"):
+        legend(colours[:2], ["a"])
+
+
+def test_overlay_with_legend_lists_present_clusters_beside_the_overlay():
+    image, truth, _ = two_halves(40, 30)
+    mask = truth * 2  # clusters 0 and 2 present, 1 absent
+    names = ["road", "car", "sky"]
+    out = overlay_with_legend(image, mask, names, font_size=12)
+    panel = legend(palette(3)[[0, 2]], ["road  50.0%", "sky  50.0%"], font_size=12)
+    assert out.shape == (max(40, panel.shape[0]), 30 + panel.shape[1], 3)
+    np.testing.assert_array_equal(out[:40, :30], overlay(image, mask, palette=palette(3)))
+    np.testing.assert_array_equal(out[:panel.shape[0], 30:], panel)
+    assert len(_rows_of(out[:, 30:], palette(3)[1])) == 0
+    # a small image gets a legend taller than itself: white below the overlay
+    small = overlay_with_legend(image[:8, :8], mask[:8, :8], names, font_size=12)
+    assert small.shape[0] > 8 and np.all(small[8:, :8] == 255)
+    with pytest.raises(ValueError, match="no colour"):
+        overlay_with_legend(image, mask, names[:2])

@@ -29,6 +29,7 @@ ALL_TASKS = [TASK_TRAIN, TASK_VALIDATE, TASK_SITE_INFO]
 
 CONFIG_FILE = "fuss_config.json"
 SITE_CONFIG_ENV = "FUSS_SITE_CONFIG"  # a site's own overrides (JSON of dotted keys), e.g. its data root
+SITE_PLACEHOLDER = "{site}"  # in a value of those overrides: the site's FLARE client name
 
 # Declared metadata of a site's result.
 META_NUM_SAMPLES = "num_samples"
@@ -71,14 +72,32 @@ def load_job_config(fl_ctx, config_file: str = CONFIG_FILE):
 
 def load_site_config(fl_ctx, config_file: str = CONFIG_FILE):
     """The job's ``FussConfig`` as this site runs it: with the overrides of the JSON file named by
-    ``$FUSS_SITE_CONFIG`` (dotted keys, e.g. ``{"data.root": "/data/fuss", "cache_dir": "/scratch/fuss"}``)."""
+    ``$FUSS_SITE_CONFIG`` (dotted keys, e.g. ``{"data.root": "/data/fuss", "cache_dir": "/scratch/fuss"}``).
+
+    ``{site}`` in a string value is replaced by this site's FLARE client name, so one file can serve several
+    sites that share an environment (the simulator's sites): ``{"data.root": "/data", "data.dataset": "{site}",
+    "partition": "site"}`` gives the site ``site-1`` the image folder ``/data/site-1``."""
     import json
     import os
     from pathlib import Path
 
+    from fuss_components.config import ConfigError
+
     cfg = load_job_config(fl_ctx, config_file)
-    overrides = os.environ.get(SITE_CONFIG_ENV)
-    return cfg.with_overrides(json.loads(Path(overrides).read_text())) if overrides else cfg
+    overrides_file = os.environ.get(SITE_CONFIG_ENV)
+    if not overrides_file:
+        return cfg
+    overrides = json.loads(Path(overrides_file).read_text())
+    if not isinstance(overrides, dict):
+        raise ConfigError(f"{overrides_file} (${SITE_CONFIG_ENV}) must hold a JSON object of dotted keys")
+    site = fl_ctx.get_identity_name()
+    for key, value in overrides.items():
+        if isinstance(value, str) and SITE_PLACEHOLDER in value:
+            if not site:
+                raise ConfigError(f"{overrides_file}: {key} uses {SITE_PLACEHOLDER}, but the FLARE context names "
+                                  f"no site")
+            overrides[key] = value.replace(SITE_PLACEHOLDER, site)
+    return cfg.with_overrides(overrides)
 
 
 def to_torch_state(params) -> dict:
