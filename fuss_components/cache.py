@@ -15,9 +15,12 @@ raises :class:`CacheError` naming the file. That includes a data file without a 
 deleted or lost sidecar must never turn corrupted bytes into trusted ones, so such a file is re-extracted, never
 adopted (caches written before sidecars existed are rebuilt once).
 
-Unreadable images: ``data.on_bad_image`` = ``"fail"`` stops the extraction with the image's path (the images read
-before it are kept); ``"skip"`` logs the path, leaves the image out and records it in
-:attr:`FeatureCache.skipped` (the site's metrics report the count as ``skipped_images``).
+Bad images: before any backbone pass, :meth:`FeatureCache.check` reads the headers of the files the pass and the
+evaluation will read (``SegmentationDataset.check``): every image to extract, and for ``eval`` every label too.
+``data.on_bad_image`` = ``"fail"`` stops at the first problem with the file's path, before anything is extracted;
+``"skip"`` logs the path, leaves the image out and records it with the reason in :attr:`FeatureCache.skipped`.
+An image whose header reads but whose data does not (a truncated file) is caught when it is read, under the same
+policy (with ``"fail"`` the images read before it are kept).
 """
 
 from __future__ import annotations
@@ -31,7 +34,7 @@ import time
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -98,8 +101,9 @@ class FeatureCache:
         self.root = cache_dir(cfg.cache_dir)
         self.dataset_name = dataset_name or cfg.data.dataset
         self._identity = backbone_identity(cfg.backbone)
-        # ids left out because their image could not be read (data.on_bad_image = "skip"), per kind
-        self.skipped: dict[str, set[str]] = {kind: set() for kind in KINDS}
+        # ids left out as bad (data.on_bad_image = "skip"), per kind: {id: reason naming the file}
+        self.skipped: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
+        self._checked: dict[str, set[str]] = {kind: set() for kind in KINDS}  # ids whose files passed check()
 
     def key(self, kind: str) -> str:
         if kind == "train":
@@ -186,17 +190,52 @@ class FeatureCache:
     def missing(self, kind: str, ids: Iterable[str]) -> list[str]:
         return [i for i in ids if not self.is_valid(kind, i)]
 
+    def check(self, dataset: SegmentationDataset, ids_by_kind: Mapping[str, Sequence[str]],
+              desc: str = "") -> dict[str, dict[str, str]]:
+        """The checks that can run before a backbone pass (module docstring), for every kind before any extraction.
+
+        Every id must be the dataset's and listed once. Checked, once per id and process: for ``train`` the
+        images without a cache file yet (what extraction reads); for ``eval`` every image and, on a labelled
+        dataset, its label (what evaluation reads). Under
+        ``data.on_bad_image="fail"`` the first problem raises ``DataError`` naming the file; under ``"skip"`` each
+        problem is logged and recorded in :attr:`skipped`. Returns the problems found now, ``{kind: {id: reason}}``.
+        """
+        found = {}
+        for kind, ids in ids_by_kind.items():
+            dataset.check_ids(ids)  # all of them, cached or not
+            labels = kind == "eval" and dataset.has_labels
+            todo = [i for i in ids if i not in self._checked[kind] and i not in self.skipped[kind]
+                    and (labels or not self.path(kind, i).is_file())]
+            problems = dataset.check(todo, labels=labels, on_bad_image=self.cfg.data.on_bad_image)
+            for image_id, reason in problems.items():
+                log.warning("%s: skipping image %s: %s (data.on_bad_image='skip')", desc or kind, image_id, reason)
+            self.skipped[kind].update(problems)
+            self._checked[kind].update(i for i in todo if i not in problems)
+            if problems:
+                found[kind] = problems
+        return found
+
     def ensure(self, dataset: SegmentationDataset, ids: Sequence[str], kinds: Sequence[str] = ("train",),
                backbone: Backbone | None = None, device: str | torch.device = "cpu", batch_images: int = 4,
                progress: bool = True, desc: str = "") -> dict[str, int]:
-        """Extract the features of every id that is not cached yet; returns counts per kind.
+        """Extract the features of every id that is not cached yet; returns counts per kind (see
+        :meth:`ensure_each`)."""
+        return self.ensure_each(dataset, {kind: ids for kind in kinds}, backbone, device, batch_images, progress,
+                                desc)
 
-        The backbone is only loaded when something is missing. Images this object already skipped as unreadable
+    def ensure_each(self, dataset: SegmentationDataset, ids_by_kind: Mapping[str, Sequence[str]],
+                    backbone: Backbone | None = None, device: str | torch.device = "cpu", batch_images: int = 4,
+                    progress: bool = True, desc: str = "") -> dict[str, int]:
+        """:meth:`check` every kind's ids, then extract the features of those not cached yet; returns the count
+        extracted per kind.
+
+        The backbone is only loaded when something is missing. Images this object already skipped as bad
         (``data.on_bad_image = "skip"``) are not retried; a new process retries them once.
         """
+        self.check(dataset, ids_by_kind, desc)
         counts = {}
-        for kind in kinds:
-            todo = [i for i in self.missing(kind, ids) if i not in self.skipped[kind]]
+        for kind, ids in ids_by_kind.items():
+            todo = self.missing(kind, self.usable(kind, ids))
             counts[kind] = len(todo)
             if not todo:
                 continue
@@ -206,7 +245,7 @@ class FeatureCache:
         return counts
 
     def usable(self, kind: str, ids: Sequence[str]) -> list[str]:
-        """``ids`` without the ones skipped as unreadable (after :meth:`ensure`), in their order."""
+        """``ids`` without the ones skipped as bad (after :meth:`check` / :meth:`ensure`), in their order."""
         return [i for i in ids if i not in self.skipped[kind]]
 
     def _extract(self, dataset: SegmentationDataset, ids: list[str], kind: str, backbone: Backbone,
@@ -222,10 +261,11 @@ class FeatureCache:
             raise CacheError(f"cannot create feature cache folder {out_dir}: {err}") from err
         self._write_info(out_dir, kind)
         device = next(backbone.model.parameters()).device
-        bar = tqdm(total=len(ids), desc=f"extract {kind} {desc}".strip(), unit="img", disable=not progress)
         start = time.perf_counter()
         pending_ids: list[str] = []
         pending: list[torch.Tensor] = []
+        # closed on any exit, so that an error is printed on its own line
+        bar = tqdm(total=len(ids), desc=f"extract {kind} {desc}".strip(), unit="img", disable=not progress)
 
         def flush() -> None:
             feats = backbone.features(torch.cat(pending).to(device)).to("cpu", torch.float16)
@@ -236,34 +276,35 @@ class FeatureCache:
             pending_ids.clear()
             pending.clear()
 
-        for image_id in ids:
-            try:
-                image = dataset.load_image(image_id)
-                if kind == "train":
-                    views = five_crop_views(image, data.crop_ratio, data.train_size)
-                else:
-                    views = eval_view(image, data.eval_short_side, backbone.patch_size)[None]
-            except DataError as err:
-                if data.on_bad_image == "skip":
-                    log.warning("%s: skipping image %s: %s (data.on_bad_image='skip')", desc or kind, image_id, err)
-                    self.skipped[kind].add(image_id)
-                    bar.update(1)
-                    continue
-                if pending:  # keep the images read before the failing one: a rerun resumes right at it
+        with bar:
+            for image_id in ids:
+                try:
+                    image = dataset.load_image(image_id)
+                    if kind == "train":
+                        views = five_crop_views(image, data.crop_ratio, data.train_size)
+                    else:
+                        views = eval_view(image, data.eval_short_side, backbone.patch_size)[None]
+                except DataError as err:
+                    if data.on_bad_image == "skip":
+                        log.warning("%s: skipping image %s: %s (data.on_bad_image='skip')", desc or kind, image_id,
+                                    err)
+                        self.skipped[kind][image_id] = str(err)
+                        bar.update(1)
+                        continue
+                    if pending:  # keep the images read before the failing one: a rerun resumes right at it
+                        flush()
+                    raise DataError(f"{err} (data.on_bad_image='fail'; 'skip' leaves such images out)") from err
+                except Exception:
+                    if pending:
+                        flush()
+                    raise
+                # whole-image views of different sizes cannot share a batch
+                if pending and (len(pending_ids) >= batch_images or views.shape[-2:] != pending[0].shape[-2:]):
                     flush()
-                raise DataError(f"{err} (data.on_bad_image='fail'; 'skip' leaves such images out)") from err
-            except Exception:
-                if pending:
-                    flush()
-                raise
-            # whole-image views of different sizes cannot share a batch
-            if pending and (len(pending_ids) >= batch_images or views.shape[-2:] != pending[0].shape[-2:]):
+                pending_ids.append(image_id)
+                pending.append(views)
+            if pending:
                 flush()
-            pending_ids.append(image_id)
-            pending.append(views)
-        if pending:
-            flush()
-        bar.close()
         log.info("extracted %d %s images in %.1f s into %s", len(ids), kind, time.perf_counter() - start, out_dir)
 
     def _write_info(self, out_dir: Path, kind: str) -> None:

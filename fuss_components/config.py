@@ -7,8 +7,13 @@ before any work starts, naming the offending key.
 
 from __future__ import annotations
 
+import ast
 import dataclasses
+import inspect
+import io
 import json
+import textwrap
+import tokenize
 import types
 import typing
 from dataclasses import dataclass, field
@@ -24,11 +29,11 @@ class ConfigError(ValueError):
 class BackboneConfig:
     """Frozen self-supervised ViT that turns images into dense patch features."""
 
-    name: str = "vit_small_patch14_dinov2"
+    name: str = "vit_small_patch14_dinov2"  # timm model name: a ViT of the DINO / DINOv2 families
     # Local .safetensors/.pth file, or "timm" to use timm's pretrained tag of `name`.
     # None: $FUSS_BACKBONE_WEIGHTS, else the shared DINOv2 ViT-S/14 file (see docs/assets caveat).
     weights: str | None = None
-    sha256: str | None = None
+    sha256: str | None = None  # expected sha256 of the weights file (64 hex digits); None = not checked
     # Index of the transformer block whose patch tokens (after the final norm) are the features; -1 = last.
     # 7 (the 8th block) by default: the shared weights' last blocks are saliency-biased (shared/docs/assets.md), and
     # on the camvid development split block 7 beat block 8 (raw k-means and trained head; docs/results.md, 8).
@@ -49,12 +54,15 @@ class DataConfig:
     # a folder of <root>: the meta.json layout, else a plain folder of unlabeled images (datasets.ImageFolderDataset);
     # or "cityscapes" / "cocostuff27"
     dataset: str = "camvid"
-    root: str | None = None  # None: $FUSS_DATA_ROOT, else the shared data folder
+    root: str | None = None  # folder of one folder per dataset; None: $FUSS_DATA_ROOT, else the shared data folder
     train_size: int = 224  # each five-crop view is resized to this (a multiple of the patch size)
     crop_ratio: float = 0.5  # five-crop side = crop_ratio * short side
     eval_short_side: int = 322  # evaluation: whole image, short side resized to this (rounded to patch size)
-    # An image that cannot be read while building the feature cache: "fail" stops with its path; "skip" leaves
-    # it out (its path is logged, the site's metrics count it as `skipped_images`). Not part of the cache key.
+    # An image whose file is missing or unreadable, or (for evaluation) whose label is missing, not one channel or
+    # not the image's size. These are checked from the file headers before any extraction, and reading the image
+    # checks it again. "fail" stops at the first problem, naming the file. "skip" leaves the image out and lists
+    # it as `skipped_images` ({site: {id: reason}}): in the log, in the JSON line of `fuss extract`, `fuss train`
+    # and `fuss evaluate`, and in the metrics.json of the latter two. Not part of the cache key.
     on_bad_image: str = "fail"
 
     def validate(self) -> None:
@@ -66,28 +74,31 @@ class DataConfig:
             raise ConfigError(f"data.on_bad_image must be one of {BAD_IMAGE_POLICIES}, got {self.on_bad_image!r}")
 
 
+SHIFT_MODES = ("fixed", "quantile")
+
+
 @dataclass
 class LossConfig:
     """Correspondence-distillation loss (paper Eq. 6): weight w and shift b of each of the three terms."""
 
-    self_weight: float = 1.0
-    knn_weight: float = 0.5775
-    random_weight: float = 0.9059
+    self_weight: float = 1.0  # w of the self term (a view with itself)
+    knn_weight: float = 0.5775  # w of the kNN term (a view with one of its `train.knn` nearest views)
+    random_weight: float = 0.9059  # w of the random term (a view with `train.num_random` random other views)
     # "fixed": use the *_shift values below (STEGO Cityscapes, tuned for DINO ViT-B/8).
     # "quantile": label-free; each shift is the quantile of that term's feature correlations A on the client's
     # own cache such that the fraction *_attract of pairs attracts (A - b > 0). See docs/architecture.md.
     shift_mode: str = "quantile"
-    self_shift: float = 0.4583
-    knn_shift: float = 0.1754
-    random_shift: float = 0.3136
-    self_attract: float = 0.35
-    knn_attract: float = 0.25
-    random_attract: float = 0.08
+    self_shift: float = 0.4583  # b of the self term with shift_mode "fixed"
+    knn_shift: float = 0.1754  # b of the kNN term with shift_mode "fixed"
+    random_shift: float = 0.3136  # b of the random term with shift_mode "fixed"
+    self_attract: float = 0.35  # share of self-term pairs that attract, with shift_mode "quantile"
+    knn_attract: float = 0.25  # share of kNN-term pairs that attract, with shift_mode "quantile"
+    random_attract: float = 0.08  # share of random-term pairs that attract, with shift_mode "quantile"
     grid: int = 11  # feature samples per side of the random grid
     pointwise: bool = True  # "pointwise" centering of A
 
     def validate(self) -> None:
-        if self.shift_mode not in ("fixed", "quantile"):
+        if self.shift_mode not in SHIFT_MODES:
             raise ConfigError("loss.shift_mode must be 'fixed' or 'quantile'")
         for key in ("self_attract", "knn_attract", "random_attract"):
             if not 0.0 < getattr(self, key) < 1.0:
@@ -118,8 +129,8 @@ class SmoosegConfig:
     cross_shift: float = 0.5  # b of the smoothness term of an image with another image of the batch
     temperature: float = 0.1  # teacher soft assignment softmax(cos / T)
     teacher_ema: float = 0.998  # teacher <- ema * teacher + (1 - ema) * student, every step
-    lr_head: float = 1e-4
-    lr_prototypes: float = 5e-4  # student prototypes
+    lr_head: float = 1e-4  # learning rate of the head
+    lr_prototypes: float = 5e-4  # learning rate of the student prototypes
 
     def validate(self) -> None:
         if not self.temperature > 0:
@@ -141,8 +152,8 @@ class PrimapsConfig:
     ema_decay: float = 0.98  # momentum prototypes <- decay * momentum + (1 - decay) * fast ...
     ema_every: int = 10  # ... every this many steps
     kmeans_iters: int = 10  # round 0: cosine k-means iterations on the first batch's codes; 0 = off
-    lr_head: float = 5e-4
-    lr_prototypes: float = 5e-3  # fast prototypes
+    lr_head: float = 5e-4  # learning rate of the head
+    lr_prototypes: float = 5e-3  # learning rate of the fast prototypes
 
     def validate(self) -> None:
         if not 0.0 < self.threshold <= 1.0:
@@ -169,10 +180,10 @@ class PpapConfig:
     propagation_steps: int = 3  # proxy relocations (COCO-Stuff: 2)
     sigma_positive: float = 3.0  # the positiveness boundary drops by (1 - cos moved) / sigma_positive per step
     sigma_ambiguity: float = 3.0  # the ambiguity edge rises by (1 - cos moved) / sigma_ambiguity (COCO-Stuff: 4)
-    temperature: float = 0.8
+    temperature: float = 0.8  # softmax temperature of the proxy-anchor loss
     anchor_fraction: float = 0.0625  # share of the batch's patches used as anchors (Cityscapes 1/16, COCO 1/4)
-    lr_head: float = 1e-3
-    lr_prototypes: float = 1e-3  # centroids (cluster loss on the detached codes)
+    lr_head: float = 1e-3  # learning rate of the head
+    lr_prototypes: float = 1e-3  # learning rate of the centroids (cluster loss on the detached codes)
 
     def validate(self) -> None:
         if not -1.0 <= self.ambiguity_threshold <= self.positive_threshold <= 1.0:
@@ -197,14 +208,14 @@ class TrainConfig:
     objective: str = "stego"
     dim: int = 70  # D, output channels of the projection head
     num_clusters: int | None = None  # |C|; None = number of classes of the dataset
-    batch_size: int = 8
-    lr_head: float = 5e-4  # stego (the other objectives have lr_head / lr_prototypes in their section)
-    lr_centroids: float = 5e-3  # stego
-    dropout: float = 0.1
+    batch_size: int = 8  # training views (five-crop views of the cached images) per local step
+    lr_head: float = 5e-4  # learning rate of the head, stego (the other objectives: their own section)
+    lr_centroids: float = 5e-3  # learning rate of the centroids, stego
+    dropout: float = 0.1  # dropout of the projection head's input
     # weight of the inter-centroid similarity term (paper Eq. 5; stego and ppap); 0 = authors' code
     centroid_lambda: float = 0.0
-    knn: int = 7
-    num_random: int = 5
+    knn: int = 7  # k of each view's nearest views (cosine of mean-pooled features), built with the cache
+    num_random: int = 5  # random other views per view of the batch (stego's random term)
     # Every this many steps a centroid that was nobody's argmax since the last check is moved onto the worst
     # explained feature of the batch (keeps all |C| clusters alive); 0 = off. stego and ppap (whose centroids are
     # trained by the centroid loss); smooseg / primaps prototypes move by EMA and are not reseeded.
@@ -214,12 +225,12 @@ class TrainConfig:
     # so indices still correspond across sites for FedAvg) on a sample of the site's own head codes. With FedCC the
     # server then clusters the sites' k-means centroids: federated k-means of the codes (docs/results.md, quality).
     centroids: str = "learned"
-    centroid_refit_iters: int = 30
-    centroid_refit_points: int = 100_000
+    centroid_refit_iters: int = 30  # centroids "kmeans": Lloyd steps of the refit
+    centroid_refit_points: int = 100_000  # centroids "kmeans": at most this many head codes sampled for the refit
     fedprox_mu: float = 0.0  # FedProx: mu/2 * ||theta - theta_global||^2 on the head; authors use 0.001
     moon_weight: float = 0.0  # FedMoon contrastive term weight (paper: 1.0); 0 = off
-    moon_tau: float = 0.5
-    seed: int = 0
+    moon_tau: float = 0.5  # FedMoon temperature
+    seed: int = 0  # seed of a site's local draws (batches, grids, calibration), combined with its name and round
     device: str = "auto"  # "auto" = cuda when present, else cpu
     smooseg: SmoosegConfig = field(default_factory=SmoosegConfig)
     primaps: PrimapsConfig = field(default_factory=PrimapsConfig)
@@ -258,37 +269,40 @@ ROBUST_MODES = ("none", "median", "trimmed-mean", "clip")
 class FederationConfig:
     """Server-side aggregation and round schedule (Algorithm 1)."""
 
+    # How the server merges the clients' centroids: "fedavg" = their weighted mean, like the head (Eq. 8);
+    # "fedcc-kmeans" / "fedcc-maximin" = FedCC: cluster all clients' centroids into |C| by k-means / by maximin.
     aggregator: str = "fedcc-kmeans"
     weighted: bool = True  # W: alpha_k = N_k / N (sample counts) instead of 1/|K|
     average_head: bool = True  # E: average the head; off = every client keeps its own head
     aggregate_centroids: bool = True  # C: aggregate the centroids; off = every client keeps its own
-    rounds: int = 10
+    rounds: int = 10  # federated rounds (each: local training at every training site, then aggregation)
     local_epochs: float = 1.0  # local steps per round = ceil(local_epochs * samples / batch_size) ...
     local_steps: int | None = None  # ... unless this is set
-    kmeans_n_init: int = 10
-    min_clients: int | None = None  # None = all training clients
-    seed: int = 0
-    # Robust aggregation (fuss_components.aggregation): "none" = FedAvg of the head (Eq. 8); "median" /
+    kmeans_n_init: int = 10  # k-means restarts of "fedcc-kmeans" on the server
+    min_clients: int | None = None  # accepted updates a round needs; None = all training clients
+    seed: int = 0  # seed of the initial global model, the server's clustering and the partitions
+    # Robust aggregation of the head (fuss_components.aggregation): "none" = FedAvg (Eq. 8); "median" /
     # "trimmed-mean" = unweighted coordinate-wise median / trimmed mean of the heads; "clip" = FedAvg after
-    # clipping each head's change from the global head to the round's median change. Screening rejects updates
-    # whose centroids lie more than centroid_outlier_ratio x the median distance from the clients' median centroids
-    # (needs >= 3 updates) whenever the sites start from the global centroids (switch C on) or robust is not none. trim_fraction: share of the clients cut at EACH end per coordinate
-    # (rounded up, at most (n - 1) // 2).
+    # clipping each head's change from the global head to the round's median change.
     robust: str = "none"
+    # robust "trimmed-mean": share of the clients cut at EACH end per coordinate (rounded up, at most (n - 1) // 2)
     trim_fraction: float = 0.2
+    # Screening rejects updates whose centroids lie more than this many times the median distance from the
+    # clients' median centroids (needs >= 3 updates), whenever the sites start from the global centroids (switch C
+    # on) or robust is not "none".
     centroid_outlier_ratio: float = 3.0
-    # Screening of every update, in every mode (fuss_components.aggregation.screen_updates).
-    # max_samples: the largest num_samples an update may claim (it may also not exceed what the site declared when
-    # the job started). 10 million is ~85x COCO's whole train2017 (118k images), the largest set any preset splits,
-    # so no honest site comes near it; a larger count is corrupt or hostile. It also keeps every count far inside
-    # float64's exact integers (2**53).
+    # Screening of every update, in every mode (fuss_components.aggregation.screen_updates): the largest
+    # num_samples an update may claim (it may also not exceed what the site declared when the job started). 10
+    # million is ~85x COCO's whole train2017 (118k images), the largest set any preset splits, so no honest site
+    # comes near it; a larger count is corrupt or hostile. It also keeps every count far inside float64's exact
+    # integers (2**53).
     max_samples: int = 10_000_000
-    # max_centroid_norm: the longest centroid row accepted, by the server and by a site's result filter. Centroids
+    # Screening: the longest centroid row accepted, by the server and by a site's result filter. Centroids
     # are compared by cosine and stay near unit norm (honest rows after a round: 0.85-1.94); the bound only has to
     # refuse overflow-sized rows (3e38) while leaving room for a site's own privacy noise, which adds about
     # sigma * C * sqrt(D) (840 for sigma * C = 100, D = 70).
     max_centroid_norm: float = 1e4
-    # max_relative_change: the largest ||head - global head|| / ||global head|| accepted (works with any number of
+    # Screening: the largest ||head - global head|| / ||global head|| accepted (works with any number of
     # clients). A sign-flipped head is at >= 2.0 (measured 2.00-2.18) and a 100x scaled one at ~99. Honest heads
     # measured per round: 0.01-0.10 on the tiny test federation (3-30 local steps, every objective); on CamVid
     # 0.17-0.35 for stego at local_epochs=1 (64-191 steps), 0.76 at 800 steps, ppap 0.54 / 0.97 at 191 / 800.
@@ -326,15 +340,20 @@ class FederationConfig:
 
 @dataclass
 class FussConfig:
+    """Every setting of a run; nested sections, dotted keys on the command line (``--set train.lr_head=1e-4``)."""
+
     backbone: BackboneConfig = field(default_factory=BackboneConfig)
     data: DataConfig = field(default_factory=DataConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
-    # Which images each site holds: a preset name ("camvid", "polyp", "cityscapes", "cocostuff27", or any
-    # folder dataset split by its `site` field: "site") or the path of a partition manifest JSON.
+    # Which images each site holds: a preset of fuss_components.partition.PRESETS (a dataset's name, with ":N"
+    # for N clients where the preset allows it, e.g. "cityscapes:6"); "site": one client per site of the dataset,
+    # sites whose images are all in split "test" only validate; or the path of a partition manifest JSON
+    # (`fuss partition`).
     partition: str = "camvid"
-    cache_dir: str | None = None  # None: $FUSS_CACHE_DIR, else ~/.cache/fuss (fuss_components.paths.cache_dir)
+    # the site's feature-cache folder; None: $FUSS_CACHE_DIR, else ~/.cache/fuss (fuss_components.paths.cache_dir)
+    cache_dir: str | None = None
 
     def validate(self) -> "FussConfig":
         for section in (self.backbone, self.data, self.loss, self.train, self.federation):
@@ -444,14 +463,21 @@ def _dotted_keys(data: dict, prefix: str = "") -> list[str]:
     return keys
 
 
-def _unknown_key(key: str, known: typing.Iterable[str]) -> str:
-    """The error text for an unknown key: the closest known keys, else the keys of its section."""
+def did_you_mean(key: str, known: typing.Iterable[str]) -> str | None:
+    """``"did you mean 'a' or 'b'?"`` naming the known keys closest to ``key`` (at most three); None when none is
+    close. Config keys and the keys of a dataset's ``meta.json`` share it."""
     import difflib
 
+    close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+    return f"did you mean {' or '.join(repr(k) for k in close)}?" if close else None
+
+
+def _unknown_key(key: str, known: typing.Iterable[str]) -> str:
+    """The error text for an unknown key: the closest known keys, else the keys of its section."""
     known = sorted(known)
-    close = difflib.get_close_matches(key, known, n=3, cutoff=0.6)
-    if close:
-        return f"unknown config key {key!r}; did you mean {' or '.join(repr(k) for k in close)}?"
+    suggestion = did_you_mean(key, known)
+    if suggestion:
+        return f"unknown config key {key!r}; {suggestion}"
     section = key.rpartition(".")[0]
     siblings = [k for k in known if k.rpartition(".")[0] == section] or known
     return f"unknown config key {key!r} (known: {', '.join(siblings)})"
@@ -493,3 +519,91 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
             return value
     names = " or ".join(getattr(o, "__name__", str(o)) for o in options)
     raise ConfigError(f"config key {key!r} must be {names}, got {type(value).__name__} {value!r}")
+
+
+# ====================================================================== the reference (docs/config.md)
+# The keys that take one of a few strings, with the tuples their validate() checks.
+CHOICES = {"data.on_bad_image": BAD_IMAGE_POLICIES, "loss.shift_mode": SHIFT_MODES, "train.objective": OBJECTIVES,
+           "train.centroids": CENTROID_MODES, "federation.aggregator": AGGREGATORS, "federation.robust": ROBUST_MODES}
+REFERENCE_COMMAND = "python -m fuss_components.config --markdown > docs/config.md"
+
+
+def field_comments(cls: type) -> dict[str, str]:
+    """Each field of a config dataclass -> its description: the comment lines right above the field and the
+    comment at the end of its line, joined. The comments of this file are the documentation of the keys (one place
+    per fact); :func:`render_reference` turns them into ``docs/config.md``."""
+    source = textwrap.dedent("".join(inspect.getsourcelines(cls)[0]))
+    comments = {}  # line -> (text, whether the line holds nothing but the comment)
+    for token in tokenize.generate_tokens(io.StringIO(source).readline):
+        if token.type == tokenize.COMMENT:
+            comments[token.start[0]] = (token.string.lstrip("#").strip(), not token.line[:token.start[1]].strip())
+    described, previous_end = {}, 0
+    for node in ast.parse(source).body[0].body:
+        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name):
+            above = [text for line, (text, alone) in sorted(comments.items()) if alone
+                     and previous_end < line < node.lineno]
+            after = [text for line, (text, alone) in sorted(comments.items()) if not alone
+                     and node.lineno <= line <= node.end_lineno]
+            described[node.target.id] = " ".join(above + after)
+        previous_end = node.end_lineno
+    return described
+
+
+def _type_name(hint: Any) -> str:
+    options = typing.get_args(hint) if isinstance(hint, types.UnionType) else (hint,)
+    return " or ".join("null" if o is type(None) else o.__name__ for o in options)
+
+
+def _cell(text: str) -> str:
+    """Table-cell text: ``|`` would end the cell, ``*`` could start emphasis and ``<`` an HTML tag."""
+    return text.replace("|", "\\|").replace("*", "\\*").replace("<", "\\<")
+
+
+def _sections(cls: type, prefix: str = "") -> list[tuple[str, type]]:
+    """(dotted prefix, dataclass) of ``cls`` and of every section nested in it, depth first."""
+    hints = typing.get_type_hints(cls)
+    found = [(prefix, cls)]
+    for f in dataclasses.fields(cls):
+        if dataclasses.is_dataclass(hints[f.name]):
+            found += _sections(hints[f.name], f"{prefix}{f.name}.")
+    return found
+
+
+def render_reference() -> str:
+    """``docs/config.md``: every key (dotted), its type, its default and what it does, section by section, from
+    the fields, defaults and comments of this module (``python -m fuss_components.config --markdown``)."""
+    out = ["# Configuration reference", "",
+           "Generated from `fuss_components/config.py` by", "", "```bash", REFERENCE_COMMAND, "```", "",
+           "Edit the comments there, not this file (`tests/test_config.py` checks that it is current).", "",
+           "A run's configuration is one JSON object of the sections below (`--config FILE.json`, nested as the",
+           "dotted keys are). Every command also takes `--set KEY=VALUE` with a dotted key (`--set",
+           "train.lr_head=1e-4`; the value is read as JSON when it is JSON, else as a string), and a FLARE site",
+           "applies its own `{\"dotted key\": value}` overrides from the JSON file named by `$FUSS_SITE_CONFIG`.",
+           "An unknown key (with the closest known keys), a wrong type or an impossible value stops every command",
+           "before any work, naming the key. None in a description is `null` in JSON.", ""]
+    for prefix, cls in _sections(FussConfig):
+        hints, described, defaults = typing.get_type_hints(cls), field_comments(cls), cls()
+        doc = " ".join(line.strip() for line in inspect.getdoc(cls).splitlines() if line.strip())
+        out += [f"## {prefix.rstrip('.') or 'top level'}", "", doc, "",
+                "| key | type | default | what it does |", "|---|---|---|---|"]
+        for f in dataclasses.fields(cls):
+            if dataclasses.is_dataclass(hints[f.name]):
+                continue
+            key = prefix + f.name
+            text = described[f.name]
+            if key in CHOICES:
+                text += f" One of {', '.join(json.dumps(c) for c in CHOICES[key])}."
+            default = json.dumps(getattr(defaults, f.name))
+            out.append(f"| `{key}` | {_type_name(hints[f.name])} | `{default}` | {_cell(text)} |")
+        out.append("")
+    return "\n".join(out)
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m fuss_components.config",
+                                     description="Print the configuration reference (docs/config.md).")
+    parser.add_argument("--markdown", action="store_true", required=True, help="as Markdown")
+    parser.parse_args()
+    print(render_reference(), end="")

@@ -4,13 +4,16 @@
 Every dataset is a list of :class:`Sample` records (id, site, split, image and label paths) plus two loaders:
 ``load_image`` (RGB ``PIL.Image``) and ``load_label`` (``uint8 (H, W)`` array with class ids ``0..K-1`` and
 ``255`` = ignore). Labels are checked when they are loaded: the file exists, it has the image's size, and every
-value is a class id or the ignore index. Problems raise :class:`DataError`, whose message names the offending
+value is a class id or the ignore index. ``check`` finds what it can of the same problems from the file headers
+alone, before the long work reads the files. Problems raise :class:`DataError`, whose message names the offending
 file or site.
 
 Layouts:
 
 * folder (``FolderDataset``): ``<root>/meta.json`` (``classes``, ``ignore_index``, ``items[]`` with ``id``,
-  ``split``, ``site`` and any extra fields), ``images/<split>/<id>.jpg``, ``labels/<split>/<id>.png``.
+  ``split``, ``site`` and optional descriptive fields), ``images/<split>/<id>.jpg``, ``labels/<split>/<id>.png``.
+  A key that is not in :data:`META_KEYS` (top level) or :data:`ITEM_KEYS` (an item) is refused, naming the
+  closest known key: a misspelt key would otherwise be ignored.
 * plain image folder (``ImageFolderDataset``): any folder without ``meta.json``; every image file below it
   (recursively, DICOM included) is one unlabeled training image of one site named after the folder. Such a dataset
   has ``has_labels = False``: extraction, training, site partitions and prediction work, while everything that
@@ -28,11 +31,14 @@ from __future__ import annotations
 import json
 import os
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, UnidentifiedImageError
+
+from .config import did_you_mean
 
 __all__ = [
     "DataError",
@@ -47,6 +53,8 @@ __all__ = [
     "COCOSTUFF27_CLASSES",
     "COCOSTUFF_FINE_TO_COARSE",
     "COCOSTUFF_STUFF_NAMES",
+    "ITEM_KEYS",
+    "META_KEYS",
     "open_dataset",
 ]
 
@@ -183,8 +191,7 @@ class SegmentationDataset:
         img_size = self.image_size(id)
         lab_size = (raw.shape[1], raw.shape[0])
         if img_size != lab_size:
-            raise DataError(f"label {path} is {lab_size[0]}x{lab_size[1]} but image {s.image_path} is "
-                            f"{img_size[0]}x{img_size[1]} (width x height)")
+            raise DataError(_size_mismatch(path, lab_size, s.image_path, img_size))
         label = self._map_label(raw, path)
         counts = np.bincount(label.ravel(), minlength=256)
         present = np.flatnonzero(counts)
@@ -197,6 +204,72 @@ class SegmentationDataset:
     def _map_label(self, raw: np.ndarray, path: Path) -> np.ndarray:
         """Turn the stored label values into class ids (identity for the folder layout)."""
         return raw
+
+    def check(self, ids: Sequence[str], labels: bool = False, on_bad_image: str = "fail") -> dict[str, str]:
+        """Check the files of ``ids`` from their headers, before the long work (extraction, evaluation) reads them.
+
+        Each image file is present and its header readable (a DICOM file is decoded). With ``labels`` (on a
+        dataset that has labels), each image also has a label file, present, single-channel and of the image's
+        size. The ids must be ids of the dataset, each listed once: ``DataError`` otherwise, whatever
+        ``on_bad_image``.
+
+        ``on_bad_image="fail"`` (``data.on_bad_image``): ``DataError`` at the first problem, naming the file.
+        ``"skip"``: every problem as ``{id: reason}`` (empty when all is well), each reason naming the file.
+        """
+        self.check_ids(ids)
+        problems = {}
+        for image_id in ids:
+            problem = self._file_problem(image_id, labels and self.has_labels)
+            if problem is not None:
+                if on_bad_image != "skip":
+                    raise DataError(f"{problem} (data.on_bad_image='fail'; 'skip' leaves such images out)")
+                problems[image_id] = problem
+        return problems
+
+    def check_ids(self, ids: Sequence[str]) -> None:
+        """``DataError`` naming the first id that is not the dataset's (``UnknownIdError``) or is listed twice."""
+        seen: set[str] = set()
+        for image_id in ids:
+            self.sample(image_id)
+            if image_id in seen:
+                raise DataError(f"{self.name}: image id {image_id!r} is listed more than once")
+            seen.add(image_id)
+
+    def _file_problem(self, id: str, labels: bool) -> str | None:  # noqa: A002
+        """What is wrong with the image (and label) files of ``id``, read from their headers; None if nothing."""
+        s = self.sample(id)
+        try:
+            img_size = self.image_size(id)
+            if not labels:
+                return None
+            if s.label_path is None:
+                return f"{self.name}: image {id!r} has no label ({s.image_path})"
+            lab_size = _label_header_size(s.label_path)
+        except DataError as err:
+            return str(err)
+        if img_size != lab_size:
+            return _size_mismatch(s.label_path, lab_size, s.image_path, img_size)
+        return None
+
+
+def _size_mismatch(label_path: Path, lab_size: tuple[int, int], image_path: Path, img_size: tuple[int, int]) -> str:
+    return (f"label {label_path} is {lab_size[0]}x{lab_size[1]} but image {image_path} is "
+            f"{img_size[0]}x{img_size[1]} (width x height)")
+
+
+def _label_header_size(path: Path) -> tuple[int, int]:
+    """(width, height) of a label file from its header; ``DataError`` naming the path when it is missing,
+    unreadable or not single-channel (what :func:`_read_label_file` would refuse)."""
+    try:
+        with Image.open(path) as im:
+            size, mode, bands = im.size, im.mode, len(im.getbands())
+    except FileNotFoundError:
+        raise DataError(f"label file missing: {path}") from None
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
+        raise DataError(f"cannot read label {path}: {exc}") from None
+    if bands != 1:
+        raise DataError(f"label {path} must be a single-channel image of class ids, got mode {mode}")
+    return size
 
 
 def _read_label_file(path: Path) -> np.ndarray:
@@ -221,6 +294,23 @@ def _read_label_file(path: Path) -> np.ndarray:
 
 
 # ====================================================================== folder layout
+# The keys of meta.json: those the loader reads, then the descriptive ones the shared datasets carry.
+META_KEYS = frozenset({"name", "classes", "num_classes", "ignore_index", "items",
+                       "count", "task", "label_note", "image_format", "site_field", "sites", "splits", "split_note",
+                       "fed_split_note", "note", "origin", "license"})
+# The keys of an item: id, split and site, then descriptive ones (kept in Sample.extra).
+ITEM_KEYS = frozenset({"id", "split", "site", "sequence", "frame", "width", "height", "fed_split", "source_file",
+                       "orig_size"})
+
+
+def _unknown_meta_key(where: str, keys: dict, known: frozenset[str]) -> None:
+    """``DataError`` for the first key of ``keys`` that is not ``known``, with the closest known keys."""
+    unknown = sorted(set(keys) - known)
+    if unknown:
+        hint = did_you_mean(unknown[0], known) or f"known keys: {', '.join(sorted(known))}"
+        raise DataError(f"{where}: unknown key {unknown[0]!r} ({hint})")
+
+
 class FolderDataset(SegmentationDataset):
     """A dataset in the shared folder layout: ``meta.json``, ``images/<split>/<id>.jpg``,
     ``labels/<split>/<id>.png``. Any dataset in that layout works without code changes."""
@@ -241,6 +331,7 @@ class FolderDataset(SegmentationDataset):
             raise DataError(f"cannot read {meta_path}: {exc}") from None
         if not isinstance(meta, dict):
             raise DataError(f"{meta_path}: expected a JSON object")
+        _unknown_meta_key(str(meta_path), meta, META_KEYS)
         classes = meta.get("classes")
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
             raise DataError(f"{meta_path}: 'classes' must be a non-empty list of names")
@@ -261,6 +352,8 @@ class FolderDataset(SegmentationDataset):
             raise DataError(f"{meta_path}: 'items' must be a list")
         samples = []
         for n, it in enumerate(items):
+            if isinstance(it, dict):
+                _unknown_meta_key(f"{meta_path}: items[{n}] (id {it.get('id')!r})", it, ITEM_KEYS)
             if not isinstance(it, dict) or not all(isinstance(it.get(k), str) and it.get(k) for k in
                                                    ("id", "split", "site")):
                 raise DataError(f"{meta_path}: items[{n}] needs non-empty string fields id, split and site")

@@ -1,16 +1,23 @@
-"""A deployable model: one self-contained TorchScript file that turns an image into cluster ids, plus a JSON
-card beside it.
+"""A deployable model: one self-contained file that turns an image into cluster ids (TorchScript ``.pt`` or ONNX
+``.onnx``), plus a JSON card beside it.
 
-The TorchScript module reproduces ``fuss predict`` without CRF, step by step: ImageNet normalisation of the RGB
-image, the whole-image evaluation resize (short side -> ``data.eval_short_side``, both sides rounded to multiples
-of the patch size, bilinear with antialias), the backbone's patch tokens of block ``backbone.block`` after the
-final norm, the projection head, cosine similarity to the centroids, bilinear upsampling of those logits to the
-input size and the argmax. Only the backbone blocks up to the used one are kept.
+The module reproduces ``fuss predict`` without CRF, step by step: ImageNet normalisation of the RGB image, the
+whole-image evaluation resize (short side -> ``data.eval_short_side``, both sides rounded to multiples of the patch
+size, bilinear with antialias), the backbone's patch tokens of block ``backbone.block`` after the final norm, the
+projection head, cosine similarity to the centroids, bilinear upsampling of those logits to the input size and the
+argmax. Only the backbone blocks up to the used one are kept.
 
-Input: a ``uint8`` tensor ``(H, W, 3)`` in RGB order, e.g. ``torch.from_numpy(np.asarray(pil_image.convert("RGB")))``
-(the array ``fuss predict`` starts from). Any size works: the resize happens inside the module. Output: an ``int64``
-tensor ``(H, W)`` of cluster ids. One image per call; the module runs on the device its tensors are moved to
-(``torch.jit.load(path, map_location=...)``).
+TorchScript (``fuss_segmenter.pt``). Input: a ``uint8`` tensor ``(H, W, 3)`` in RGB order, e.g.
+``torch.from_numpy(np.asarray(pil_image.convert("RGB")))`` (the array ``fuss predict`` starts from). Any size works:
+the resize happens inside the module. Output: an ``int64`` tensor ``(H, W)`` of cluster ids. One image per call;
+the module runs on the device its tensors are moved to (``torch.jit.load(path, map_location=...)``).
+
+ONNX (``fuss_segmenter.onnx``, opset 18, weights inside the file). The same contract as far as ONNX goes: input
+``image``, a ``uint8`` array ``(H, W, 3)`` with dynamic H and W; output ``labels``, ``int64`` ``(H, W)``; the
+backbone size is computed and the resize done inside the graph (ONNX ``Resize`` with antialias). Differences: a
+wrong dtype or shape is refused by the runtime (its own error, not this module's message); there is no
+``eval_size`` method (the card's ``preprocessing`` states the rule); the image is always resized, also when it
+already has the backbone size (then the resize is the identity).
 """
 
 from __future__ import annotations
@@ -29,17 +36,24 @@ from torch import nn
 
 from .backbones import RANDOM_WEIGHTS, TIMM_WEIGHTS, Backbone, backbone_caveat, load_backbone, sha256_file
 from .config import FussConfig
-from .files import atomic_write, atomic_write_json
+from .files import atomic_write, atomic_write_bytes, atomic_write_json
 from .paths import backbone_weights
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("torchscript",)
+FORMATS = ("torchscript", "onnx")
 MODULE_FILE = "fuss_segmenter.pt"
+ONNX_FILE = "fuss_segmenter.onnx"
+MODULE_FILES = {"torchscript": MODULE_FILE, "onnx": ONNX_FILE}
 CARD_FILE = "fuss_segmenter.json"
+ONNX_INPUT, ONNX_OUTPUT = "image", "labels"
+ONNX_OPSET = 18  # the first opset whose Resize has antialias, which the in-graph resize needs
 INPUT_SPEC = "uint8 tensor (H, W, 3), RGB, any size (resized inside the module as `fuss predict` does)"
 OUTPUT_SPEC = "int64 tensor (H, W): the cluster id of every pixel"
+ONNX_INPUT_SPEC = (f"'{ONNX_INPUT}': uint8 array (H, W, 3), RGB, dynamic H and W (resized inside the graph as "
+                   "`fuss predict` does)")
+ONNX_OUTPUT_SPEC = f"'{ONNX_OUTPUT}': int64 array (H, W): the cluster id of every pixel"
 RESIZE_RULE = ("short side -> eval_short_side, aspect kept, each side rounded (half to even) to a multiple of the "
                "patch size and at least one patch; bilinear with antialias on the normalised float image")
 
@@ -79,24 +93,53 @@ class SegmenterModule(nn.Module):
                 max(patch, int(round(width * scale / patch)) * patch))
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        if image.dim() != 3 or image.size(2) != 3 or image.dtype != torch.uint8:
-            raise ValueError("expected a uint8 tensor of shape (H, W, 3) in RGB order")
         with torch.no_grad():
             height, width = image.size(0), image.size(1)
-            # the same ops as transforms.eval_view: to float in [0, 1], normalise, resize
-            pixels = image.permute(2, 0, 1).to(torch.float32).mul_(1.0 / 255)
-            pixels = pixels.sub_(self.mean).div_(self.std).unsqueeze(0)
+            pixels = self._normalised(image)
             view_h, view_w = self.eval_size(height, width)
             if view_h != height or view_w != width:
                 pixels = F.interpolate(pixels, size=[view_h, view_w], mode="bilinear", align_corners=False,
                                        antialias=True)
-            tokens = self.norm_pre(self.pos_embed(self.patch_embed(pixels)))
-            tokens = self.norm(self.blocks(tokens))[:, self.num_prefix_tokens:]
-            feats = tokens.reshape(1, view_h // self.patch, view_w // self.patch, -1).permute(0, 3, 1, 2)
-            code = F.normalize(self.head(feats.contiguous()), dim=1)
-            logits = torch.einsum("bdhw,cd->bchw", code, self.unit_centroids)
-            logits = F.interpolate(logits, size=[height, width], mode="bilinear", align_corners=False)
-            return logits[0].argmax(0)
+            return self._labels(pixels, height, width, view_h, view_w)
+
+    def _normalised(self, image: torch.Tensor) -> torch.Tensor:
+        """``(1, 3, H, W)`` float: the same ops as ``transforms.eval_view`` before its resize."""
+        if image.dim() != 3 or image.size(2) != 3 or image.dtype != torch.uint8:
+            raise ValueError("expected a uint8 tensor of shape (H, W, 3) in RGB order")
+        pixels = image.permute(2, 0, 1).to(torch.float32).mul_(1.0 / 255)
+        return pixels.sub_(self.mean).div_(self.std).unsqueeze(0)
+
+    def _labels(self, pixels: torch.Tensor, height: int, width: int, view_h: int, view_w: int) -> torch.Tensor:
+        """Cluster ids ``(height, width)`` of the resized image ``pixels`` ``(1, 3, view_h, view_w)``."""
+        tokens = self.norm_pre(self.pos_embed(self.patch_embed(pixels)))
+        tokens = self.norm(self.blocks(tokens))[:, self.num_prefix_tokens:]
+        feats = tokens.reshape(1, view_h // self.patch, view_w // self.patch, -1).permute(0, 3, 1, 2)
+        code = F.normalize(self.head(feats.contiguous()), dim=1)
+        logits = torch.einsum("bdhw,cd->bchw", code, self.unit_centroids)
+        logits = F.interpolate(logits, size=[height, width], mode="bilinear", align_corners=False)
+        return logits[0].argmax(0)
+
+
+class OnnxSegmenterModule(SegmenterModule):
+    """``SegmenterModule`` written for ``torch.onnx``'s exporter (``torch.export``), whose graph keeps H and W
+    dynamic: the backbone size comes from ``symbolic_eval_size`` and the image is always resized, so the graph
+    holds no branch on the example's size. In eager mode it computes what ``SegmenterModule`` does."""
+
+    def forward(self, image: torch.Tensor) -> torch.Tensor:
+        height, width = image.size(0), image.size(1)
+        view_h, view_w = symbolic_eval_size(height, width, self.eval_short_side, self.patch)
+        pixels = F.interpolate(self._normalised(image), size=[view_h, view_w], mode="bilinear",
+                               align_corners=False, antialias=True)
+        return self._labels(pixels, height, width, view_h, view_w)
+
+
+def symbolic_eval_size(height, width, short_side: int, patch: int):
+    """``transforms.eval_size`` on the (symbolic) sizes ``torch.export`` traces: ``torch.sym_min`` /
+    ``torch.sym_max`` instead of Python's ``min`` / ``max``, which would fix the graph to the example's
+    orientation. On ints it returns what ``eval_size`` returns."""
+    scale = short_side / torch.sym_min(height, width)
+    return (torch.sym_max(patch, round(height * scale / patch) * patch),
+            torch.sym_max(patch, round(width * scale / patch) * patch))
 
 
 class _PositionEmbedding(nn.Module):
@@ -174,44 +217,114 @@ def cluster_names(saved: Any, count: int) -> list[str]:
     return [f"cluster {i}" for i in range(count)]
 
 
-def build_segmenter(state: dict[str, torch.Tensor], cfg: FussConfig) -> tuple[SegmenterModule, Backbone]:
-    """The eager module (CPU) of a model state under its config, and the backbone it was built from."""
+def build_segmenter(state: dict[str, torch.Tensor], cfg: FussConfig,
+                    module: type[SegmenterModule] = SegmenterModule) -> tuple[SegmenterModule, Backbone]:
+    """The eager ``module`` (CPU) of a model state under its config, and the backbone it was built from."""
     from .site import build_model  # site pulls in datasets and the cache; only needed here
 
     backbone = load_backbone(cfg.backbone, "cpu")
     model = build_model(cfg, state["centroids"].shape[0])
     model.load_state_dict(state)
-    return SegmenterModule(backbone, model.head.eval(), model.centroids, cfg.data.eval_short_side), backbone
+    return module(backbone, model.head.eval(), model.centroids, cfg.data.eval_short_side), backbone
 
 
-def export_model(model_path: str | Path, out_dir: str | Path, cfg: FussConfig | None = None,
-                 fmt: str = "torchscript") -> dict[str, Any]:
-    """Write ``<out_dir>/fuss_segmenter.pt`` (TorchScript) and ``fuss_segmenter.json``; returns the card.
+def _import_onnx_exporter():
+    """``onnx`` and ``onnxscript`` (``torch.onnx``'s exporter needs both), or an error saying how to install them."""
+    try:
+        import onnx
+        import onnxscript
+    except ImportError as err:
+        raise ExportError(f"the ONNX export needs the packages onnx and onnxscript ({err}); install them with "
+                          "pip install -e '.[onnx]'") from err
+    return onnx, onnxscript
 
-    ``cfg`` None: the config saved in the model file (as ``fuss predict``), else the defaults.
-    """
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; supported: {', '.join(FORMATS)}")
-    model_path = Path(model_path)
-    state, saved_config, saved_names = read_model_file(model_path)
-    if cfg is None:
-        cfg = FussConfig.from_dict(saved_config) if saved_config is not None else FussConfig()
-    segmenter, backbone = build_segmenter(state, cfg)
+
+def _double_precision_size_ops() -> dict:
+    """ONNX translations of the float steps of ``symbolic_eval_size`` in double precision, as Python computes
+    ``eval_size``: ``torch.onnx``'s own translations compute them in float32, which rounds some sizes to the
+    other multiple of the patch (e.g. 10 x 25 pixels at short side 42, patch 14)."""
+    import builtins
+    import operator
+
+    from onnx import TensorProto
+    from onnxscript import opset18 as op
+
+    def to_double(value):
+        return op.Cast(value, to=TensorProto.DOUBLE)
+
+    def true_divide(dividend, divisor):
+        return op.Div(op.Cast(dividend, to=TensorProto.DOUBLE), op.Cast(divisor, to=TensorProto.DOUBLE))
+
+    def round_to_int(value, ndigits=None):  # ONNX Round rounds half to even, as Python's round
+        return op.Cast(op.Round(value), to=TensorProto.INT64)
+
+    return {torch.sym_float: to_double, operator.truediv: true_divide, builtins.round: round_to_int}
+
+
+def onnx_model_bytes(module: nn.Module, example: torch.Tensor) -> bytes:
+    """The serialised ONNX model of ``module`` (one ``uint8`` ``(H, W, 3)`` input ``image`` with dynamic H and W,
+    one output ``labels``), weights inside; ``example`` is the image ``torch.export`` traces with."""
+    _import_onnx_exporter()
+    dims = {0: torch.export.Dim("height", min=1), 1: torch.export.Dim("width", min=1)}
+    program = torch.onnx.export(module, (example,), dynamo=True, dynamic_shapes=(dims,),
+                                input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT], opset_version=ONNX_OPSET,
+                                external_data=False, custom_translation_table=_double_precision_size_ops(),
+                                verbose=False)
+    try:
+        return program.model_proto.SerializeToString()
+    except ValueError as err:  # protobuf's 2 GiB limit of one message
+        raise ExportError(f"the ONNX model does not fit in one file ({err}); export TorchScript instead") from err
+
+
+def _write_module(segmenter: SegmenterModule, path: Path, fmt: str) -> Path:
+    if fmt == "onnx":
+        # any example size but 0 or 1 (torch.export would fix those); the graph's H and W stay dynamic
+        example = torch.zeros((2 * segmenter.patch + 3, 3 * segmenter.patch + 5, 3), dtype=torch.uint8)
+        return atomic_write_bytes(path, onnx_model_bytes(segmenter, example))
     with warnings.catch_warnings():
         # torch 2.x marks torch.jit as deprecated; TorchScript is still the one self-contained format that loads
         # without this package (torch.jit.load), so it is what we ship
         warnings.simplefilter("ignore", FutureWarning)
         scripted = torch.jit.script(segmenter)
-        module_path = atomic_write(Path(out_dir) / MODULE_FILE, lambda handle: torch.jit.save(scripted, handle))
+        return atomic_write(path, lambda handle: torch.jit.save(scripted, handle))
+
+
+def _how_to_run(fmt: str, module_file: str) -> dict[str, Any]:
+    """The card's fields that say how to load and call the module file."""
+    if fmt == "torchscript":
+        return {"load": f"torch.jit.load('{module_file}')", "input": INPUT_SPEC, "output": OUTPUT_SPEC}
+    onnx, onnxscript = _import_onnx_exporter()
+    return {"load": f"onnxruntime.InferenceSession('{module_file}')",
+            "run": f"session.run(None, {{'{ONNX_INPUT}': rgb_uint8_hwc}})[0]",
+            "input": ONNX_INPUT_SPEC, "output": ONNX_OUTPUT_SPEC,
+            "onnx": {"opset": ONNX_OPSET, "onnx_version": onnx.__version__,
+                     "onnxscript_version": onnxscript.__version__}}
+
+
+def export_model(model_path: str | Path, out_dir: str | Path, cfg: FussConfig | None = None,
+                 fmt: str = "torchscript") -> dict[str, Any]:
+    """Write ``<out_dir>/fuss_segmenter.pt`` (TorchScript) or ``fuss_segmenter.onnx`` (ONNX), and
+    ``fuss_segmenter.json`` (the card of that file: one export per folder); returns the card.
+
+    ``cfg`` None: the config saved in the model file (as ``fuss predict``), else the defaults.
+    """
+    if fmt not in FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; supported: {', '.join(FORMATS)}")
+    if fmt == "onnx":
+        _import_onnx_exporter()  # a missing package: an error before any work
+    model_path = Path(model_path)
+    state, saved_config, saved_names = read_model_file(model_path)
+    if cfg is None:
+        cfg = FussConfig.from_dict(saved_config) if saved_config is not None else FussConfig()
+    segmenter, backbone = build_segmenter(state, cfg, OnnxSegmenterModule if fmt == "onnx" else SegmenterModule)
+    module_path = _write_module(segmenter, Path(out_dir) / MODULE_FILES[fmt], fmt)
     weights = backbone_weights(cfg.backbone.weights)
     weights_file = None if weights in (RANDOM_WEIGHTS, TIMM_WEIGHTS) else Path(weights)
     num_clusters = int(state["centroids"].shape[0])
     card = {
         "format": fmt,
         "module_file": module_path.name,
-        "load": f"torch.jit.load('{module_path.name}')",
-        "input": INPUT_SPEC,
-        "output": OUTPUT_SPEC,
+        **_how_to_run(fmt, module_path.name),
         "num_clusters": num_clusters,
         "cluster_names": cluster_names(saved_names, num_clusters),
         "preprocessing": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),

@@ -5,11 +5,13 @@ Strategies (``shared/docs/fuss-spec.md`` section 3):
 * ``site``: one client per natural site (video sequence, hospital, city) or per group of sites;
 * ``dirichlet`` (paper Appendix D): every image gets its dominant class (most frequent labelled pixel); for each
   class a draw p ~ Dir(alpha * 1_K) over the K clients splits that class's images;
-* ``iid``: a random equal split.
+* ``iid``: a random equal split;
+* ``missing``: every image gets its dominant class and each client holds images of only about half of the
+  classes, so it lacks the others entirely (:func:`partition_missing_classes`).
 
 A :class:`Partition` is saved as the JSON manifest described in ``docs/architecture.md``::
 
-    {"dataset": str, "strategy": "site"|"dirichlet"|"iid", "seed": int, "num_classes": int,
+    {"dataset": str, "strategy": "site"|"dirichlet"|"iid"|"missing", "seed": int, "num_classes": int,
      "clients": {site: [image ids]}, "validation": {site: [image ids]}, "meta": {...}}
 """
 
@@ -19,6 +21,7 @@ import json
 import math
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -30,16 +33,22 @@ from .files import atomic_write_json
 __all__ = [
     "Partition",
     "dominant_class",
+    "dominant_classes",
+    "label_class_pixels",
     "partition_by_site",
     "partition_dirichlet",
     "partition_iid",
+    "partition_missing_classes",
+    "polyp_size_bins",
     "preset_partition",
+    "preset_site_names",
     "PRESETS",
     "PartitionPreset",
     "STRATEGIES",
 ]
 
-STRATEGIES = ("site", "dirichlet", "iid")
+STRATEGIES = ("site", "dirichlet", "iid", "missing")
+DIRICHLET_MAX_TRIES = 100  # redraws of a Dirichlet split that left a client empty
 _KEYS = ("dataset", "strategy", "seed", "num_classes", "clients", "validation", "meta")
 
 
@@ -258,16 +267,51 @@ def partition_by_site(ds: SegmentationDataset, sites: Iterable[str] | None = Non
                      clients=clients, validation=validation, meta=info)
 
 
+# Class pixel counts per label file, keyed by (dataset type, path, size, mtime): a site process resolves its
+# partition more than once (the site, the result filter's bounds), and label-skewed presets read every label.
+_CLASS_PIXELS: dict[tuple, np.ndarray] = {}
+
+
+def label_class_pixels(ds: SegmentationDataset, ids: Sequence[str], progress: bool = True,
+                       purpose: str = "a label-skewed partition") -> dict[str, np.ndarray]:
+    """Pixel count of each class ``0..K-1`` in each image's label (ignore pixels not counted), as int64 arrays.
+
+    Reads every label once per process (with a progress bar); later calls for an unchanged label file reuse the
+    counts. ``purpose`` names what needs the labels in the error of a dataset without labels."""
+    ds.require_labels(purpose)
+    out, todo = {}, []
+    for i in ids:
+        path = ds.sample(i).label_path
+        if path is None or not path.is_file():  # load_label names the problem
+            todo.append((i, None))
+            continue
+        stat = path.stat()
+        key = (type(ds).__qualname__, str(path), stat.st_size, stat.st_mtime_ns)
+        if key in _CLASS_PIXELS:
+            out[i] = _CLASS_PIXELS[key]
+        else:
+            todo.append((i, key))
+    for i, key in tqdm(todo, desc=f"{ds.name}: class pixels", unit="img", disable=not progress or not todo,
+                       leave=False):
+        counts = np.bincount(ds.load_label(i).ravel(), minlength=256)
+        if 0 <= ds.ignore_index < counts.size:
+            counts[ds.ignore_index] = 0
+        out[i] = counts[:ds.num_classes].astype(np.int64)
+        out[i].flags.writeable = False  # shared with later calls
+        if key is not None:
+            _CLASS_PIXELS[key] = out[i]
+    return {i: out[i] for i in ids}
+
+
 def dominant_classes(ds: SegmentationDataset, ids: Sequence[str], progress: bool = True) -> dict[str, int]:
-    """Dominant class of each image (reads every label once, with a progress bar)."""
-    ds.require_labels("a Dirichlet partition (by each image's dominant class)")
-    return {i: dominant_class(ds.load_label(i), ds.ignore_index)
-            for i in tqdm(ids, desc=f"{ds.name}: dominant classes", unit="img", disable=not progress,
-                          leave=False)}
+    """Dominant class of each image (as :func:`dominant_class`; the labels are read by :func:`label_class_pixels`)."""
+    pixels = label_class_pixels(ds, ids, progress, purpose="a partition by each image's dominant class")
+    return {i: int(c.argmax()) if c.sum() else -1 for i, c in pixels.items()}
 
 
 def partition_dirichlet(ds: SegmentationDataset, ids: Sequence[str] | None, num_clients: int, alpha: float,
-                        seed: int, *, dominant: dict[str, int] | None = None, max_tries: int = 100,
+                        seed: int, *, dominant: dict[str, int] | None = None,
+                        max_tries: int = DIRICHLET_MAX_TRIES,
                         validation: dict[str, list[str]] | None = None, progress: bool = True) -> Partition:
     """Non-IID split by dominant class (paper Appendix D).
 
@@ -301,28 +345,10 @@ def partition_dirichlet(ds: SegmentationDataset, ids: Sequence[str] | None, num_
     missing = [i for i in ids if i not in dominant]
     if missing:
         raise DataError(f"no dominant class given for image ids {missing[:5]}")
-    by_class: dict[int, list[str]] = {}
-    for i in ids:
-        by_class.setdefault(int(dominant[i]), []).append(i)
-    classes = sorted(by_class)
+    by_class = _group_by_tag(ids, dominant)
     names = _client_names(num_clients)
-    for attempt in range(max_tries):
-        rng = np.random.default_rng([int(seed), attempt])
-        assigned: list[list[str]] = [[] for _ in range(num_clients)]
-        for c in classes:
-            members = by_class[c]
-            order = rng.permutation(len(members))
-            p = rng.dirichlet(np.full(num_clients, float(alpha)))
-            counts = _apportion(p, len(members))
-            for k, chunk in enumerate(np.split(order, np.cumsum(counts)[:-1])):
-                assigned[k].extend(members[j] for j in chunk)
-        if all(assigned):
-            break
-    else:
-        empty = names[[len(a) for a in assigned].index(0)]
-        raise DataError(f"Dirichlet(alpha={alpha}) split of {len(ids)} images of {ds.name!r} into {num_clients} "
-                        f"clients left client {empty!r} empty in all {max_tries} attempts; use a larger alpha "
-                        f"or fewer clients")
+    assigned, attempt = _dirichlet_split(by_class, names, alpha, (int(seed),), max_tries,
+                                         f"{len(ids)} images of {ds.name!r}")
     rank = {i: n for n, i in enumerate(ids)}
     clients = {name: sorted(a, key=rank.__getitem__) for name, a in zip(names, assigned)}
     hist = {name: _class_hist([dominant[i] for i in a], ds.num_classes) for name, a in clients.items()}
@@ -330,6 +356,38 @@ def partition_dirichlet(ds: SegmentationDataset, ids: Sequence[str] | None, num_
             "no_label_images": len(by_class.get(-1, []))}
     return Partition(dataset=ds.name, strategy="dirichlet", seed=int(seed), num_classes=ds.num_classes,
                      clients=clients, validation=dict(validation or {}), meta=meta)
+
+
+def _group_by_tag(ids: Sequence[str], tags: dict[str, int]) -> dict[int, list[str]]:
+    """Tag -> its ids, in the order of ``ids``."""
+    groups: dict[int, list[str]] = {}
+    for i in ids:
+        groups.setdefault(int(tags[i]), []).append(i)
+    return groups
+
+
+def _dirichlet_split(by_tag: dict[int, list[str]], names: Sequence[str], alpha: float, seed_key: tuple[int, ...],
+                     max_tries: int, what: str) -> tuple[list[list[str]], int]:
+    """The draws of :func:`partition_dirichlet`: (ids per client, the attempt that left no client empty).
+
+    ``seed_key``: the leading entries of every attempt's ``default_rng`` seed; ``what`` names the images in the
+    error."""
+    num_clients = len(names)
+    for attempt in range(max_tries):
+        rng = np.random.default_rng([*seed_key, attempt])
+        assigned: list[list[str]] = [[] for _ in range(num_clients)]
+        for tag in sorted(by_tag):
+            members = by_tag[tag]
+            order = rng.permutation(len(members))
+            p = rng.dirichlet(np.full(num_clients, float(alpha)))
+            counts = _apportion(p, len(members))
+            for k, chunk in enumerate(np.split(order, np.cumsum(counts)[:-1])):
+                assigned[k].extend(members[j] for j in chunk)
+        if all(assigned):
+            return assigned, attempt
+    empty = names[[len(a) for a in assigned].index(0)]
+    raise DataError(f"Dirichlet(alpha={alpha}) split of {what} into {num_clients} clients left client {empty!r} "
+                    f"empty in all {max_tries} attempts; use a larger alpha or fewer clients")
 
 
 def _apportion(p: np.ndarray, n: int) -> np.ndarray:
@@ -368,6 +426,72 @@ def partition_iid(ds: SegmentationDataset, ids: Sequence[str] | None, num_client
                      clients=clients, validation=dict(validation or {}), meta={})
 
 
+def partition_missing_classes(ds: SegmentationDataset, ids: Sequence[str] | None, num_clients: int, seed: int, *,
+                              dominant: dict[str, int] | None = None,
+                              validation: dict[str, list[str]] | None = None, progress: bool = True) -> Partition:
+    """Split in which every client lacks some classes entirely: each client sees about half of the classes.
+
+    Each image is tagged with its dominant class as in :func:`partition_dirichlet`. Let P be the classes that are
+    the dominant class of at least one image (P >= 2) and m = ceil(P / 2). The P classes are put in a random
+    order and client k (k = 0..K-1) sees the m consecutive ones, cyclically, from position floor(k P / K): every
+    class is seen by at least one client, and every client holds no image whose dominant class is one of the
+    other P - m. Each class's images are shuffled and dealt in near-equal parts to the clients that see it (which
+    of them get the larger parts is random); images without any labelled pixel are dealt over all clients.
+
+    "Lacks" is about the dominant class: a client still holds pixels of a lacked class where they are not an
+    image's majority (every CamVid frame shows sky, building and road). Everything comes from
+    ``numpy.random.default_rng(seed)``, so the result depends only on the seed and the ids (in their given order).
+    ``DataError`` when K < 2, when P < 2, or naming a client left empty (its classes have fewer images than
+    clients that see them). ``meta["classes_seen"]``: client -> its m classes.
+    """
+    ids = _check_ids(ds, ids)
+    _check_num_clients(num_clients, len(ids))
+    if dominant is None:
+        dominant = dominant_classes(ds, ids, progress=progress)
+    missing = [i for i in ids if i not in dominant]
+    if missing:
+        raise DataError(f"no dominant class given for image ids {missing[:5]}")
+    by_class = _group_by_tag(ids, dominant)
+    names = _client_names(num_clients)
+    assigned, seen = _missing_split(by_class, names, (int(seed),), f"{len(ids)} images of {ds.name!r}")
+    rank = {i: n for n, i in enumerate(ids)}
+    clients = {name: sorted(a, key=rank.__getitem__) for name, a in zip(names, assigned)}
+    meta = {"classes_seen": dict(zip(names, seen)),
+            "dominant_class_counts": {name: _class_hist([dominant[i] for i in a], ds.num_classes)
+                                      for name, a in clients.items()},
+            "no_label_images": len(by_class.get(-1, []))}
+    return Partition(dataset=ds.name, strategy="missing", seed=int(seed), num_classes=ds.num_classes,
+                     clients=clients, validation=dict(validation or {}), meta=meta)
+
+
+def _missing_split(by_tag: dict[int, list[str]], names: Sequence[str], seed_key: tuple[int, ...],
+                   what: str) -> tuple[list[list[str]], list[list[int]]]:
+    """The draws of :func:`partition_missing_classes` over any tags (tag -1: no tag, dealt over all clients):
+    (ids per client, tags each client sees). ``what`` names the images in the errors."""
+    num_clients, tags = len(names), sorted(t for t in by_tag if t >= 0)
+    if num_clients < 2:
+        raise DataError(f"a split with missing classes needs at least 2 clients, got {num_clients} for {what}")
+    if len(tags) < 2:
+        raise DataError(f"a split with missing classes needs images of at least 2 classes; {what} have {tags}")
+    rng = np.random.default_rng(list(seed_key))
+    order = [tags[j] for j in rng.permutation(len(tags))]
+    total, seen_per_client = len(tags), -(-len(tags) // 2)
+    seen = [sorted(order[(k * total // num_clients + j) % total] for j in range(seen_per_client))
+            for k in range(num_clients)]
+    assigned: list[list[str]] = [[] for _ in names]
+    for tag in sorted(by_tag):
+        holders = [k for k in range(num_clients) if tag < 0 or tag in seen[k]]
+        members = by_tag[tag]
+        shuffled = [members[j] for j in rng.permutation(len(members))]
+        for k, part in zip(rng.permutation(holders), np.array_split(np.arange(len(members)), len(holders))):
+            assigned[k].extend(shuffled[j] for j in part)
+    if not all(assigned):
+        k = [len(a) for a in assigned].index(0)
+        raise DataError(f"split of {what} with missing classes into {num_clients} clients left client {names[k]!r} "
+                        f"(classes {seen[k]}) empty; use fewer clients")
+    return assigned, seen
+
+
 # ====================================================================== presets
 def _require_sites(ds: SegmentationDataset, sites: Iterable[str], preset: str) -> None:
     known = set(ds.sites())
@@ -398,6 +522,94 @@ def _preset_polyp(ds: SegmentationDataset, seed: int, num_clients: int) -> Parti
     _require_sites(ds, sites, "polyp")
     return partition_by_site(ds, sites, sites, splits=["train"], validation_splits=["test"], seed=seed,
                              meta={"preset": "polyp"})
+
+
+def _preset_camvid_skewed(ds: SegmentationDataset, seed: int, num_clients: int, *, preset: str,
+                          alpha: float | None) -> Partition:
+    """CamVid's training frames (every frame of the three training sequences, as preset ``camvid``) split into
+    ``client1..K`` by dominant class: Dirichlet(alpha), or with ``alpha`` None the split with missing classes.
+    Only those frames' labels are read; validation ``{"Seq05VD": all its frames}``."""
+    _require_sites(ds, [*CAMVID_TRAINING_SITES, CAMVID_HELD_OUT], preset)
+    training = set(CAMVID_TRAINING_SITES)
+    ids = [s.id for s in ds.samples() if s.site in training]
+    validation = {CAMVID_HELD_OUT: ds.ids(site=CAMVID_HELD_OUT)}
+    try:
+        if alpha is None:
+            part = partition_missing_classes(ds, ids, num_clients, seed, validation=validation)
+        else:
+            part = partition_dirichlet(ds, ids, num_clients, alpha, seed, validation=validation)
+    except DataError as err:
+        raise DataError(f"preset {preset!r}: {err}") from None
+    part.meta["preset"] = preset
+    return part
+
+
+POLYP_SIZE_BINS = 4  # polyp-size quartiles: the tag of the label-skewed polyp presets
+
+
+def polyp_size_bins(ds: SegmentationDataset, ids: Sequence[str], bins: int = POLYP_SIZE_BINS,
+                    progress: bool = True) -> tuple[dict[str, int], list[float]]:
+    """Polyp-size bin of each image among ``ids``: the images are ranked by their polyp area fraction (class-1
+    pixels over labelled pixels; ties in the order of ``ids``) and cut into ``bins`` groups of equal size, 0 =
+    the smallest polyps. Returns (id -> bin, the smallest fraction of bins 1..bins-1)."""
+    if len(ids) < bins:
+        raise DataError(f"{ds.name!r}: {len(ids)} images cannot fill {bins} polyp-size bins")
+    pixels = label_class_pixels(ds, ids, progress, purpose="a partition by polyp size")
+    fraction = np.array([pixels[i][1] / max(int(pixels[i].sum()), 1) for i in ids])
+    rank = np.empty(len(ids), np.int64)
+    rank[np.argsort(fraction, kind="stable")] = np.arange(len(ids))
+    tag = rank * bins // len(ids)
+    return ({i: int(t) for i, t in zip(ids, tag)},
+            [float(fraction[tag == b].min()) for b in range(1, bins)])
+
+
+def _polyp_client_names(num_clients: int, preset: str) -> dict[str, list[str]]:
+    """Hospital -> its clients (``kvasir-1``, ...): an even number of at least 4 clients, half per hospital."""
+    if num_clients < 4 or num_clients % 2:
+        raise DataError(f"preset {preset!r}: num_clients must be an even number of at least 4 (half of them per "
+                        f"hospital), got {num_clients}")
+    return {h: [f"{h}-{j}" for j in range(1, num_clients // 2 + 1)] for h in POLYP_SITES}
+
+
+def _preset_polyp_skewed(ds: SegmentationDataset, seed: int, num_clients: int, *, preset: str,
+                         alpha: float | None) -> Partition:
+    """Each hospital's ``train`` images split into half of the clients by polyp-size quartile (within the
+    hospital): Dirichlet(alpha) over the quartiles, or with ``alpha`` None the split with missing quartiles (each
+    client sees 2 of the 4). Data never crosses hospitals. Only the train lists' labels are read; validation: the
+    hospitals' ``test`` lists at sites ``kvasir`` and ``cvc_clinicdb`` (as in preset ``polyp``)."""
+    names = _polyp_client_names(num_clients, preset)
+    _require_sites(ds, POLYP_SITES, preset)
+    if ds.num_classes != 2:
+        raise DataError(f"preset {preset!r}: dataset {ds.name!r} has {ds.num_classes} classes, not 2 "
+                        f"(background, polyp)")
+    clients, bin_counts, edges, seen, attempts = {}, {}, {}, {}, {}
+    for h, hospital in enumerate(POLYP_SITES):
+        ids = ds.ids(site=hospital, split="train")
+        bins, edges[hospital] = polyp_size_bins(ds, ids)
+        by_bin, what = _group_by_tag(ids, bins), f"the {len(ids)} train images of {hospital!r}"
+        try:
+            if alpha is None:
+                assigned, hospital_seen = _missing_split(by_bin, names[hospital], (seed, h), what)
+                seen.update(zip(names[hospital], hospital_seen))
+            else:
+                assigned, attempts[hospital] = _dirichlet_split(by_bin, names[hospital], alpha, (seed, h),
+                                                                DIRICHLET_MAX_TRIES, what)
+        except DataError as err:
+            raise DataError(f"preset {preset!r}: {err}") from None
+        rank = {i: n for n, i in enumerate(ids)}
+        for name, a in zip(names[hospital], assigned):
+            clients[name] = sorted(a, key=rank.__getitem__)
+            bin_counts[name] = _class_hist([bins[i] for i in a], POLYP_SIZE_BINS)
+    validation = {hospital: ds.ids(site=hospital, split="test") for hospital in POLYP_SITES}
+    for hospital, ids in validation.items():
+        if not ids:
+            raise DataError(f"preset {preset!r}: site {hospital!r} of dataset {ds.name!r} has no images in split "
+                            f"'test'")
+    meta = {"preset": preset, "client_sites": {n: [h] for h, hospital_names in names.items() for n in hospital_names},
+            "size_bin_edges": edges, "size_bin_counts": bin_counts}
+    meta.update({"size_bins_seen": seen} if alpha is None else {"alpha": float(alpha), "attempt": attempts})
+    return Partition(dataset=ds.name, strategy="missing" if alpha is None else "dirichlet", seed=int(seed),
+                     num_classes=ds.num_classes, clients=clients, validation=validation, meta=meta)
 
 
 def _preset_cityscapes(ds: SegmentationDataset, seed: int, num_clients: int) -> Partition:
@@ -461,6 +673,32 @@ PRESETS = {
     "cocostuff27": PartitionPreset(
         "cocostuff27", 27, 18, 1, "COCO-Stuff-27, Dirichlet(0.5) over 18 clients; val2017 (curated) validates",
         _preset_cocostuff27, tuple(range(1, 101))),
+    # Label-skewed federations (issue 16). CamVid: the 3 training sequences pooled, split by dominant class.
+    "camvid-dir0.1": PartitionPreset(
+        "camvid", 11, 6, 1, "CamVid's training frames split by dominant class, Dirichlet(0.1), into 6 or 12 "
+        "clients client1..; Seq05VD held out for validation",
+        partial(_preset_camvid_skewed, preset="camvid-dir0.1", alpha=0.1), (6, 12)),
+    "camvid-dir0.5": PartitionPreset(
+        "camvid", 11, 6, 1, "CamVid's training frames split by dominant class, Dirichlet(0.5), into 6 or 12 "
+        "clients client1..; Seq05VD held out for validation",
+        partial(_preset_camvid_skewed, preset="camvid-dir0.5", alpha=0.5), (6, 12)),
+    "camvid-missing": PartitionPreset(
+        "camvid", 11, 6, 1, "CamVid's training frames in 6 or 12 clients client1.., each holding images of only "
+        "about half of the dominant classes; Seq05VD held out for validation",
+        partial(_preset_camvid_skewed, preset="camvid-missing", alpha=None), (6, 12)),
+    # Polyp: almost every image's dominant class is background, so the tag is the polyp-size quartile.
+    "polyp-dir0.1": PartitionPreset(
+        "polyp", 2, 4, 2, "each hospital's train list split by polyp-size quartile, Dirichlet(0.1), into 2 or 3 "
+        "clients kvasir-1.., cvc_clinicdb-1..; sites kvasir and cvc_clinicdb validate on the test lists",
+        partial(_preset_polyp_skewed, preset="polyp-dir0.1", alpha=0.1), (4, 6)),
+    "polyp-dir0.5": PartitionPreset(
+        "polyp", 2, 4, 2, "each hospital's train list split by polyp-size quartile, Dirichlet(0.5), into 2 or 3 "
+        "clients kvasir-1.., cvc_clinicdb-1..; sites kvasir and cvc_clinicdb validate on the test lists",
+        partial(_preset_polyp_skewed, preset="polyp-dir0.5", alpha=0.5), (4, 6)),
+    "polyp-missing": PartitionPreset(
+        "polyp", 2, 4, 2, "each hospital's train list in 2 or 3 clients kvasir-1.., cvc_clinicdb-1.. that each "
+        "hold 2 of the 4 polyp-size quartiles; sites kvasir and cvc_clinicdb validate on the test lists",
+        partial(_preset_polyp_skewed, preset="polyp-missing", alpha=None), (4, 6)),
 }
 
 
@@ -476,6 +714,21 @@ def preset_partition(name: str, ds: SegmentationDataset, seed: int = 0,
       validation ``{"val": every image of split val}``.
     * ``cocostuff27``: Dirichlet(alpha=0.5) split of the train2017 (curated) images into ``num_clients``
       (default 18) clients "client1"..; validation ``{"val": the val2017 (curated) images}``.
+
+    Label-skewed federations, reproducible for a seed (``federation.seed``):
+
+    * ``camvid-dir0.1`` / ``camvid-dir0.5``: every frame of CamVid's three training sequences (the frames of
+      preset ``camvid``), :func:`partition_dirichlet` with alpha 0.1 / 0.5 into ``num_clients`` (6 by default;
+      jobs offer 6 and 12) clients "client1"..; validation ``{"Seq05VD": all its images}``.
+    * ``camvid-missing``: the same frames, :func:`partition_missing_classes` (each client holds images of only
+      ceil(P / 2) of the P dominant classes; CamVid's training frames have P = 5: sky, building, road, tree, car).
+    * ``polyp-dir0.1`` / ``polyp-dir0.5`` / ``polyp-missing``: the dominant class is background in 98 % of the
+      polyp images (1426 of the 1450 train images; no CVC-ClinicDB image has a polyp majority), so it cannot
+      skew anything; the tag is instead each image's polyp-size quartile within its hospital
+      (:func:`polyp_size_bins`). Each hospital's ``train`` images are split into ``num_clients / 2`` clients
+      ("kvasir-1".., "cvc_clinicdb-1"..; ``num_clients`` even and at least 4: jobs offer 4 and 6): Dirichlet(0.1 /
+      0.5) over the quartiles, or the split with missing quartiles (each client sees 2 of the 4). Images never
+      cross hospitals. Validation: the hospitals' ``test`` lists at sites ``kvasir`` and ``cvc_clinicdb``.
 
     ``num_clients`` None: the preset's ``clients``. Raises ``DataError`` for an unknown preset, a missing site,
     or an impossible number of clients.
@@ -495,4 +748,73 @@ def preset_site_names(name: str, num_clients: int | None = None) -> tuple[list[s
         return list(CAMVID_TRAINING_SITES), [CAMVID_HELD_OUT]
     if name == "polyp":
         return list(POLYP_SITES), []
+    if preset.dataset == "camvid":  # the label-skewed CamVid presets
+        return _client_names(k), [CAMVID_HELD_OUT]
+    if preset.dataset == "polyp":  # the label-skewed polyp presets: clients per hospital, the hospitals validate
+        return [c for clients in _polyp_client_names(k, name).values() for c in clients], list(POLYP_SITES)
     return _client_names(k), ["val"]
+
+
+# ====================================================================== the site strategy of `fuss partition`
+AUTO_VALIDATION_SPLIT = "test"  # without held-out options, sites whose images are all in this split only validate
+
+
+def partition_sites(ds: SegmentationDataset, validation_sites: Iterable[str] = (),
+                    validation_split: str | None = None, seed: int = 0) -> Partition:
+    """One client per site of the dataset (``fuss partition --strategy site``, config ``partition="site"``).
+
+    Held-out validation:
+
+    * ``validation_sites``: these sites only validate, on all their images;
+    * ``validation_split``: every other site's images of this split are held out: the site trains on its other
+      images and validates on these (a site with images of this split only, only validates);
+    * neither: sites whose images are all in split ``test`` only validate; the others train on all their images.
+
+    Raises ``DataError`` naming an unknown site or split, or a dataset without labels when a site validates. A
+    partition without a training site is valid here: a site's own folder may hold validation images only (a run
+    needs a training site somewhere: ``FussConfig.check_sites``).
+    """
+    sites, splits = ds.sites(), ds.splits()
+    validation_sites = list(validation_sites)
+    for site in validation_sites:
+        if site not in sites:
+            raise DataError(f"validation site {site!r} is not a site of dataset {ds.name!r} (sites: {sites})")
+    if validation_split is not None and validation_split not in splits:
+        raise DataError(f"validation split {validation_split!r} is not a split of dataset {ds.name!r} "
+                        f"(splits: {splits})")
+    if not validation_sites and validation_split is None:
+        validation_sites = [s for s in sites
+                            if {x.split for x in ds.samples(site=s)} == {AUTO_VALIDATION_SPLIT}]
+    clients, validation = {}, {}
+    for site in sites:
+        samples = ds.samples(site=site)
+        held_out = [x.id for x in samples if site in validation_sites or x.split == validation_split]
+        training = [x.id for x in samples if site not in validation_sites and x.split != validation_split]
+        if training:
+            clients[site] = training
+        if held_out:
+            validation[site] = held_out
+    if validation:
+        ds.require_labels(f"validation sites {list(validation)}")
+    meta = {"validation_only": [s for s in validation if s not in clients], "validation_split": validation_split}
+    return Partition(dataset=ds.name, strategy="site", seed=int(seed), num_classes=ds.num_classes,
+                     clients=clients, validation=validation, meta=meta)
+
+
+def partition_summary(partition: Partition) -> str:
+    """What ``fuss partition`` prints: a headline, then every training site and every validation site with its
+    number of images."""
+    train_images = sum(len(ids) for ids in partition.clients.values())
+    val_images = sum(len(ids) for ids in partition.validation.values())
+    lines = [f"partition of dataset {partition.dataset!r} ({partition.strategy}): {len(partition.clients)} training "
+             f"site(s) with {train_images} images, {len(partition.validation)} validation site(s) with "
+             f"{val_images} images"]
+    tables = [*partition.clients.items(), *partition.validation.items()]
+    width = max((len(site) for site, _ in tables), default=0)
+    digits = max((len(str(len(ids))) for _, ids in tables), default=0)
+    for site, ids in partition.clients.items():
+        lines.append(f"  train     {site:<{width}}  {len(ids):>{digits}} images")
+    for site, ids in partition.validation.items():
+        only = "" if site in partition.clients else "  (validation only)"
+        lines.append(f"  validate  {site:<{width}}  {len(ids):>{digits}} images{only}")
+    return "\n".join(lines)

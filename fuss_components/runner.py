@@ -12,11 +12,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from sklearn.cluster import KMeans
+from tqdm.auto import tqdm
 
 from .aggregation import AggregationError, ClientUpdate, aggregate, screen_updates
-from .cache import FeatureCache
 from .config import FussConfig
-from .evaluate import evaluate_model
 from .files import atomic_torch_save, atomic_write_json
 from .head import join_state, split_state
 from .metrics import image_weighted_mean
@@ -60,10 +59,19 @@ class _Run:
         self.validation_sites = [self.sites[n] for n in sorted(self.partition.validation)]
         self.num_clusters = next(iter(self.sites.values())).num_clusters
 
+    def check_data(self, kinds: tuple[str, ...] = ("train", "eval")) -> None:
+        """Every site's checks of its files (``Site.check_data``), before any site extracts or trains."""
+        for site in self.sites.values():
+            site.check_data(kinds)
+
     def validate(self, state: dict[str, torch.Tensor], crf: bool = False, overlay_dir: Path | None = None,
-                 num_overlays: int = 0) -> dict[str, dict]:
+                 num_overlays: int = 0, progress: bool = False) -> dict[str, dict]:
         return {s.name: s.validate(state, crf=crf, overlay_dir=overlay_dir and overlay_dir / s.name,
-                                   num_overlays=num_overlays) for s in self.validation_sites}
+                                   num_overlays=num_overlays, progress=progress) for s in self.validation_sites}
+
+    def skipped_images(self) -> dict[str, dict[str, str]]:
+        """``{site: {image id: reason}}`` of the images left out as bad (``data.on_bad_image="skip"``)."""
+        return {name: site.skipped_images for name, site in self.sites.items() if site.skipped_images}
 
 
 def _summary(per_site: dict[str, dict]) -> dict[str, float | None]:
@@ -74,43 +82,54 @@ def _summary(per_site: dict[str, dict]) -> dict[str, float | None]:
     return image_weighted_mean(per_site, ("miou", "pixel_acc"))
 
 
+def _training_bar(total: int, desc: str, unit: str, progress: bool) -> tqdm:
+    """The progress bar of a run's local training; used as a context manager, so that an error closes it and is
+    printed on its own line."""
+    return tqdm(total=total, desc=desc, unit=unit, disable=not progress)
+
+
 def run_federated(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progress: bool = True) -> dict:
     """Algorithm 1 in one process: every round each training site trains from the global model, the updates
     are screened and aggregated, and the validation sites evaluate the new global model."""
     out_dir = Path(out_dir)
     run = _Run(cfg)
     cfg.check_sites(len(run.train_sites))  # no training site, min_clients > sites: fail before any work
+    run.check_data()
     fed = cfg.federation
     min_clients = fed.min_clients or len(run.train_sites)
     state = init_global_state(cfg, run.num_clusters)
     history, started = [], time.perf_counter()
-    for round_idx in range(fed.rounds):
-        updates = []
-        for site in run.train_sites:
-            result = site.train(state, round_idx)
-            head, centroids = split_state(result.state)
-            updates.append(ClientUpdate(site.name, head, centroids, result.num_samples, result.metrics))
-        reference, centroids = split_state(state)
-        accepted, rejected = screen_updates(updates, reference, run.num_clusters, centroids.shape[1],
-                                            federation=fed, reject_all_duplicates=True,
-                                            declared_counts={s.name: s.num_samples for s in run.train_sites})
-        for site_name, reason in rejected:
-            log.warning("round %d: rejected update of %s: %s", round_idx, site_name, reason)
-        if len(accepted) < min_clients:
-            raise AggregationError(f"round {round_idx}: {len(accepted)} usable updates, min_clients={min_clients}")
-        state = join_state(*aggregate(accepted, fed, run.num_clusters, reference_head=reference))
-        validation = run.validate(state)
-        record = {"round": round_idx, "train": {u.site: u.metrics for u in updates},
-                  "rejected": dict(rejected), "validation": validation, **_summary(validation)}
-        history.append(record)
-        if progress:
-            log.info("round %d/%d: validation mIoU %s acc %s", round_idx + 1, fed.rounds, _fmt(record["miou"]),
-                     _fmt(record["pixel_acc"]))
-    final = run.validate(state, crf=crf, overlay_dir=out_dir / "overlays", num_overlays=4)
+    with _training_bar(fed.rounds * len(run.train_sites), "federated training", "site-round", progress) as bar:
+        for round_idx in range(fed.rounds):
+            updates = []
+            for site in run.train_sites:
+                bar.set_postfix_str(f"round {round_idx + 1}/{fed.rounds}, site {site.name}")
+                result = site.train(state, round_idx)
+                bar.update()
+                head, centroids = split_state(result.state)
+                updates.append(ClientUpdate(site.name, head, centroids, result.num_samples, result.metrics))
+            reference, centroids = split_state(state)
+            accepted, rejected = screen_updates(updates, reference, run.num_clusters, centroids.shape[1],
+                                                federation=fed, reject_all_duplicates=True,
+                                                declared_counts={s.name: s.num_samples for s in run.train_sites})
+            for site_name, reason in rejected:
+                log.warning("round %d: rejected update of %s: %s", round_idx, site_name, reason)
+            if len(accepted) < min_clients:
+                raise AggregationError(f"round {round_idx}: {len(accepted)} usable updates, "
+                                       f"min_clients={min_clients}")
+            state = join_state(*aggregate(accepted, fed, run.num_clusters, reference_head=reference))
+            validation = run.validate(state)
+            record = {"round": round_idx, "train": {u.site: u.metrics for u in updates},
+                      "rejected": dict(rejected), "validation": validation, **_summary(validation)}
+            history.append(record)
+            if progress:
+                log.info("round %d/%d: validation mIoU %s acc %s", round_idx + 1, fed.rounds, _fmt(record["miou"]),
+                         _fmt(record["pixel_acc"]))
+    final = run.validate(state, crf=crf, overlay_dir=out_dir / "overlays", num_overlays=4, progress=progress)
     result = {"mode": "federated", "rounds": history, "final": final, **_summary(final),
               "seconds": time.perf_counter() - started}
     save_model(out_dir / MODEL_FILE, state, cfg, rounds=fed.rounds)
-    _finish(out_dir, cfg, result)
+    _finish(out_dir, cfg, result, run)
     return result
 
 
@@ -119,23 +138,28 @@ def run_local(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progress:
     model is evaluated on the validation sites. Reports mean, best and worst site."""
     out_dir = Path(out_dir)
     run = _Run(cfg)
+    run.check_data()
     initial = init_global_state(cfg, run.num_clusters)
     per_site, started = {}, time.perf_counter()
-    for site in run.train_sites:
-        state = initial
-        for round_idx in range(cfg.federation.rounds):
-            state = site.train(state, round_idx).state
-        save_model(out_dir / site.name / MODEL_FILE, state, cfg)
-        per_site[site.name] = {"validation": run.validate(state, crf=crf)}
-        per_site[site.name].update(_summary(per_site[site.name]["validation"]))
-        if progress:
-            log.info("local %s: validation mIoU %s", site.name, _fmt(per_site[site.name]["miou"]))
+    rounds = cfg.federation.rounds
+    with _training_bar(len(run.train_sites) * rounds, "local training", "site-round", progress) as bar:
+        for site in run.train_sites:
+            state = initial
+            for round_idx in range(rounds):
+                bar.set_postfix_str(f"site {site.name}, round {round_idx + 1}/{rounds}")
+                state = site.train(state, round_idx).state
+                bar.update()
+            save_model(out_dir / site.name / MODEL_FILE, state, cfg)
+            per_site[site.name] = {"validation": run.validate(state, crf=crf)}
+            per_site[site.name].update(_summary(per_site[site.name]["validation"]))
+            if progress:
+                log.info("local %s: validation mIoU %s", site.name, _fmt(per_site[site.name]["miou"]))
     mious = [v["miou"] for v in per_site.values() if v["miou"] is not None]
     accs = [v["pixel_acc"] for v in per_site.values() if v["pixel_acc"] is not None]
     result = {"mode": "local", "sites": per_site, "miou": statistics.mean(mious) if mious else None,
               "miou_best": max(mious, default=None), "miou_worst": min(mious, default=None),
               "pixel_acc": statistics.mean(accs) if accs else None, "seconds": time.perf_counter() - started}
-    _finish(out_dir, cfg, result)
+    _finish(out_dir, cfg, result, run)
     return result
 
 
@@ -151,23 +175,27 @@ def run_centralized(cfg: FussConfig, out_dir: str | Path, crf: bool = False, pro
     """Centralized reference: all training sites' data pooled in one trainer, same rounds x local epochs."""
     out_dir = Path(out_dir)
     run = _Run(cfg, pooled_partition(resolve_partition(cfg)))
+    run.check_data()
     site = run.train_sites[0]
     state = init_global_state(cfg, run.num_clusters)
     history, started = [], time.perf_counter()
-    for round_idx in range(cfg.federation.rounds):
-        result = site.train(state, round_idx)
-        state = result.state
-        validation = run.validate(state)
-        history.append({"round": round_idx, "train": result.metrics, "validation": validation,
-                        **_summary(validation)})
-        if progress:
-            log.info("centralized epoch-round %d/%d: validation mIoU %s (clusters used %d)", round_idx + 1,
-                     cfg.federation.rounds, _fmt(history[-1]["miou"]), result.metrics["clusters_used"])
-    final = run.validate(state, crf=crf, overlay_dir=out_dir / "overlays", num_overlays=4)
+    rounds = cfg.federation.rounds
+    with _training_bar(rounds, "centralized training", "round", progress) as bar:
+        for round_idx in range(rounds):
+            result = site.train(state, round_idx)
+            bar.update()
+            state = result.state
+            validation = run.validate(state)
+            history.append({"round": round_idx, "train": result.metrics, "validation": validation,
+                            **_summary(validation)})
+            if progress:
+                log.info("centralized epoch-round %d/%d: validation mIoU %s (clusters used %d)", round_idx + 1,
+                         rounds, _fmt(history[-1]["miou"]), result.metrics["clusters_used"])
+    final = run.validate(state, crf=crf, overlay_dir=out_dir / "overlays", num_overlays=4, progress=progress)
     out = {"mode": "centralized", "rounds": history, "final": final, **_summary(final),
            "seconds": time.perf_counter() - started}
     save_model(out_dir / MODEL_FILE, state, cfg)
-    _finish(out_dir, cfg, out)
+    _finish(out_dir, cfg, out, run)
     return out
 
 
@@ -181,33 +209,59 @@ class RawKMeans:
         return torch.einsum("bdhw,cd->bchw", F.normalize(feats.float(), dim=1), self.centroids)
 
 
+def fit_kmeans(vectors: np.ndarray, k: int, n_init: int, seed: int, progress: bool = True) -> np.ndarray:
+    """The centres of sklearn's ``KMeans(k, n_init=n_init, random_state=seed)``, one initialisation at a time
+    behind a progress bar: the initialisations draw from one ``RandomState(seed)`` in sklearn's order, and a run
+    replaces the best one as in sklearn (lower inertia and a different clustering), so the centres are sklearn's."""
+    draws = np.random.RandomState(seed)
+    best = None
+    with tqdm(total=n_init, desc=f"raw k-means ({len(vectors)} vectors, {k} clusters)", unit="init",
+              disable=not progress) as bar:
+        for _ in range(n_init):
+            run = KMeans(k, n_init=1, random_state=draws).fit(vectors)
+            if best is None or (run.inertia_ < best.inertia_ and not _same_clustering(run.labels_, best.labels_)):
+                best = run
+            bar.update()
+    return best.cluster_centers_
+
+
+def _same_clustering(labels: np.ndarray, other: np.ndarray) -> bool:
+    """Whether every cluster of ``labels`` lies inside one cluster of ``other`` (sklearn's test of a rerun)."""
+    pairs = labels.astype(np.int64) * (int(other.max()) + 1) + other
+    return len(np.unique(pairs)) == len(np.unique(labels))
+
+
 def run_raw_kmeans(cfg: FussConfig, out_dir: str | Path, crf: bool = False, max_vectors: int = 200_000,
                    progress: bool = True) -> dict:
     """Fit k-means (|C| clusters) on the training sites' raw patch features and evaluate like a trained model."""
     out_dir = Path(out_dir)
     run = _Run(cfg, pooled_partition(resolve_partition(cfg)))
+    run.check_data()
     site = run.train_sites[0]
-    site.cache.ensure(run.dataset, site.train_ids, ["train"], device=site.device, desc=site.name)
-    feats = FeatureCache(cfg, run.dataset.name).load_train(site.train_ids, cfg.train.knn).feats
+    site.cache.ensure(run.dataset, site.train_ids, ["train"], device=site.device, progress=progress, desc=site.name)
+    feats = site.cache.load_train(site.cache.usable("train", site.train_ids), cfg.train.knn).feats
     vectors = F.normalize(feats.float().permute(0, 2, 3, 1).reshape(-1, feats.shape[1]), dim=1)
     rng = np.random.default_rng(stable_seed(cfg.federation.seed, "raw-kmeans"))
     if len(vectors) > max_vectors:
         vectors = vectors[rng.choice(len(vectors), max_vectors, replace=False)]
     started = time.perf_counter()
-    kmeans = KMeans(run.num_clusters, n_init=3, random_state=cfg.federation.seed).fit(vectors.numpy())
-    model = RawKMeans(torch.from_numpy(kmeans.cluster_centers_).float())
+    centres = fit_kmeans(vectors.numpy(), run.num_clusters, 3, cfg.federation.seed, progress)
+    model = RawKMeans(torch.from_numpy(centres).float())
     atomic_torch_save(model.centroids, out_dir / KMEANS_FILE)  # normalised centres: RawKMeans(torch.load(...))
-    final = {s.name: (s.cache.ensure(run.dataset, s.validation_ids, ["eval"], device=s.device, desc=s.name),
-                      evaluate_model(model, run.dataset, s.validation_ids, s.cache, run.num_clusters, crf=crf,
-                                     overlay_dir=out_dir / "overlays" / s.name, num_overlays=4))[1]
-             for s in run.validation_sites}
+    final = {s.name: s.evaluate(model, crf=crf, overlay_dir=out_dir / "overlays" / s.name, num_overlays=4,
+                                progress=progress) for s in run.validation_sites}
     out = {"mode": "raw-kmeans", "final": final, **_summary(final), "num_vectors": len(vectors),
            "seconds": time.perf_counter() - started}
-    _finish(out_dir, cfg, out)
+    _finish(out_dir, cfg, out, run)
     return out
 
 
-def _finish(out_dir: Path, cfg: FussConfig, result: dict) -> None:
+def _finish(out_dir: Path, cfg: FussConfig, result: dict, run: _Run) -> None:
+    """Write config.json and metrics.json (with ``skipped_images``: ``{site: {id: reason}}``), and say where."""
+    result["skipped_images"] = run.skipped_images()
+    for site, skipped in result["skipped_images"].items():
+        log.warning("site %s: %d image(s) left out (data.on_bad_image='skip'): %s", site, len(skipped),
+                    "; ".join(f"{i}: {reason}" for i, reason in skipped.items()))
     cfg.save(out_dir / "config.json")
     _write_json(out_dir / "metrics.json", result)
     log.info("%s: mIoU %s, pixel accuracy %s -> %s", result["mode"], _fmt(result["miou"]),

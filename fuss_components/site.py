@@ -29,7 +29,7 @@ from .datasets import DataError, SegmentationDataset, open_dataset
 from .evaluate import evaluate_model
 from .files import atomic_torch_save
 from .head import FussModel
-from .partition import Partition, partition_by_site, preset_partition
+from .partition import Partition, partition_sites, preset_partition
 from .paths import data_root
 from .trainer import LocalResult, LocalTrainer, resolve_device, stable_seed
 
@@ -50,15 +50,14 @@ def open_site_dataset(cfg: FussConfig, site: str | None = None) -> SegmentationD
 
 def resolve_partition(cfg: FussConfig, dataset: SegmentationDataset | None = None) -> Partition:
     """``cfg.partition`` is a manifest path, a preset (``camvid``, ``cityscapes:6``, ...), or ``site``: one client
-    per site, where sites whose images are all in split ``test`` are validation-only sites."""
+    per site, where sites whose images are all in split ``test`` are validation-only sites (``partition_sites``)."""
     spec = cfg.partition
     if spec.endswith(".json") or Path(spec).is_file():
         return Partition.load(spec)
     dataset = dataset or open_site_dataset(cfg)
     name, _, count = spec.partition(":")
     if name == "site":
-        held_out = [s for s in dataset.sites() if {x.split for x in dataset.samples(site=s)} == {"test"}]
-        return partition_by_site(dataset, validation_sites=held_out, seed=cfg.federation.seed)
+        return partition_sites(dataset, seed=cfg.federation.seed)
     return preset_partition(name, dataset, seed=cfg.federation.seed, num_clients=int(count) if count else None)
 
 
@@ -153,22 +152,28 @@ class Site:
     def num_samples(self) -> int:
         return len(self.train_ids)
 
+    def _ids_by_kind(self) -> dict[str, list[str]]:
+        """The cache kind each of the site's image sets needs: training views, evaluation views."""
+        return {kind: ids for kind, ids in (("train", self.train_ids), ("eval", self.validation_ids)) if ids}
+
+    def check_data(self, kinds: tuple[str, ...] = ("train", "eval")) -> dict[str, dict[str, str]]:
+        """Every check that can run before the backbone pass, on the site's images of the cache ``kinds``
+        (``FeatureCache.check``: the images to extract, the validation labels): a problem stops it naming the
+        file, or the image is skipped, per ``data.on_bad_image`` (see :attr:`skipped_images`). Returns the
+        problems found now."""
+        wanted = {kind: ids for kind, ids in self._ids_by_kind().items() if kind in kinds}
+        return self.cache.check(self.dataset, wanted, self.name)
+
     def prepare(self, progress: bool = True) -> dict[str, int]:
-        """Extract whatever features this site still lacks (training views and/or evaluation views); unreadable
-        images stop it or are skipped per ``data.on_bad_image`` (see :attr:`skipped_images`)."""
-        counts = {}
-        if self.train_ids:
-            counts.update(self.cache.ensure(self.dataset, self.train_ids, ["train"], device=self.device,
-                                            progress=progress, desc=self.name))
-        if self.validation_ids:
-            counts.update(self.cache.ensure(self.dataset, self.validation_ids, ["eval"], device=self.device,
-                                            progress=progress, desc=self.name))
-        return counts
+        """:meth:`check_data`, then extract whatever features this site still lacks (training views and/or
+        evaluation views); returns the count extracted per kind."""
+        return self.cache.ensure_each(self.dataset, self._ids_by_kind(), device=self.device, progress=progress,
+                                      desc=self.name)
 
     @property
-    def skipped_images(self) -> dict[str, list[str]]:
-        """Image ids left out because they could not be read (``data.on_bad_image = "skip"``), per cache kind."""
-        return {kind: sorted(ids) for kind, ids in self.cache.skipped.items() if ids}
+    def skipped_images(self) -> dict[str, str]:
+        """The site's images left out as bad (``data.on_bad_image = "skip"``): ``{id: reason naming the file}``."""
+        return {i: reason for kind in self.cache.skipped.values() for i, reason in sorted(kind.items())}
 
     @property
     def trainer(self) -> LocalTrainer:
@@ -178,10 +183,10 @@ class Site:
             self.cache.ensure(self.dataset, self.train_ids, ["train"], device=self.device, desc=self.name)
             ids = self.cache.usable("train", self.train_ids)
             if len(ids) < len(self.train_ids):
-                log.warning("site %s: %d of %d training images skipped as unreadable: %s", self.name,
-                            len(self.train_ids) - len(ids), len(self.train_ids), self.skipped_images["train"])
+                log.warning("site %s: %d of %d training images skipped: %s", self.name,
+                            len(self.train_ids) - len(ids), len(self.train_ids), sorted(self.cache.skipped["train"]))
             if not ids:
-                raise DataError(f"site {self.name!r}: none of its {len(self.train_ids)} training images is readable")
+                raise DataError(f"site {self.name!r}: none of its {len(self.train_ids)} training images is usable")
             feats = self.cache.load_train(ids, self.cfg.train.knn)
             self._trainer = LocalTrainer(feats, self.cfg, self.name, self.num_clusters)
         return self._trainer
@@ -209,14 +214,15 @@ class Site:
     def train(self, global_state: dict[str, torch.Tensor], round_idx: int) -> LocalResult:
         """One round of local training from the received global state (resumable, see the module docstring).
 
-        The metrics carry ``skipped_images``: the training images left out as unreadable."""
+        The metrics carry ``skipped_images``: the number of training images left out as bad (``Site.skipped_images``
+        lists them)."""
         trainer = self.trainer
         if self.keeps_local_state and trainer.previous_state is None and round_idx > 0:
             trainer.previous_state = self._load_state(round_idx - 1)
         result = trainer.train(global_state, round_idx)
         if self.keeps_local_state:
             self._save_state(round_idx, result.state)
-        result.metrics["skipped_images"] = float(len(self.cache.skipped["train"] & set(self.train_ids)))
+        result.metrics["skipped_images"] = float(len(self.train_ids) - len(self.cache.usable("train", self.train_ids)))
         return result
 
     def _load_state(self, round_idx: int) -> dict[str, torch.Tensor] | None:
@@ -250,15 +256,22 @@ class Site:
     def validate(self, global_state: dict[str, torch.Tensor], crf: bool = False, overlay_dir: str | Path | None = None,
                  num_overlays: int = 0, progress: bool = False) -> dict:
         """Hungarian-matched mIoU / pixel accuracy of ``global_state`` on this site's validation images."""
+        model = build_model(self.cfg, self.num_clusters)
+        model.load_state_dict(global_state)
+        return self.evaluate(model.eval(), crf=crf, overlay_dir=overlay_dir, num_overlays=num_overlays,
+                             progress=progress)
+
+    def evaluate(self, model, crf: bool = False, overlay_dir: str | Path | None = None, num_overlays: int = 0,
+                 progress: bool = False) -> dict:
+        """:func:`evaluate_model` of any segmenter on this site's usable validation images (their features
+        extracted first); ``skipped_images`` counts those left out as bad."""
         if not self.validation_ids:
             raise DataError(f"site {self.name!r} has no validation images in the partition")
         self.cache.ensure(self.dataset, self.validation_ids, ["eval"], device=self.device, desc=self.name)
         ids = self.cache.usable("eval", self.validation_ids)
         if not ids:
-            raise DataError(f"site {self.name!r}: none of its {len(self.validation_ids)} validation images is readable")
-        model = build_model(self.cfg, self.num_clusters)
-        model.load_state_dict(global_state)
-        result = evaluate_model(model.eval(), self.dataset, ids, self.cache, self.num_clusters,
-                                crf=crf, overlay_dir=overlay_dir, num_overlays=num_overlays, progress=progress)
+            raise DataError(f"site {self.name!r}: none of its {len(self.validation_ids)} validation images is usable")
+        result = evaluate_model(model, self.dataset, ids, self.cache, self.num_clusters, crf=crf,
+                                overlay_dir=overlay_dir, num_overlays=num_overlays, progress=progress)
         result["skipped_images"] = len(self.validation_ids) - len(ids)
         return result

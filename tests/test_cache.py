@@ -225,20 +225,81 @@ def test_interrupted_extraction_resumes(tiny_cfg, ds, ids, monkeypatch, k):
     assert npy_files(cache.dir("train")) == sorted(f"{i}.npy" for i in ids)
 
 
-def test_unreadable_image_names_path_and_keeps_earlier_files(tiny_cfg, tmp_path):
+def test_unreadable_image_stops_before_any_extraction_naming_its_path(tiny_cfg, tmp_path, monkeypatch):
     root = make_tiny_dataset(tmp_path / "data", sites={"s1": 6})
     ds = open_dataset("tiny", root)
     ids = ds.ids()
     bad = ds.sample(ids[3]).image_path
     Path(bad).write_bytes(b"this is not a jpeg")
+    monkeypatch.setattr(cache_mod, "load_backbone", lambda *a, **k: pytest.fail("no backbone before the checks"))
     cache = FeatureCache(tiny_cfg, "tiny")
     with pytest.raises(DataError) as err:
         cache.ensure(ds, ids, ["train", "eval"], progress=False, batch_images=4)
-    assert str(bad) in str(err.value)
+    assert str(err.value).startswith(f"cannot read image {bad}: ")
+    assert str(err.value).endswith("(data.on_bad_image='fail'; 'skip' leaves such images out)")
+    assert not cache.dir("train").exists() and not cache.dir("eval").exists()
+
+
+def test_image_whose_data_is_truncated_fails_when_read_keeping_earlier_files(tiny_cfg, tmp_path):
+    """The header of a truncated JPEG reads, so the checks pass it; reading it stops the extraction, naming it,
+    and the images read before it stay cached."""
+    root = make_tiny_dataset(tmp_path / "data", sites={"s1": 6})
+    ds = open_dataset("tiny", root)
+    ids = ds.ids()
+    bad = Path(ds.sample(ids[3]).image_path)
+    bad.write_bytes(bad.read_bytes()[:-300])  # the header and part of the data
+    cache = FeatureCache(tiny_cfg, "tiny")
+    assert ds.check(ids) == {}
+    with pytest.raises(DataError) as err:
+        cache.ensure(ds, ids, ["train", "eval"], progress=False, batch_images=4)
+    assert str(bad) in str(err.value) and "on_bad_image" in str(err.value)
     assert npy_files(cache.dir("train")) == sorted(f"{i}.npy" for i in ids[:3])
     for i in ids[:3]:
         assert np.load(cache.path("train", i)).shape == (5, 32, 2, 2)
     assert not cache.path("train", ids[4]).exists()
+
+
+def test_checks_run_for_every_kind_before_the_first_extraction(tiny_cfg, tmp_path, monkeypatch):
+    """A bad validation label stops `ensure_each` before the training views are extracted."""
+    root = make_tiny_dataset(tmp_path / "data", sites={"s1": 4, "s3": 3})
+    ds = open_dataset("tiny", root)
+    label = ds.sample("s3_001").label_path
+    label.unlink()
+    monkeypatch.setattr(cache_mod, "load_backbone", lambda *a, **k: pytest.fail("no backbone before the checks"))
+    cache = FeatureCache(tiny_cfg, "tiny")
+    with pytest.raises(DataError, match=f"^label file missing: {label} "):
+        cache.ensure_each(ds, {"train": ds.ids(site="s1"), "eval": ds.ids(site="s3")}, progress=False)
+
+
+def test_skip_records_each_bad_file_with_its_reason_and_extracts_the_rest(tiny_data_root, tmp_path):
+    root = make_tiny_dataset(tmp_path / "data", sites={"s1": 4, "s3": 3})
+    ds = open_dataset("tiny", root)
+    missing_image = ds.sample("s1_001").image_path
+    missing_image.unlink()
+    label = ds.sample("s3_002").label_path
+    from PIL import Image
+
+    Image.fromarray(np.zeros((TINY_H, TINY_W + 1), np.uint8)).save(label)  # one pixel wider than its image
+    cfg = tiny_config(root, tmp_path / "cache", **{"data.on_bad_image": "skip"})
+    cache = FeatureCache(cfg, "tiny")
+    counts = cache.ensure_each(ds, {"train": ds.ids(site="s1"), "eval": ds.ids(site="s3")}, progress=False)
+    assert counts == {"train": 3, "eval": 2}
+    assert cache.skipped == {
+        "train": {"s1_001": f"image file missing: {missing_image}"},
+        "eval": {"s3_002": f"label {label} is 57x40 but image {ds.sample('s3_002').image_path} is 56x40 "
+                           f"(width x height)"}}
+    assert cache.usable("eval", ds.ids(site="s3")) == ["s3_000", "s3_001"]
+    # the same object neither re-checks nor retries them
+    assert cache.check(ds, {"train": ds.ids(site="s1"), "eval": ds.ids(site="s3")}) == {}
+
+
+def test_ids_must_be_the_datasets_and_listed_once_even_when_cached(tiny_cfg, ds, ids, no_backbone_load):
+    cache = FeatureCache(tiny_cfg, "tiny")
+    cache.ensure(ds, ids, progress=False, backbone=load_backbone(tiny_cfg.backbone))
+    with pytest.raises(DataError, match=f"^tiny: image id '{ids[0]}' is listed more than once$"):
+        cache.ensure(ds, ids + ids[:1], progress=False)
+    with pytest.raises(DataError, match="^tiny: unknown image id 'nope'$"):
+        cache.check(ds, {"train": ["nope"]})
 
 
 def test_truncated_file_is_detected_and_rebuilt(tiny_cfg, ds, ids):

@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import subprocess
+import sys
+import typing
+from pathlib import Path
 
 import pytest
 
 from fuss_components.config import (
+    CHOICES,
+    REFERENCE_COMMAND,
     BackboneConfig,
     ConfigError,
     DataConfig,
@@ -14,9 +21,16 @@ from fuss_components.config import (
     FussConfig,
     LossConfig,
     TrainConfig,
+    _dotted_keys,
+    _sections,
+    did_you_mean,
+    field_comments,
     parse_override,
     parse_overrides,
+    render_reference,
 )
+
+REFERENCE = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
 
 def test_defaults_match_spec():
@@ -292,3 +306,49 @@ def test_unknown_key_names_the_closest_known_keys(key, suggestion):
     section, _, leaf = key.partition(".")
     with pytest.raises(ConfigError, match=f"did you mean .*{suggestion}"):
         FussConfig.from_dict({section: {leaf: 1}})
+
+
+def test_did_you_mean_names_up_to_three_close_keys_or_none():
+    assert did_you_mean("lr_hed", ["lr_head", "lr_centroids", "dim"]) == "did you mean 'lr_head'?"
+    assert did_you_mean("spilt", ["split", "site", "id"]) == "did you mean 'split' or 'site'?"
+    assert did_you_mean("colour", ["split", "site", "id"]) is None
+
+
+# ---------------------------------------------------------------------------- the reference, docs/config.md
+
+def test_field_comments_join_the_lines_above_a_field_and_its_own_comment():
+    comments = field_comments(FederationConfig)
+    assert comments["kmeans_n_init"] == 'k-means restarts of "fedcc-kmeans" on the server'
+    assert comments["trim_fraction"] == ('robust "trimmed-mean": share of the clients cut at EACH end per coordinate '
+                                         '(rounded up, at most (n - 1) // 2)')
+    assert comments["robust"].startswith('Robust aggregation of the head (fuss_components.aggregation): "none" = ')
+    assert field_comments(BackboneConfig)["weights"] == (
+        'Local .safetensors/.pth file, or "timm" to use timm\'s pretrained tag of `name`. None: '
+        '$FUSS_BACKBONE_WEIGHTS, else the shared DINOv2 ViT-S/14 file (see docs/assets caveat).')
+
+
+def test_every_key_has_a_description_and_a_row_with_its_default():
+    reference = render_reference()
+    rows = [line.split("`")[1] for line in reference.splitlines() if line.startswith("| `")]
+    assert sorted(rows) == sorted(_dotted_keys(FussConfig().to_dict())) and len(rows) == 84
+    for prefix, cls in _sections(FussConfig):
+        comments, hints = field_comments(cls), typing.get_type_hints(cls)
+        for f in dataclasses.fields(cls):
+            if not dataclasses.is_dataclass(hints[f.name]):
+                assert comments[f.name], f"{prefix}{f.name} has no comment in config.py"
+    assert '| `federation.rounds` | int | `10` | federated rounds (each: local training at every training site, ' \
+           'then aggregation) |' in reference
+    assert "| `train.num_clusters` | int or null | `null` | \\|C\\|; None = number of classes of the dataset |" \
+        in reference
+    assert 'One of "fail", "skip". |' in reference and set(CHOICES) <= {
+        f"{p}{f.name}" for p, c in _sections(FussConfig) for f in dataclasses.fields(c)}
+
+
+def test_committed_reference_is_the_rendered_one():
+    assert REFERENCE.read_text() == render_reference(), f"docs/config.md is stale: run {REFERENCE_COMMAND}"
+
+
+def test_reference_command_prints_the_reference():
+    printed = subprocess.run([sys.executable, "-m", "fuss_components.config", "--markdown"], capture_output=True,
+                             text=True, check=True).stdout
+    assert printed == render_reference()

@@ -246,6 +246,72 @@ def test_bad_meta_json(tmp_path):
         FolderDataset(root)
 
 
+@pytest.mark.parametrize("where, key, hint", [
+    ("top", "clases", "did you mean 'classes' or 'num_classes'?)"),
+    ("top", "ignore_idx", "did you mean 'ignore_index'?)"),
+    ("top", "colours", "known keys: classes, count, fed_split_note, "),
+    ("item", "spilt", "did you mean 'split' or 'site'?)"),
+    ("item", "widht", "did you mean 'width'?)"),
+    ("item", "patient", "known keys: fed_split, frame, height, id, orig_size, "),
+])
+def test_unknown_meta_json_key_is_refused_with_the_closest_known_key(tmp_path, where, key, hint):
+    root = make_folder_dataset(tmp_path)
+    meta_path = root / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    (meta if where == "top" else meta["items"][2])[key] = "x"
+    meta_path.write_text(json.dumps(meta))
+    place = f"{meta_path}" if where == "top" else f"{meta_path}: items[2] (id 's1_train_002')"
+    with pytest.raises(DataError) as err:
+        FolderDataset(root)
+    assert str(err.value).startswith(f"{place}: unknown key {key!r} ({hint}")
+
+
+def test_shared_descriptive_meta_keys_are_accepted(tmp_path):
+    root = make_folder_dataset(tmp_path)
+    meta_path = root / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta.update(task="t", label_note="n", sites={}, splits={}, license="l", note="poc copy")
+    meta["items"][0].update(sequence="seq", fed_split="test", source_file="a.png", orig_size=[1, 2])
+    meta_path.write_text(json.dumps(meta))
+    assert FolderDataset(root).sample("s1_train_000").extra["fed_split"] == "test"
+
+
+def test_check_reads_headers_and_names_each_bad_file(tmp_path):
+    ds = FolderDataset(make_folder_dataset(tmp_path, sites={"s1": {"train": 6}}))
+    ids = ds.ids()
+    assert ds.check(ids, labels=True) == {}
+    missing_image = ds.sample(ids[0]).image_path
+    missing_image.unlink()
+    garbled_image = ds.sample(ids[1]).image_path
+    garbled_image.write_bytes(b"not a jpeg")
+    missing_label = ds.sample(ids[2]).label_path
+    missing_label.unlink()
+    rgb_label, wide_label = ds.sample(ids[3]).label_path, ds.sample(ids[4]).label_path
+    Image.fromarray(np.zeros((12, 16, 3), np.uint8)).save(rgb_label)
+    Image.fromarray(np.zeros((12, 17), np.uint8)).save(wide_label)
+    problems = ds.check(ids, labels=True, on_bad_image="skip")
+    assert problems == {
+        ids[0]: f"image file missing: {missing_image}",
+        ids[1]: f"cannot read image {garbled_image}: cannot identify image file '{garbled_image}'",
+        ids[2]: f"label file missing: {missing_label}",
+        ids[3]: f"label {rgb_label} must be a single-channel image of class ids, got mode RGB",
+        ids[4]: f"label {wide_label} is 17x12 but image {ds.sample(ids[4]).image_path} is 16x12 (width x height)",
+    }
+    # without labels only the images count; "fail" stops at the first problem
+    assert list(ds.check(ids, on_bad_image="skip")) == ids[:2]
+    with pytest.raises(DataError, match=f"^image file missing: {missing_image} \\(data.on_bad_image='fail'"):
+        ds.check(ids)
+    assert ds.check(ids[5:], labels=True) == {}
+
+
+def test_check_refuses_unknown_and_repeated_ids_whatever_the_policy(tmp_path):
+    ds = FolderDataset(make_folder_dataset(tmp_path))
+    with pytest.raises(DataError, match="unknown image id 'nope'"):
+        ds.check(["s1_train_000", "nope"], on_bad_image="skip")
+    with pytest.raises(DataError, match="^mini: image id 's1_train_001' is listed more than once$"):
+        ds.check(["s1_train_001", "s1_train_000", "s1_train_001"], on_bad_image="skip")
+
+
 # ---------------------------------------------------------------------------------------------- plain image folder
 def test_image_folder_ids_sites_and_images(tmp_path):
     folder = make_image_folder(tmp_path, "scans")

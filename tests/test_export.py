@@ -1,9 +1,12 @@
-"""`fuss export`: the TorchScript segmenter reproduces `fuss predict` (no CRF) and its JSON card is right."""
+"""`fuss export`: the TorchScript and ONNX segmenters reproduce `fuss predict` (no CRF), their JSON card is right,
+and the FLARE server's export of the final model keeps the model when it fails."""
 
 from __future__ import annotations
 
 import hashlib
 import json
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -15,7 +18,17 @@ from PIL import Image
 from conftest import make_tiny_dataset, tiny_config
 from fuss_components.cli import main
 from fuss_components.config import FussConfig
-from fuss_components.export import CARD_FILE, MODULE_FILE, ExportError, export_model
+from fuss_components.export import (
+    CARD_FILE,
+    MODULE_FILE,
+    ONNX_FILE,
+    ONNX_OPSET,
+    ExportError,
+    export_model,
+    onnx_model_bytes,
+    read_model_file,
+    symbolic_eval_size,
+)
 from fuss_components.runner import save_model
 from fuss_components.site import init_global_state
 from fuss_components.transforms import eval_size
@@ -38,6 +51,16 @@ def _rgb(path: Path) -> torch.Tensor:
 def _predict_masks(model: Path, images: Path, out: Path) -> dict[str, np.ndarray]:
     assert main(["predict", "--model", str(model), "--images", str(images), "--out", str(out)]) == 0
     return {p.stem: np.asarray(Image.open(p)) for p in (out / "masks").glob("*.png")}
+
+
+def _onnx_segmenter(path: Path):
+    """The ONNX file through ONNX Runtime, called like the TorchScript module (uint8 (H, W, 3) tensor -> tensor)."""
+    import onnxruntime
+
+    options = onnxruntime.SessionOptions()
+    options.intra_op_num_threads = 1  # tests share a small machine
+    session = onnxruntime.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return lambda image: torch.from_numpy(session.run(None, {"image": image.numpy()})[0]), session
 
 
 def _agreement(segmenter, images: list[Path], masks: dict[str, np.ndarray]) -> float:
@@ -151,8 +174,9 @@ def test_bad_model_path_names_the_file(tmp_path, capsys):
 
 
 def test_unknown_format_and_bad_input(tiny_model, tmp_path):
-    with pytest.raises(ExportError, match="onnx"):
-        export_model(tiny_model, tmp_path / "x", fmt="onnx")
+    with pytest.raises(ExportError, match="'tflite'; supported: torchscript, onnx"):
+        export_model(tiny_model, tmp_path / "x", fmt="tflite")
+    assert not (tmp_path / "x").exists()
     export_model(tiny_model, tmp_path / "deploy")
     segmenter = torch.jit.load(str(tmp_path / "deploy" / MODULE_FILE))
     with pytest.raises(Exception, match="uint8 tensor of shape"):
@@ -190,13 +214,26 @@ def test_camvid_export_equals_predict_and_speed(shared, tmp_path, monkeypatch):
     exported = (time.perf_counter() - started) / len(images)
     eager = _eager_predict_seconds(cfg, model, images)
     card = json.loads((tmp_path / "deploy" / CARD_FILE).read_text())
+
+    started = time.perf_counter()
+    assert main(["export", "--model", str(model), "--format", "onnx", "--out", str(tmp_path / "onnx")]) == 0
+    onnx_export_seconds = time.perf_counter() - started
+    onnx_segmenter, _ = _onnx_segmenter(tmp_path / "onnx" / ONNX_FILE)
+    onnx_fraction = _agreement(onnx_segmenter, images, masks)  # the first calls include the session's warm-up
+    started = time.perf_counter()
+    _agreement(onnx_segmenter, images, masks)
+    onnx_seconds = (time.perf_counter() - started) / len(images)
     print(f"\ncamvid export: {export_seconds:.1f} s, module "
           f"{(tmp_path / 'deploy' / MODULE_FILE).stat().st_size / 2**20:.1f} MiB; agreement {fraction:.6f}\n"
+          f"onnx export: {onnx_export_seconds:.1f} s, file "
+          f"{(tmp_path / 'onnx' / ONNX_FILE).stat().st_size / 2**20:.1f} MiB; agreement {onnx_fraction:.6f}\n"
           f"seconds per image ({len(images)} frames, {torch.get_num_threads()} threads): `fuss predict` CLI "
           f"{predict_cli:.2f} (with backbone load and PNG writing), predict's eager path {eager:.2f}, exported "
-          f"first pass {exported_first:.2f}, exported warm {exported:.2f}; ratio exported/predict-eager "
-          f"{exported / eager:.2f}, exported/predict-CLI {exported / predict_cli:.2f}")
+          f"first pass {exported_first:.2f}, exported warm {exported:.2f}, onnx runtime (1 thread) warm "
+          f"{onnx_seconds:.2f}; ratio exported/predict-eager {exported / eager:.2f}, exported/predict-CLI "
+          f"{exported / predict_cli:.2f}, onnx/predict-eager {onnx_seconds / eager:.2f}")
     assert fraction >= MIN_AGREEMENT, fraction
+    assert onnx_fraction >= MIN_AGREEMENT, onnx_fraction
     assert card["backbone"]["block"] == 7 and "block index 7" in card["caveat"]
     assert card["backbone"]["weights_sha256"] == _sha256(Path(card["backbone"]["weights"]))
 
@@ -237,3 +274,169 @@ def test_module_loads_without_this_package_or_timm(tiny_model, tmp_path):
     result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
                             cwd=tmp_path, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
     assert result.returncode == 0, result.stderr
+
+
+# ------------------------------------------------------------------------------------------------------- ONNX
+ODD_SIZES = [(10, 25), (25, 10), (1, 1), (14, 14), (42, 56), (63, 5), (97, 130)]  # orientations, equal, tiny
+
+
+def test_onnx_labels_equal_predict(tiny_model, tiny_images, tmp_path):
+    from fuss_components.export import SegmenterModule, build_segmenter
+
+    assert main(["export", "--model", str(tiny_model), "--format", "onnx", "--out", str(tmp_path / "deploy")]) == 0
+    segmenter, session = _onnx_segmenter(tmp_path / "deploy" / ONNX_FILE)
+    assert [(i.name, i.type, i.shape) for i in session.get_inputs()] == [("image", "tensor(uint8)",
+                                                                          ["height", "width", 3])]
+    assert [(o.name, o.type) for o in session.get_outputs()] == [("labels", "tensor(int64)")]
+    masks = _predict_masks(tiny_model, tiny_images, tmp_path / "pred")
+    fraction = _agreement(segmenter, sorted(tiny_images.iterdir()), masks)
+    assert fraction >= MIN_AGREEMENT, fraction
+
+    # sizes whose backbone size float32 arithmetic gets wrong, both orientations, an image of the backbone size
+    state, saved_config, _ = read_model_file(tiny_model)
+    reference, _ = build_segmenter(state, FussConfig.from_dict(saved_config), SegmenterModule)
+    generator = torch.Generator().manual_seed(0)
+    same = total = 0
+    for height, width in ODD_SIZES:
+        image = torch.randint(0, 256, (height, width, 3), dtype=torch.uint8, generator=generator)
+        labels = segmenter(image)
+        assert labels.shape == (height, width) and labels.dtype == torch.int64
+        same += int((labels == reference(image)).sum())
+        total += height * width
+    assert same / total >= MIN_AGREEMENT, same / total
+
+
+def test_onnx_card_and_file(tiny_model, tmp_path):
+    import onnx
+
+    card = export_model(tiny_model, tmp_path / "deploy", fmt="onnx")
+    assert json.loads((tmp_path / "deploy" / CARD_FILE).read_text()) == card
+    assert card["format"] == "onnx" and card["module_file"] == ONNX_FILE
+    assert card["load"] == f"onnxruntime.InferenceSession('{ONNX_FILE}')" and "'image'" in card["run"]
+    assert card["onnx"]["opset"] == ONNX_OPSET == 18 and card["onnx"]["onnx_version"] == onnx.__version__
+    assert card["source_model"]["sha256"] == _sha256(tiny_model) and card["num_clusters"] == 3
+    model = onnx.load(str(tmp_path / "deploy" / ONNX_FILE))
+    onnx.checker.check_model(model, full_check=True)
+    assert [o.version for o in model.opset_import if o.domain in ("", "ai.onnx")] == [18]
+    assert not list((tmp_path / "deploy").glob("*.data"))  # the weights are inside the .onnx file
+
+
+@pytest.mark.parametrize("short_side", [42, 322])
+def test_onnx_backbone_size_equals_predicts(short_side, tmp_path):
+    """The graph's size arithmetic in double precision, as `eval_size`, on sizes where float32 differs."""
+    import onnxruntime
+
+    class BackboneSize(torch.nn.Module):
+        def forward(self, image: torch.Tensor) -> torch.Tensor:
+            view_h, view_w = symbolic_eval_size(image.size(0), image.size(1), short_side, 14)
+            return torch.zeros(view_h, view_w, dtype=torch.int64)
+
+    example = torch.zeros((31, 47, 3), dtype=torch.uint8)
+    (tmp_path / "size.onnx").write_bytes(onnx_model_bytes(BackboneSize().eval(), example))
+    session = onnxruntime.InferenceSession(str(tmp_path / "size.onnx"), providers=["CPUExecutionProvider"])
+    sides = (1, 10, 13, 14, 15, 21, 25, 37, 45, 55, 63, 100, 481, 640, 720, 960)
+    sizes = [(h, w) for h in sides for w in sides]
+    float32_wrong = 0
+    for height, width in sizes:
+        expected = eval_size(height, width, short_side, 14)
+        got = session.run(None, {"image": np.zeros((height, width, 3), np.uint8)})[0].shape
+        assert got == expected, (height, width)
+        assert symbolic_eval_size(height, width, short_side, 14) == expected  # eager, on ints
+        scale = np.float32(short_side) / np.float32(min(height, width))
+        in_float32 = tuple(max(14, int(np.round(np.float32(side) * scale / np.float32(14))) * 14)
+                           for side in (height, width))
+        float32_wrong += in_float32 != expected
+    assert float32_wrong > 0  # the sizes above tell double from float32 arithmetic
+
+
+def test_onnx_file_runs_without_torch(tiny_model, tmp_path):
+    """Self-contained: a process that imports only onnxruntime and numpy runs it; a wrong input type is refused."""
+    export_model(tiny_model, tmp_path / "deploy", fmt="onnx")
+    script = ("import sys, numpy as np, onnxruntime as ort; "
+              f"s = ort.InferenceSession({str(tmp_path / 'deploy' / ONNX_FILE)!r}, "
+              "providers=['CPUExecutionProvider']); "
+              "out = s.run(None, {'image': np.full((40, 56, 3), 120, np.uint8)})[0]; "
+              "assert out.shape == (40, 56) and out.dtype == np.int64 and out.max() < 3, (out.shape, out.dtype); "
+              "assert not {'torch', 'timm', 'fuss_components'} & set(sys.modules), sorted(sys.modules)")
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
+                            cwd=tmp_path, env={"OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 0, result.stderr
+    segmenter, session = _onnx_segmenter(tmp_path / "deploy" / ONNX_FILE)
+    with pytest.raises(Exception, match=r"tensor\(float\).*expected: \(tensor\(uint8\)\)"):
+        session.run(None, {"image": np.zeros((40, 56, 3), np.float32)})
+
+
+def test_onnx_without_its_packages_names_the_extra(tiny_model, tmp_path, monkeypatch, capsys):
+    monkeypatch.setitem(sys.modules, "onnxscript", None)  # as if not installed: its import fails
+    with pytest.raises(ExportError, match=r"pip install -e '\.\[onnx\]'"):
+        export_model(tiny_model, tmp_path / "deploy", fmt="onnx")
+    assert main(["export", "--model", str(tiny_model), "--format", "onnx", "--out", str(tmp_path / "deploy")]) == 2
+    assert "onnxscript" in capsys.readouterr().err
+    assert not (tmp_path / "deploy").exists()
+
+
+# ------------------------------------------------------------------------------------- FLARE server option
+def test_recorder_export_writes_beside_the_model(tiny_model):
+    from fuss_flare.recorder import export_final_model
+
+    record = export_final_model(tiny_model, "torchscript")
+    assert record == {"format": "torchscript", "module_file": str(tiny_model.parent / MODULE_FILE),
+                      "card_file": str(tiny_model.parent / CARD_FILE)}
+    labels = torch.jit.load(record["module_file"])(torch.full((40, 56, 3), 120, dtype=torch.uint8))
+    assert labels.shape == (40, 56) and int(labels.max()) < 3
+    card = json.loads(Path(record["card_file"]).read_text())
+    assert card["format"] == "torchscript" and card["source_model"]["sha256"] == _sha256(tiny_model)
+
+
+def test_recorder_export_failure_keeps_the_model(tiny_model, tmp_path):
+    """The server lacks the backbone weights: the export reports the error, the final model stays untouched."""
+    from fuss_flare.recorder import export_final_model, FussRecorder
+
+    state, saved_config, _ = read_model_file(tiny_model)
+    missing = tmp_path / "weights_not_on_server.safetensors"
+    cfg = FussConfig.from_dict(saved_config).with_overrides({"backbone.weights": str(missing)})
+    model = save_model(tmp_path / "app_server" / "fuss_model.pt", state, cfg)
+    before = _sha256(model)
+    record = export_final_model(model, "onnx")
+    assert record["format"] == "onnx" and set(record) == {"format", "error"}
+    assert "WeightsError" in record["error"] and str(missing) in record["error"]
+    assert _sha256(model) == before
+    assert sorted(p.name for p in model.parent.iterdir()) == ["fuss_model.pt"]
+
+    assert FussRecorder().export_format is None  # off unless the job asks for it
+    with pytest.raises(ValueError, match="export_format must be one of torchscript, onnx or null, got 'tflite'"):
+        FussRecorder(export_format="tflite")
+
+
+def test_job_option_sets_the_recorder_argument(tmp_path):
+    from fuss_flare.job import main as job_main
+
+    def recorder_args(*extra: str) -> dict:
+        out = tmp_path / "_".join(extra or ("default",))
+        assert job_main(["export", "--preset", "polyp", "--out", str(out), *extra]) == 0
+        server = json.loads((out / "fuss_polyp" / "app" / "config" / "config_fed_server.json").read_text())
+        return next(c["args"] for c in server["components"] if c["id"] == "recorder")
+
+    assert recorder_args() == {}  # off by default: the committed jobs do not change
+    assert recorder_args("--export-format", "onnx") == {"export_format": "onnx"}
+
+
+# -------------------------------------------------------------------------------------------------- benchmark
+def test_export_speed_benchmark_runs_on_two_images(tiny_model, tiny_images, tmp_path):
+    from benchmarks.export_speed import get_args_parser, main as bench_main
+    from benchmarks.paper import run_command
+
+    out = tmp_path / "export_speed.json"
+    assert run_command(get_args_parser(), bench_main, ["--model", str(tiny_model), "--images-dir", str(tiny_images),
+                                                        "--images", "2", "--work", str(tmp_path / "work"),
+                                                        "--out", str(out)]) == 0
+    result = json.loads(out.read_text())
+    assert result["images"] == 2 and result["backbone"] == "fuss_tiny_vit_patch14" and result["block"] == 1
+    assert result["threads"] == torch.get_num_threads() and "RANDOM" in result["caveat"]
+    for fmt, file in (("torchscript", MODULE_FILE), ("onnx", ONNX_FILE)):
+        figures = result[fmt]
+        assert figures["agreement_with_predict"] >= MIN_AGREEMENT, (fmt, figures)
+        assert 0 < figures["file_mib"] < 5 and figures["seconds_per_image"] > 0
+        assert figures["ratio_vs_predict_eager"] == pytest.approx(
+            figures["seconds_per_image"] / result["predict_eager_seconds_per_image"])
+    assert list((tmp_path / "work").iterdir()) == []  # the temporary folder is gone

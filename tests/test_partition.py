@@ -1,4 +1,5 @@
-"""Partitions: dominant class, by-site / Dirichlet / IID splits, presets, manifest round trip and checks."""
+"""Partitions: dominant class, by-site / Dirichlet / IID / missing-class splits, presets (the label-skewed ones
+too), manifest round trip and checks."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from PIL import Image
 
 import test_datasets as tds  # the fixture builders (official Cityscapes / COCO-Stuff layouts, folder layout)
 from fuss_components.datasets import CityscapesDataset, CocoStuff27Dataset, DataError, FolderDataset, open_dataset
@@ -15,12 +17,15 @@ from fuss_components.partition import (
     PRESETS,
     Partition,
     dominant_class,
+    label_class_pixels,
     partition_by_site,
     partition_dirichlet,
     partition_iid,
+    partition_missing_classes,
     preset_partition,
     preset_site_names,
 )
+from fuss_components.site import flare_client_name
 
 N_CLASSES = 6
 PER_CLASS = 20
@@ -41,6 +46,54 @@ def skew_ds(tmp_path_factory) -> FolderDataset:
 def mini_ds(tmp_path) -> FolderDataset:
     return FolderDataset(tds.make_folder_dataset(
         tmp_path, sites={"s1": {"train": 3}, "s2": {"train": 2, "test": 1}, "s3": {"test": 2}}))
+
+
+CAMVID_TRAINING = ("0001TP", "0006R0", "0016E5")
+CAMVID_DOMINANT = (0, 1, 3, 5, 8)  # the dominant classes of CamVid's real training frames
+SKEWED_CAMVID = ("camvid-dir0.1", "camvid-dir0.5", "camvid-missing")
+SKEWED_POLYP = ("polyp-dir0.1", "polyp-dir0.5", "polyp-missing")
+POLYP_HOSPITALS = ("kvasir", "cvc_clinicdb")
+
+
+def _unreadable_labels(ds: FolderDataset, ids) -> None:
+    """Overwrite these labels with bytes no image reader accepts: a partition that reads them fails."""
+    for i in ids:
+        ds.sample(i).label_path.write_bytes(b"not a png")
+
+
+@pytest.fixture(scope="module")
+def camvid_like(tmp_path_factory) -> FolderDataset:
+    """CamVid's layout: 60 training frames (0001TP train+test, 0006R0, 0016E5 train+val) whose dominant classes
+    cycle over CamVid's 5 real ones; Seq05VD (6 frames) has unreadable labels, so no partition may read them."""
+    sites = {"0001TP": {"train": 12, "test": 8}, "0006R0": {"train": 16}, "0016E5": {"train": 16, "val": 8},
+             "Seq05VD": {"test": 6}}
+    dominant = [CAMVID_DOMINANT[n % len(CAMVID_DOMINANT)] for n in range(66)]
+    ds = FolderDataset(tds.make_folder_dataset(tmp_path_factory.mktemp("camvid"), name="camvid",
+                                               classes=tuple(f"c{k}" for k in range(11)), sites=sites,
+                                               size=(8, 8), dominant=dominant))
+    _unreadable_labels(ds, ds.ids(site="Seq05VD"))
+    return ds
+
+
+@pytest.fixture(scope="module")
+def polyp_like(tmp_path_factory) -> FolderDataset:
+    """The polyp layout: kvasir 16 train + 3 test, cvc_clinicdb 12 train + 2 test; image n's label is a polyp of
+    1 + (7 n mod 97) pixels out of 256 (all different), so every hospital has 4 distinct polyp-size quartiles.
+    The test labels are unreadable: the presets must not read them."""
+    root = tds.make_folder_dataset(tmp_path_factory.mktemp("polyp"), name="polyp", classes=("background", "polyp"),
+                                   sites={"kvasir": {"train": 16, "test": 3}, "cvc_clinicdb": {"train": 12, "test": 2}},
+                                   size=(16, 16))
+    ds = FolderDataset(root)
+    for n, sample in enumerate(ds.samples()):
+        lab = np.zeros((16, 16), np.uint8)
+        lab.flat[: _polyp_area(n)] = 1
+        Image.fromarray(lab).save(sample.label_path)
+    _unreadable_labels(ds, ds.ids(split="test"))
+    return ds
+
+
+def _polyp_area(n: int) -> int:
+    return 1 + (7 * n) % 97
 
 
 def _entropy(counts) -> float:
@@ -125,6 +178,49 @@ def test_dirichlet_empty_client_errors(skew_ds):
         partition_dirichlet(skew_ds, ids, 11, 0.5, 0, dominant=one_class)
     with pytest.raises(DataError, match="not in dataset"):
         partition_dirichlet(skew_ds, ids + ["ghost"], 2, 0.5, 0, dominant=one_class)
+
+
+# ---------------------------------------------------------------------------------------------- missing classes
+def test_missing_classes_each_client_lacks_half_of_the_classes(skew_ds):
+    ids = skew_ds.ids()
+    truth = {i: dominant_class(skew_ds.load_label(i)) for i in ids}
+    p = partition_missing_classes(skew_ds, ids, 4, seed=2, progress=False)
+    assert p.strategy == "missing" and list(p.clients) == ["client1", "client2", "client3", "client4"]
+    all_ids = [i for v in p.clients.values() for i in v]
+    assert sorted(all_ids) == sorted(ids) and len(all_ids) == len(ids)
+    seen = p.meta["classes_seen"]
+    assert set().union(*map(set, seen.values())) == set(range(1, N_CLASSES + 1))  # every class has a client
+    for client, members in p.clients.items():
+        assert len(seen[client]) == N_CLASSES // 2  # sees 3 of the 6 classes, lacks the other 3 entirely
+        assert {truth[i] for i in members} == set(seen[client]), client
+    hist = np.array(list(p.meta["dominant_class_counts"].values()))
+    assert hist.sum(axis=0).tolist() == [0] + [PER_CLASS] * N_CLASSES
+    # each class's images are dealt evenly to the clients that see it
+    for c in range(1, N_CLASSES + 1):
+        shares = sorted(n for n in hist[:, c] if n)
+        assert shares[-1] - shares[0] <= 1 and sum(shares) == PER_CLASS
+    assert partition_missing_classes(skew_ds, ids, 4, seed=2, dominant=truth) == p
+    assert partition_missing_classes(skew_ds, ids, 4, seed=3, dominant=truth).clients != p.clients
+    p.validate(skew_ds)
+
+
+def test_missing_classes_errors(skew_ds):
+    ids = skew_ds.ids()[:12]
+    dom = {i: 1 + n % 3 for n, i in enumerate(ids)}
+    with pytest.raises(DataError, match="at least 2 clients"):
+        partition_missing_classes(skew_ds, ids, 1, 0, dominant=dom)
+    with pytest.raises(DataError, match=r"at least 2 classes.*\[4\]"):
+        partition_missing_classes(skew_ds, ids, 3, 0, dominant={i: 4 for i in ids})
+    with pytest.raises(DataError, match=r"left client 'client\d+' \(classes \[\d, \d\]\) empty"):
+        partition_missing_classes(skew_ds, ids, 12, 0, dominant=dom)  # 4 images per class, 8 clients per class
+
+
+def test_label_class_pixels_counts_and_sees_a_rewritten_label(mini_ds):
+    (counts,) = label_class_pixels(mini_ds, ["s1_train_001"], progress=False).values()
+    assert counts.tolist() == [32, 0, 144]  # 12x16 label: 9 rows of class 2, 2 of class 0, 1 ignore row
+    path = mini_ds.sample("s1_train_001").label_path
+    Image.fromarray(np.full((12, 16), 1, np.uint8)).save(path)
+    assert label_class_pixels(mini_ds, ["s1_train_001"], progress=False)["s1_train_001"].tolist() == [0, 192, 0]
 
 
 # ---------------------------------------------------------------------------------------------- IID
@@ -226,7 +322,7 @@ def test_preset_polyp_and_camvid_on_fixtures(tmp_path):
         preset_partition("nope", polyp)
 
 
-def test_preset_table_states_what_the_presets_build(tmp_path):
+def test_preset_table_states_what_the_presets_build(tmp_path, camvid_like, polyp_like):
     """Jobs read the table's counts without the data: they must be what the presets build on each dataset."""
     camvid = FolderDataset(tds.make_folder_dataset(
         tmp_path / "c", name="camvid", classes=tuple(f"c{i}" for i in range(11)),
@@ -237,7 +333,9 @@ def test_preset_table_states_what_the_presets_build(tmp_path):
     cityscapes = CityscapesDataset(tds.make_cityscapes(tmp_path / "cs"))
     coco = CocoStuff27Dataset(tds.make_cocostuff(tmp_path / "cc"))
     built = {"camvid": (camvid, None), "polyp": (polyp, None), "cityscapes": (cityscapes, None),
-             "cocostuff27": (coco, 2)}  # the fixture has too few images for the default 18 clients
+             "cocostuff27": (coco, 2),  # the fixture has too few images for the default 18 clients
+             **{name: (camvid_like, None) for name in SKEWED_CAMVID},
+             **{name: (polyp_like, None) for name in SKEWED_POLYP}}
     assert set(built) == set(PRESETS)
     for name, (ds, clients) in built.items():
         preset, part = PRESETS[name], preset_partition(name, ds, num_clients=clients)
@@ -248,6 +346,126 @@ def test_preset_table_states_what_the_presets_build(tmp_path):
         assert preset_site_names(name, clients) == (list(part.clients),
                                                     [s for s in part.validation if s not in part.clients]), name
         assert not preset.client_choices or preset.clients in preset.client_choices, name
+
+
+# ---------------------------------------------------------------------------------------------- label-skewed presets
+@pytest.mark.parametrize("clients", [6, 12])
+@pytest.mark.parametrize("name", SKEWED_CAMVID)
+def test_skewed_camvid_presets(name, clients, camvid_like, tmp_path):
+    ds = camvid_like
+    p = preset_partition(name, ds, seed=0, num_clients=clients)
+    assert p == preset_partition(name, ds, seed=0, num_clients=clients)  # reproducible for a seed
+    assert p.clients != preset_partition(name, ds, seed=1, num_clients=clients).clients
+    assert p.meta["preset"] == name and p.strategy == ("missing" if name.endswith("missing") else "dirichlet")
+    assert list(p.clients) == [f"client{k}" for k in range(1, clients + 1)] and all(p.clients.values())
+    training = [i for s in CAMVID_TRAINING for i in ds.ids(site=s)]  # every frame, whatever its split
+    held = [i for v in p.clients.values() for i in v]
+    assert sorted(held) == sorted(training) and len(held) == len(training) == 60
+    assert p.validation == {"Seq05VD": ds.ids(site="Seq05VD")}  # held out, and its labels never read
+    assert preset_site_names(name, clients) == (list(p.clients), ["Seq05VD"])
+    assert PRESETS[name].num_sites(clients) == clients + 1 and clients in PRESETS[name].client_choices
+    p.validate(ds)
+    assert Partition.load(p.save(tmp_path / "m.json")) == p
+
+
+def test_camvid_missing_clients_lack_classes(camvid_like):
+    p = preset_partition("camvid-missing", camvid_like, seed=0, num_clients=6)
+    seen = p.meta["classes_seen"]
+    assert set().union(*map(set, seen.values())) == set(CAMVID_DOMINANT)
+    for client, members in p.clients.items():
+        classes = {dominant_class(camvid_like.load_label(i)) for i in members}
+        assert len(seen[client]) == 3 and classes <= set(seen[client]), client
+        assert len(set(CAMVID_DOMINANT) - classes) >= 2, client  # lacks at least 2 of the 5 classes entirely
+
+
+def test_camvid_dirichlet_presets_small_alpha_is_more_skewed(camvid_like):
+    def mean_entropy(name: str) -> float:
+        return float(np.mean([_entropy(h) for seed in range(4) for h in preset_partition(
+            name, camvid_like, seed=seed).meta["dominant_class_counts"].values()]))
+
+    assert preset_partition("camvid-dir0.1", camvid_like).meta["alpha"] == 0.1
+    assert mean_entropy("camvid-dir0.1") < mean_entropy("camvid-dir0.5")
+
+
+def _polyp_quartiles(ds: FolderDataset, hospital: str) -> dict[str, int]:
+    """Rank quartile of each train image's polyp area within its hospital, from the fixture's construction."""
+    area = {s.id: _polyp_area(n) for n, s in enumerate(ds.samples())}
+    ids = sorted(ds.ids(site=hospital, split="train"), key=area.__getitem__)
+    return {i: 4 * r // len(ids) for r, i in enumerate(ids)}
+
+
+@pytest.mark.parametrize("clients", [4, 6])
+@pytest.mark.parametrize("name", SKEWED_POLYP)
+def test_skewed_polyp_presets(name, clients, polyp_like):
+    ds = polyp_like
+    p = preset_partition(name, ds, seed=0, num_clients=clients)
+    assert p == preset_partition(name, ds, seed=0, num_clients=clients)
+    per = clients // 2
+    assert list(p.clients) == [f"{h}-{j}" for h in POLYP_HOSPITALS for j in range(1, per + 1)]
+    assert all(p.clients.values())
+    for h in POLYP_HOSPITALS:  # each hospital's train images in exactly one of its own clients
+        held = [i for j in range(1, per + 1) for i in p.clients[f"{h}-{j}"]]
+        assert sorted(held) == sorted(ds.ids(site=h, split="train")) and len(held) == len(set(held))
+    assert p.validation == {h: ds.ids(site=h, split="test") for h in POLYP_HOSPITALS}
+    assert preset_site_names(name, clients) == (list(p.clients), list(POLYP_HOSPITALS))
+    assert all(flare_client_name(s) == s for s in p.clients)  # valid FLARE client names as they are
+    for h in POLYP_HOSPITALS:
+        quartile = _polyp_quartiles(ds, h)
+        for j in range(1, per + 1):
+            client = f"{h}-{j}"
+            assert p.meta["size_bin_counts"][client] == np.bincount(
+                [quartile[i] for i in p.clients[client]], minlength=4).tolist(), client
+            if name == "polyp-missing":
+                assert len(p.meta["size_bins_seen"][client]) == 2
+                assert {quartile[i] for i in p.clients[client]} <= set(p.meta["size_bins_seen"][client])
+    p.validate(ds)
+
+
+def test_skewed_polyp_presets_need_an_even_count(polyp_like):
+    for clients in (2, 5):
+        with pytest.raises(DataError, match=f"preset 'polyp-dir0.5': num_clients must be an even.*got {clients}"):
+            preset_partition("polyp-dir0.5", polyp_like, num_clients=clients)
+    with pytest.raises(DataError, match="even number"):
+        preset_site_names("polyp-missing", 5)
+
+
+@pytest.mark.parametrize(("name", "clients", "sites"), [
+    ("camvid-missing", 12, [f"client{k}" for k in range(1, 13)] + ["Seq05VD"]),
+    ("polyp-dir0.5", 6, ["kvasir-1", "kvasir-2", "kvasir-3", "cvc_clinicdb-1", "cvc_clinicdb-2", "cvc_clinicdb-3",
+                         "kvasir", "cvc_clinicdb"]),
+])
+def test_skewed_preset_job_export_deploys_to_its_sites(name, clients, sites, tmp_path, capsys):
+    """`fuss job export` (not run): the job's deploy map lists the preset's sites, known without the data."""
+    from fuss_components.config import FussConfig
+    from fuss_flare.job import main
+
+    assert main(["export", "--preset", name, "--clients", str(clients), "--out", str(tmp_path)]) == 0
+    job = tmp_path / f"fuss_{name}_{clients}clients"
+    meta = json.loads((job / "meta.json").read_text())
+    assert meta["deploy_map"] == {"app": ["server", *sites]}
+    assert meta["min_clients"] == clients
+    cfg = FussConfig.load(job / "app" / "config" / "fuss_config.json")
+    assert cfg.partition == f"{name}:{clients}" and cfg.train.num_clusters == PRESETS[name].num_clusters
+    assert f"-t {len(sites)}" in capsys.readouterr().out
+
+
+def test_partition_histograms_benchmark(camvid_like, tmp_path):
+    """benchmarks/partitions.py: per-client class histograms of a manifest, and its figure."""
+    from benchmarks.partitions import plot, summarize
+
+    part = preset_partition("camvid-missing", camvid_like, num_clients=6)
+    summary = summarize(camvid_like, part)
+    clients = summary["clients"]
+    assert {k: c["images"] for k, c in clients.items()} == part.sizes()
+    assert summary["validation"] == {"Seq05VD": 6} and summary["strategy"] == "missing"
+    # each 8x8 training label: 6 rows of its dominant class, 1 row of class 0, 1 ignore row; 12 frames per class
+    pixels = np.sum([c["class_pixels"] for c in clients.values()], axis=0)
+    assert pixels.tolist() == [60 * 8 + 12 * 48, 576, 0, 576, 0, 576, 0, 0, 576, 0, 0]
+    for name, c in clients.items():
+        assert c["tags_seen"] == part.meta["classes_seen"][name]
+        assert c["dominant_class_images"] == part.meta["dominant_class_counts"][name]
+    png = plot(summary, "camvid-missing:6", camvid_like.classes, tmp_path / "partition.png")
+    assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
 @pytest.mark.realdata
@@ -270,3 +488,30 @@ def test_camvid_preset_real_data():
     assert lab.shape == (360, 480) and lab.dtype == np.uint8
     values = np.unique(lab)
     assert ((values < 11) | (values == 255)).all() and (values < 11).any()
+
+
+@pytest.mark.realdata
+@pytest.mark.parametrize("dataset", ["camvid", "polyp"])
+def test_skewed_presets_real_data_match_the_recorded_histograms(dataset):
+    """The seed-0 manifests still build what docs/results/partitions_<dataset>.json records."""
+    from benchmarks.partitions import RESULTS, skewed_presets, summarize
+    from fuss_components.paths import data_root
+
+    try:
+        root = data_root()
+    except FileNotFoundError as exc:
+        pytest.skip(f"shared data not found ({exc})")
+    if not (Path(root) / dataset).is_dir():
+        pytest.skip(f"{dataset} not found under {root}: set FUSS_SHARED (or FUSS_DATA_ROOT) to the shared assets")
+    ds = open_dataset(dataset, root)
+    recorded = json.loads((RESULTS / f"partitions_{dataset}.json").read_text())["partitions"]
+    built = {}
+    for name in skewed_presets(dataset):
+        for clients in PRESETS[name].client_choices:
+            part = preset_partition(name, ds, seed=0, num_clients=clients)
+            part.validate(ds)
+            built[f"{name}:{clients}"] = summarize(ds, part)
+    assert len(built) == 6 and set(built) == set(recorded)
+    for key, summary in built.items():
+        assert summary["clients"] == recorded[key]["clients"], key
+        assert summary["validation"] == recorded[key]["validation"], key

@@ -1,10 +1,12 @@
 """Tests of fuss_components.runner: the in-process federation (its summary, its files, determinism, checks before
-any work), the pooled partition of the centralized reference, and reading checkpoints."""
+any work), the pooled partition of the centralized reference, reading checkpoints, raw k-means behind a progress
+bar, and the skipped images every mode lists."""
 
 from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -13,7 +15,7 @@ from fuss_components.partition import Partition
 from fuss_components.runner import load_model, pooled_partition, run_federated, save_model
 from fuss_components.site import init_global_state
 
-from conftest import equal_states, tiny_config
+from conftest import equal_states, make_tiny_dataset, tiny_config
 
 
 def test_one_round_federation_summary_and_files(tiny_data_root, tmp_path):
@@ -111,3 +113,98 @@ def test_every_mode_runs_and_saves_without_a_validation_site(tiny_data_root, tmp
         assert len(models) == (2 if mode == "local" else 1), (mode, models)
         state, _ = load_model(models[0])
         assert tuple(state["centroids"].shape) == (3, 8)
+
+
+def test_fit_kmeans_gives_sklearns_centres_one_initialisation_at_a_time(capsys):
+    from sklearn.cluster import KMeans
+
+    from fuss_components.runner import fit_kmeans
+
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(600, 6)).astype(np.float32)  # no clear clusters: the inits end differently
+    centres = fit_kmeans(vectors, 7, 3, seed=5, progress=True)
+    np.testing.assert_array_equal(centres, KMeans(7, n_init=3, random_state=5).fit(vectors).cluster_centers_)
+    assert not np.array_equal(centres, KMeans(7, n_init=1, random_state=5).fit(vectors).cluster_centers_)
+    assert "raw k-means (600 vectors, 7 clusters): 100%" in capsys.readouterr().err
+
+
+def test_every_mode_lists_the_images_it_skipped_in_metrics_json(tmp_path, capsys):
+    """data.on_bad_image=skip: a training image that cannot be read and a validation label of the wrong size are
+    left out of every mode, and metrics.json lists them per site with the reason; progress bars show each mode's
+    training."""
+    from PIL import Image
+
+    from fuss_components.datasets import open_dataset
+    from fuss_components.runner import run_centralized, run_local, run_raw_kmeans
+
+    root = make_tiny_dataset(tmp_path / "data")
+    ds = open_dataset("tiny", root)
+    image, label = ds.sample("s2_001").image_path, ds.sample("s3_000").label_path
+    image.write_bytes(b"")
+    Image.fromarray(np.zeros((41, 56), np.uint8)).save(label)
+    cfg = tiny_config(root, tmp_path / "cache", **{"federation.rounds": 1, "data.on_bad_image": "skip"})
+    bad_image = f"cannot read image {image}: cannot identify image file '{image}'"
+    bad_label = (f"label {label} is 56x41 but image {ds.sample('s3_000').image_path} is 56x40 (width x height)")
+    expected = {"federated": {"s2": {"s2_001": bad_image}, "s3": {"s3_000": bad_label}},
+                "local": {"s2": {"s2_001": bad_image}, "s3": {"s3_000": bad_label}},
+                "centralized": {"centralized": {"s2_001": bad_image}, "s3": {"s3_000": bad_label}},
+                "raw-kmeans": {"centralized": {"s2_001": bad_image}, "s3": {"s3_000": bad_label}}}
+    runs = {"federated": run_federated, "local": run_local, "centralized": run_centralized,
+            "raw-kmeans": run_raw_kmeans}
+    for mode, run in runs.items():
+        result = run(cfg, tmp_path / mode, progress=True)
+        written = json.loads((tmp_path / mode / "metrics.json").read_text())
+        assert written["skipped_images"] == result["skipped_images"] == expected[mode], mode
+        finals = result["sites"]["s1"]["validation"] if mode == "local" else result["final"]
+        assert finals["s3"]["num_images"] == 3 and finals["s3"]["skipped_images"] == 1, mode
+    err = capsys.readouterr().err
+    for bar in ("federated training: 100%", "local training: 100%", "centralized training: 100%",
+                "raw k-means (", "evaluate: 100%"):
+        assert bar in err, bar
+
+
+def test_commands_list_skipped_images_say_where_outputs_are_and_print_errors_on_their_own_line(tmp_path, capsys,
+                                                                                              caplog):
+    from fuss_components.cli import main
+    from fuss_components.datasets import open_dataset
+
+    root = make_tiny_dataset(tmp_path / "data")
+    image = open_dataset("tiny", root).sample("s3_002").image_path
+    image.unlink()
+    cfg = tiny_config(root, tmp_path / "cache", **{"federation.rounds": 1, "data.on_bad_image": "skip"})
+    config = tmp_path / "config.json"
+    cfg.save(config)
+    skipped = {"s3": {"s3_002": f"image file missing: {image}"}}
+    with caplog.at_level("INFO", logger="fuss"):
+        assert main(["extract", "--config", str(config)]) == 0
+        printed = json.loads(capsys.readouterr().out)
+        assert printed["skipped_images"] == skipped and printed["cache_dir"] == str(tmp_path / "cache")
+        assert printed["extracted"] == {"s1": {"train": 6}, "s2": {"train": 5}, "s3": {"eval": 3}}
+        assert caplog.records[-1].getMessage() == f"fuss extract: features in {tmp_path / 'cache'}"
+        out = tmp_path / "run"
+        assert main(["train", "--mode", "federated", "--config", str(config), "--out", str(out)]) == 0
+        assert json.loads(capsys.readouterr().out)["skipped_images"] == skipped
+        assert caplog.records[-1].getMessage() == (f"fuss train: outputs in {out}: config.json, metrics.json, "
+                                                   f"model.pt, overlays/")
+        assert main(["evaluate", "--model", str(out / "model.pt"), "--out", str(tmp_path / "eval")]) == 0
+        assert json.loads(capsys.readouterr().out)["skipped_images"] == skipped
+        assert json.loads((tmp_path / "eval" / "metrics.json").read_text())["skipped_images"] == skipped
+        assert caplog.records[-1].getMessage().startswith(f"fuss evaluate: outputs in {tmp_path / 'eval'}: ")
+    # an image whose header reads but whose data does not stops the extraction in the middle of its progress bar:
+    # the error comes after the closed bar, on its own line
+    truncated = open_dataset("tiny", root).sample("s1_003").image_path
+    truncated.write_bytes(truncated.read_bytes()[:-300])
+    fresh = tmp_path / "config_fail.json"
+    tiny_config(root, tmp_path / "cache2").save(fresh)
+    capsys.readouterr()
+    assert main(["extract", "--config", str(fresh), "--sites", "s1"]) == 2
+    err = capsys.readouterr().err
+    assert err.endswith("\n") and err.splitlines()[-1].startswith(f"fuss: error: cannot read image {truncated}: ")
+    assert "extract train s1:  50%" in err.splitlines()[-2]
+    # likewise a label that fails while evaluation iterates (its bar is closed before the error is printed)
+    label = open_dataset("tiny", root).sample("s3_001").label_path
+    label.write_bytes(label.read_bytes()[:-40])
+    assert main(["evaluate", "--model", str(out / "model.pt"), "--out", str(tmp_path / "eval2")]) == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[-1].startswith(f"fuss: error: cannot read label {label}: ")
+    assert err.splitlines()[-2].startswith("evaluate:  33%")

@@ -4,18 +4,21 @@ resume from the site's saved local state, and unreadable images under ``data.on_
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 import fuss_components.cache as cache_mod
 from fuss_components.cache import CacheError
 from fuss_components.config import FussConfig
 from fuss_components.datasets import DataError, open_dataset
-from fuss_components.partition import Partition
+from fuss_components.partition import Partition, partition_sites
 from fuss_components.runner import run_federated
 from fuss_components.site import (Site, flare_client_name, init_global_state, resolve_partition, resolve_site_name,
                                   site_order)
@@ -188,7 +191,8 @@ def test_unreadable_images_are_skipped_and_counted_when_configured(bad_image_roo
         site = _site(cfg, "s1")
         result = site.train(init_global_state(cfg), 0)
     assert result.metrics["skipped_images"] == 1.0 and result.num_samples == 5
-    assert site.skipped_images == {"train": ["s1_003"]}
+    assert site.skipped_images == {"s1_003": f"cannot read image {bad_train}: cannot identify image file "
+                                             f"'{bad_train}'"}
     assert bad_train in caplog.text
     assert _site(cfg, "s2").train(init_global_state(cfg), 0).metrics["skipped_images"] == 0.0
     s3 = _site(cfg, "s3")
@@ -203,6 +207,107 @@ def test_unreadable_images_are_skipped_and_counted_when_configured(bad_image_roo
     result = run_federated(cfg, tmp_path / "run", progress=False)
     assert [r["train"]["s1"]["skipped_images"] for r in result["rounds"]] == [1.0, 1.0]
     assert result["final"]["s3"]["num_images"] == 3
+    # metrics.json lists each skipped file with its reason, per site
+    listed = {"s1": {"s1_003": f"cannot read image {bad_train}: cannot identify image file '{bad_train}'"},
+              "s3": {"s3_001": f"cannot read image {bad_val}: cannot identify image file '{bad_val}'"}}
+    assert result["skipped_images"] == listed
+    assert json.loads((tmp_path / "run" / "metrics.json").read_text())["skipped_images"] == listed
+
+
+def test_a_bad_validation_label_stops_a_run_before_any_extraction(tmp_path, monkeypatch):
+    root = make_tiny_dataset(tmp_path / "data")
+    label = open_dataset("tiny", root).sample("s3_002").label_path
+    Image.fromarray(np.zeros((40, 56, 3), np.uint8)).save(label)  # RGB: not class ids
+    cfg = tiny_config(root, tmp_path / "cache")
+    monkeypatch.setattr(cache_mod, "load_backbone", lambda *a, **k: pytest.fail("no backbone before the checks"))
+    with pytest.raises(DataError, match=f"^label {label} must be a single-channel image of class ids, got mode RGB"):
+        run_federated(cfg, tmp_path / "run", progress=False)
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_prepare_checks_training_images_and_validation_labels_first(tmp_path):
+    """A site that trains on some images and validates on others: with skip, a missing training image and a
+    missing validation label are left out, listed with their reasons, and the rest is extracted."""
+    root = make_tiny_dataset(tmp_path / "data", sites={"s1": 6})
+    ds = open_dataset("tiny", root)
+    Partition("tiny", "site", 0, 3, {"s1": ds.ids()[:4]}, {"s1": ds.ids()[4:]}).save(tmp_path / "p.json")
+    image, label = ds.sample("s1_000").image_path, ds.sample("s1_005").label_path
+    image.unlink()
+    label.unlink()
+    cfg = tiny_config(root, tmp_path / "cache", **{"partition": str(tmp_path / "p.json"), "data.on_bad_image": "skip"})
+    site = Site(cfg, "s1")
+    assert site.prepare(progress=False) == {"train": 3, "eval": 1}
+    assert site.skipped_images == {"s1_000": f"image file missing: {image}", "s1_005": f"label file missing: {label}"}
+    with pytest.raises(DataError, match=f"^image file missing: {image} \\(data.on_bad_image='fail'"):
+        Site(cfg.with_overrides({"data.on_bad_image": "fail"}), "s1").prepare(progress=False)
+
+
+# ============================================================================== site partitions
+def _hold_out_as_test(root: Path, ids: list[str]) -> None:
+    """Move these images of the tiny dataset (and their labels) from split train to split test."""
+    meta_path = root / "tiny" / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    for item in meta["items"]:
+        if item["id"] in ids:
+            for kind, ext in (("images", ".jpg"), ("labels", ".png")):
+                (root / "tiny" / kind / "test" / f"{item['id']}{ext}").parent.mkdir(parents=True, exist_ok=True)
+                (root / "tiny" / kind / "train" / f"{item['id']}{ext}").rename(
+                    root / "tiny" / kind / "test" / f"{item['id']}{ext}")
+            item["split"] = "test"
+    meta_path.write_text(json.dumps(meta))
+
+
+def test_site_partition_holds_out_by_site_or_by_split(tmp_path):
+    root = make_tiny_dataset(tmp_path / "data")  # s1: 6 train, s2: 5 train, s3: 4 test
+    _hold_out_as_test(root, ["s1_004", "s1_005"])
+    ds = open_dataset("tiny", root)
+    s1, s2, s3 = ds.ids(site="s1"), ds.ids(site="s2"), ds.ids(site="s3")
+    # neither option: sites whose images are all in split test only validate (config partition="site")
+    default = partition_sites(ds)
+    assert default.clients == {"s1": s1, "s2": s2} and default.validation == {"s3": s3}
+    assert resolve_partition(tiny_config(root, tmp_path / "cache")).to_dict() == default.to_dict()
+    # by site: those sites only validate, every other site trains on all its images
+    by_site = partition_sites(ds, validation_sites=["s2"], seed=4)
+    assert by_site.clients == {"s1": s1, "s3": s3} and by_site.validation == {"s2": s2}
+    assert by_site.strategy == "site" and by_site.seed == 4 and by_site.num_classes == 3
+    assert by_site.meta == {"validation_only": ["s2"], "validation_split": None}
+    # by split: each site's images of the split validate at that site, the rest trains there
+    by_split = partition_sites(ds, validation_split="test")
+    assert by_split.clients == {"s1": s1[:4], "s2": s2}
+    assert by_split.validation == {"s1": ["s1_004", "s1_005"], "s3": s3}
+    assert by_split.meta == {"validation_only": ["s3"], "validation_split": "test"}
+
+
+def test_site_partition_errors_name_the_site_or_split_and_no_training_site_is_valid(tmp_path):
+    ds = open_dataset("tiny", make_tiny_dataset(tmp_path / "data"))
+    with pytest.raises(DataError, match=r"^validation site 's4' is not a site of dataset 'tiny' \(sites: \['s1', "):
+        partition_sites(ds, validation_sites=["s1", "s4"])
+    with pytest.raises(DataError, match=r"^validation split 'val' is not a split of dataset 'tiny' \(splits: \["):
+        partition_sites(ds, validation_split="val")
+    # a site whose own folder holds validation images only is a partition without a training site
+    only_validation = partition_sites(ds, validation_sites=["s1", "s2", "s3"])
+    assert only_validation.clients == {} and list(only_validation.validation) == ["s1", "s2", "s3"]
+
+
+def test_fuss_partition_site_strategy_writes_the_manifest_and_prints_a_summary(tiny_data_root, tmp_path, capsys):
+    from fuss_components.cli import main
+
+    config = tmp_path / "config.json"
+    tiny_config(tiny_data_root, tmp_path / "cache").save(config)
+    out = tmp_path / "p.json"
+    assert main(["partition", "--config", str(config), "--strategy", "site", "--validation-sites", "s3",
+                 "--out", str(out)]) == 0
+    assert capsys.readouterr().out.splitlines() == [
+        "partition of dataset 'tiny' (site): 2 training site(s) with 11 images, 1 validation site(s) with 4 images",
+        "  train     s1  6 images",
+        "  train     s2  5 images",
+        "  validate  s3  4 images  (validation only)",
+        f"wrote {out} (use it with --set partition={out})"]
+    manifest = Partition.load(out)
+    assert manifest.sizes() == {"s1": 6, "s2": 5} and {k: len(v) for k, v in manifest.validation.items()} == {"s3": 4}
+    assert main(["partition", "--config", str(config), "--strategy", "iid", "--clients", "2",
+                 "--validation-split", "test", "--out", str(tmp_path / "q.json")]) == 2
+    assert "--validation-sites and --validation-split belong to --strategy site" in capsys.readouterr().err
 
 
 # ============================================================================== plain image folders as sites

@@ -8,7 +8,8 @@ Installed on the site (``pip install`` of this project), never shipped with a jo
 validation images), then trains on it (when it has training images). A validation-only site therefore answers
 with no parameters, ``num_samples = 0`` and its validation metrics: a zero-weight result that the aggregator
 records and does not average. Configuration: the job's ``config/fuss_config.json``, then optional site-local
-overrides from the JSON file named by ``$FUSS_SITE_CONFIG`` (dotted keys, e.g. ``{"data.root": "/data/fuss"}``).
+overrides from the JSON file named by ``$FUSS_SITE_CONFIG`` (dotted keys, e.g. ``{"data.root": "/data/fuss"}``;
+``{site}`` in a value becomes the FLARE client name, see ``fuss_flare.load_site_config``).
 """
 
 from __future__ import annotations

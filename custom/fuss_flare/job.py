@@ -55,6 +55,7 @@ def build_job(
     centroid_noise: float = 0.0,
     privacy_delta: float = 1e-5,
     server_params: dict | None = None,
+    export_format: str | None = None,
 ):
     """A FedJob running ``cfg`` (rounds, aggregator, FedProx / MOON, E/C/W switches all come from ``cfg``).
 
@@ -64,6 +65,8 @@ def build_job(
     ``federation.rounds``. ``centroid_clip`` / ``centroid_noise`` add ``CentroidPrivacyFilter`` (clip each
     centroid row to norm C, add N(0, (sigma C)^2)) after ``FussResultFilter``. ``server_params``: top-level FLARE
     settings of the server app, e.g. ``{"dead_client_grace_period": 0, "dead_client_check_lead_time": 5}``.
+    ``export_format``: "torchscript" / "onnx" makes the server export the final model at the end of the run
+    (``FussRecorder``); None: no export.
     """
     from nvflare.job_config.defs import FilterType
     from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
@@ -96,7 +99,8 @@ def build_job(
     job.to_server(FussAggregator(), id="aggregator")
     job.to_server(FussModelPersistor(source_ckpt_file_full_name=resume_from or None), id="persistor")
     job.to_server(FullModelShareableGenerator(), id="shareable_generator")
-    job.to_server(FussRecorder(resume_from=resume_from, record_updates=record_updates), id="recorder")
+    job.to_server(FussRecorder(resume_from=resume_from, record_updates=record_updates, export_format=export_format),
+                  id="recorder")
     job.to_server(TBAnalyticsReceiver(), id="tb_receiver")
     job.to_server({"server": {"task_request_interval": 0.2}})  # FLARE's 2 s poll would add seconds per task
     if server_params:
@@ -214,6 +218,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "the new total)")
     parser.add_argument("--record-updates", action="store_true",
                         help="server saves every received update (tensors) per round under received/ (audits, tests)")
+    parser.add_argument("--export-format", choices=["torchscript", "onnx"],
+                        help="at the end of the run the server also writes the final model's deployable export "
+                             "(fuss_segmenter.pt / .onnx + fuss_segmenter.json, as `fuss export`) beside "
+                             "fuss_model.pt; the server needs the backbone weights (default: no export)")
     priv = parser.add_argument_group("privacy (docs/deployment.md)")
     priv.add_argument("--centroid-noise", type=float, metavar="SIGMA",
                       help="add CentroidPrivacyFilter: Gaussian noise of std SIGMA*C per centroid coordinate")
@@ -303,7 +311,8 @@ def export_from_args(args: argparse.Namespace) -> Path:
     job = build_job(cfg, name, sites=sites, record_updates=args.record_updates,
                     resume_from=str(Path(args.resume_from).resolve()) if args.resume_from else "",
                     centroid_clip=args.centroid_clip, centroid_noise=args.centroid_noise or 0.0,
-                    privacy_delta=args.privacy_delta, server_params=dict(args.server_params))
+                    privacy_delta=args.privacy_delta, server_params=dict(args.server_params),
+                    export_format=args.export_format)
     path = export(job, cfg, args.out, sites=None if args.deploy_all else sites, privacy_scope=args.privacy_scope)
     n = len(sites[0]) + len(sites[1]) if sites and not args.deploy_all else 0
     how = f"-t {n}" if n else "-n <sites> -t <sites>"

@@ -7,6 +7,9 @@ validation of the global model after round ``r`` (validation sites evaluate the 
 ``r``'s model is validated in round ``r + 1``, the last one by the controller's final validation; ``initial``
 holds the initial model's). A better image-weighted mean validation mIoU fires FLARE's
 ``GLOBAL_BEST_MODEL_AVAILABLE``, and the persistor saves the validated model as ``FL_best_global_model.pt``.
+
+With ``export_format`` set, the end of the run also writes the final model's deployable export (``fuss export``)
+beside it; ``metrics.json``'s ``final.export`` names its files, or the error of a failed export.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ from nvflare.app_common.app_event_type import AppEventType
 from nvflare.fuel.utils import fobs
 from nvflare.widgets.widget import Widget
 
+from fuss_components.export import CARD_FILE, FORMATS as EXPORT_FORMATS, export_model
 from fuss_components.metrics import image_weighted_mean
 from fuss_components.files import atomic_torch_save, atomic_write_bytes
 from fuss_components.runner import save_model
@@ -49,13 +53,17 @@ from fuss_flare import (
 class FussRecorder(Widget):
     def __init__(self, config_file: str = CONFIG_FILE, metrics_file: str = "metrics.json",
                  checkpoint_file: str = "fuss_checkpoint.pt", final_model_file: str = "fuss_model.pt",
-                 resume_from: str = "", record_updates: bool = False):
+                 resume_from: str = "", record_updates: bool = False, export_format: str | None = None):
         """Args (files are written in the server app folder):
         metrics_file: per round, per site, best, final (JSON).
         checkpoint_file: ``{"model", "round", "history"}`` after every round; ``fuss job export --resume-from``.
         final_model_file: the last global model with its config (``fuss evaluate`` / ``fuss predict``).
         resume_from: the checkpoint this run resumes; its history is continued.
         record_updates: also save every received update (tensors) to ``received/round_<r>.pt`` (audits, tests).
+        export_format: "torchscript" or "onnx": at the end of the run, export the final model beside it
+            (``fuss_segmenter.pt`` / ``fuss_segmenter.onnx`` + ``fuss_segmenter.json``, as ``fuss export``); the
+            server then needs the backbone weights. None (default): no export. A failed export is logged and
+            recorded; the final model stays.
         """
         super().__init__()
         self.config_file = config_file
@@ -64,6 +72,11 @@ class FussRecorder(Widget):
         self.final_model_file = final_model_file
         self.resume_from = resume_from
         self.record_updates = record_updates
+        if export_format is not None and export_format not in EXPORT_FORMATS:
+            raise ValueError(f"FussRecorder: export_format must be one of {', '.join(EXPORT_FORMATS)} or null, got "
+                             f"{export_format!r}")
+        self.export_format = export_format
+        self._final_model: Path | None = None  # written by this run (a resumed history may name an older one)
         self._cfg = None
         self._app_dir: Path | None = None
         self._history: dict = {"sites": {}, "initial": None, "rounds": [], "best": None, "final": None}
@@ -147,7 +160,7 @@ class FussRecorder(Widget):
             atomic_torch_save(self._received, self._app_dir / "received" / f"round_{r}.pt")
         last = fl_ctx.get_prop(AppConstants.START_ROUND, 0) + fl_ctx.get_prop(AppConstants.NUM_ROUNDS, 0) - 1
         if r >= last:
-            save_model(self._app_dir / self.final_model_file, state, self._cfg, rounds=r + 1)
+            self._final_model = save_model(self._app_dir / self.final_model_file, state, self._cfg, rounds=r + 1)
             self._history["final"] = {"round": r, "global_model": str(self._app_dir / self.final_model_file)}
         self._stream({"global/accepted_clients": len(record["accepted"]),
                       "global/rejected_clients": len(record["rejected"]),
@@ -177,10 +190,23 @@ class FussRecorder(Widget):
             self._record["incomplete"] = True
             self._history["rounds"].append(self._record)
             self._record = None
+        if self.export_format and self._final_model is not None:
+            self._export_final_model(fl_ctx)
         if self._app_dir is not None:
             self._write_metrics()
 
     # ------------------------------------------------------------------ helpers
+    def _export_final_model(self, fl_ctx: FLContext) -> None:
+        """At the end of the run, so that the sites are not kept waiting for the export."""
+        self.log_info(fl_ctx, f"exporting the final model {self._final_model} as {self.export_format}")
+        record = export_final_model(self._final_model, self.export_format)
+        if "error" in record:
+            self.log_error(fl_ctx, f"export of the final model failed ({record['error']}); "
+                                   f"{self._final_model} is kept as it is")
+        else:
+            self.log_info(fl_ctx, f"wrote {record['module_file']} and {record['card_file']}")
+        self._history["final"]["export"] = record  # set with the final model
+
     def _attach_validation(self, target: dict | None, results: dict, fl_ctx: FLContext) -> None:
         try:  # a hostile or broken site may send anything here: it is not the model that counts
             scores = {f"val_{k}": float(v) for k, v in image_weighted_mean(results).items()}
@@ -208,3 +234,15 @@ class FussRecorder(Widget):
     def _write_metrics(self) -> None:
         text = json.dumps(self._history, indent=2, default=str)
         atomic_write_bytes(self._app_dir / self.metrics_file, text.encode())
+
+
+def export_final_model(model_file: Path, fmt: str) -> dict:
+    """Export ``model_file`` as ``fmt`` into its own folder (``fuss_components.export.export_model``); returns
+    what ``metrics.json`` records: the written files, or the error. Never raises: whatever goes wrong in the
+    export (missing backbone weights, a missing ONNX package, memory), the trained model stays as it is."""
+    try:
+        card = export_model(model_file, model_file.parent, fmt=fmt)
+    except Exception as err:  # noqa: BLE001 - reported to the caller, who logs it and keeps the model
+        return {"format": fmt, "error": f"{type(err).__name__}: {err}"}
+    return {"format": fmt, "module_file": str(model_file.parent / card["module_file"]),
+            "card_file": str(model_file.parent / CARD_FILE)}
