@@ -76,11 +76,9 @@ def seconds_per_image(run_one: Callable[[str], object], ids: list[str]) -> tuple
 
 def predict_eager_runner(cfg: FussConfig, model: Path, images: ImageFolderDataset) -> Callable[[str], object]:
     """`fuss predict`'s computation for one image (no CRF, nothing written), backbone and head loaded."""
-    import torch.nn.functional as F
-
     from fuss_components.backbones import load_backbone
+    from fuss_components.evaluate import image_logits
     from fuss_components.site import build_model
-    from fuss_components.transforms import eval_view
 
     state, _, _ = read_model_file(model)
     backbone = load_backbone(cfg.backbone, "cpu")
@@ -90,10 +88,7 @@ def predict_eager_runner(cfg: FussConfig, model: Path, images: ImageFolderDatase
 
     def run_one(image_id: str) -> np.ndarray:
         image = images.load_image(image_id)
-        with torch.no_grad():
-            feats = backbone.features(eval_view(image, cfg.data.eval_short_side, backbone.patch_size)[None])
-            logits = F.interpolate(head.cluster_logits(feats), size=image.size[::-1], mode="bilinear")
-        return logits[0].argmax(0).numpy()
+        return image_logits(head, backbone, image, cfg.data.eval_short_side, cfg.data.eval_flip).argmax(0).numpy()
 
     return run_one
 

@@ -168,7 +168,8 @@ def evaluate_state(cfg: FussConfig, model, crf_every: int, overlay_dir: Path | N
     run = _Run(cfg)
     plain, refined = {}, {}
     for site in run.validation_sites:
-        site.cache.ensure(run.dataset, site.validation_ids, ["eval"], device=site.device, desc=site.name)
+        site.cache.ensure(run.dataset, site.validation_ids, site.cache.eval_kinds, device=site.device,
+                          desc=site.name)
         ids = site.cache.usable("eval", site.validation_ids)
         plain[site.name] = evaluate_model(model, run.dataset, ids, site.cache, run.num_clusters,
                                           overlay_dir=overlay_dir and overlay_dir / site.name,

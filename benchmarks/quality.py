@@ -38,7 +38,11 @@ from fuss_components.head import FussModel
 from fuss_components.metrics import ConfusionMatrix
 from fuss_components.objectives import spherical_kmeans
 from fuss_components.site import init_global_state, num_clusters, open_site_dataset
+from fuss_components import trainer as trainer_module
+from fuss_components.backbones import load_backbone
+from fuss_components.paths import cache_dir
 from fuss_components.trainer import LocalTrainer
+from fuss_components.transforms import eval_view
 
 log = logging.getLogger("quality")
 RESULTS = Path(__file__).resolve().parent.parent / "docs" / "results"
@@ -83,6 +87,15 @@ def sample_codes(model, feats: torch.Tensor, count: int, seed: int) -> torch.Ten
     return F.normalize(torch.cat(out), dim=1)
 
 
+def merge_groups(centroids: torch.Tensor, k: int) -> torch.Tensor:
+    """Label-free merge of over-clustered centroids into ``k`` groups: average-linkage agglomerative clustering
+    on the centroids' cosine distance. Returns each centroid's group id."""
+    from sklearn.cluster import AgglomerativeClustering
+
+    labels = AgglomerativeClustering(n_clusters=k, metric="cosine", linkage="average").fit_predict(centroids.numpy())
+    return torch.from_numpy(labels).long()
+
+
 def kmeans_centroids(vectors: torch.Tensor, k: int, seed: int) -> torch.Tensor:
     km = KMeans(k, n_init=10, random_state=seed).fit(vectors.numpy())
     return F.normalize(torch.from_numpy(km.cluster_centers_).float(), dim=1)
@@ -91,10 +104,13 @@ def kmeans_centroids(vectors: torch.Tensor, k: int, seed: int) -> torch.Tensor:
 class Scorer:
     """Accumulates confusion matrices of several (name, centroids) predictors over the same images."""
 
-    def __init__(self, predictors: dict[str, torch.Tensor], num_classes: int, upsample: str):
+    def __init__(self, predictors: dict[str, torch.Tensor], num_classes: int, upsample: str,
+                 groups: dict[str, torch.Tensor] | None = None):
         self.predictors = predictors
         self.upsample = upsample
-        self.cms = {n: ConfusionMatrix(len(c), num_classes) for n, c in predictors.items()}
+        self.groups = groups or {}  # predictor -> cluster -> merged cluster id (label-free merges)
+        self.cms = {n: ConfusionMatrix(int(self.groups[n].max()) + 1 if n in self.groups else len(c), num_classes)
+                    for n, c in predictors.items()}
 
     @torch.no_grad()
     def add(self, code: torch.Tensor, label: np.ndarray) -> None:
@@ -106,7 +122,10 @@ class Scorer:
             logits = torch.einsum("dhw,cd->chw", code, cent)
             if self.upsample == "logits":
                 logits = F.interpolate(logits[None], size=size, mode="bilinear", align_corners=False)[0]
-            self.cms[name].update(logits.argmax(0).numpy(), label)
+            assignment = logits.argmax(0)
+            if name in self.groups:
+                assignment = self.groups[name][assignment]
+            self.cms[name].update(assignment.numpy(), label)
 
     def results(self) -> dict:
         out = {}
@@ -122,9 +141,89 @@ class Scorer:
         return out
 
 
+# Experiment-only levers (not config keys until one earns a place): each maps a value to a stego step subclass.
+class _CentroidShapesHead(trainer_module._StegoStep):
+    """The centroid loss (hard assignment, Eq. 5) also pulls the head's codes towards their nearest centroid
+    (weight ``weight``); the stock loss detaches the codes, so the centroids never shape the head."""
+
+    weight = 0.0
+
+    def head_loss(self, model, q, feats_q, code_q, gen):
+        loss, terms = super().head_loss(model, q, feats_q, code_q, gen)
+        inner = torch.einsum("bdhw,cd->bchw", F.normalize(code_q, dim=1), F.normalize(model.centroids.detach(), dim=1))
+        terms["loss_centroid_head"] = -inner.max(dim=1).values.mean()
+        return loss + self.weight * terms["loss_centroid_head"], terms
+
+
+class _CorrelationDropout(trainer_module._StegoStep):
+    """STEGO computes the feature correlations from Dropout2d'ed features (and the codes from them too)."""
+
+    p = 0.0
+
+    def head_loss(self, model, q, feats_q, code_q, gen):
+        trainer = self.trainer
+        plain = trainer._batch
+        trainer._batch = lambda index: F.dropout2d(plain(index), self.p, training=True)
+        try:
+            return super().head_loss(model, q, F.dropout2d(feats_q, self.p, training=True), code_q, gen)
+        finally:
+            trainer._batch = plain
+
+
+LEVERS = {"centroid-head": (_CentroidShapesHead, "weight"), "corr-dropout": (_CorrelationDropout, "p")}
+
+
+def apply_lever(spec: str | None) -> None:
+    if not spec:
+        return
+    name, value = spec.split(":")
+    cls, attr = LEVERS[name]
+    setattr(cls, attr, float(value))
+    trainer_module.OBJECTIVE_STEPS["stego"] = cls
+
+
+TTA_MODES = ("none", "flip", "shift", "shift+flip")
+
+
+@torch.no_grad()
+def tta_features(cfg: FussConfig, ds, ids: list[str], mode: str) -> dict[str, list[torch.Tensor]]:
+    """Per image, the feature maps whose codes are averaged: ``flip`` adds the mirrored image's features (mirrored
+    back); ``shift`` replaces the token grid by a grid of twice the density, interleaving the grids of the image
+    shifted by half a patch (0 / p/2 in y and x, replicate-padded). Cached in the feature cache folder."""
+    path = cache_dir(cfg.cache_dir) / f"quality_tta_{ds.name}_b{cfg.backbone.block}_{cfg.data.eval_short_side}_{mode}.pt"
+    if path.exists():
+        return torch.load(path)
+    backbone = load_backbone(cfg.backbone, torch.device("cpu"))
+    p, half = backbone.patch_size, backbone.patch_size // 2
+    flips = [False, True] if "flip" in mode else [False]
+    offsets = [(0, 0), (0, half), (half, 0), (half, half)] if "shift" in mode else [(0, 0)]
+    out = {}
+    for image_id in ids:
+        view = eval_view(ds.load_image(image_id), cfg.data.eval_short_side, p)
+        maps = []
+        for flip in flips:
+            x = view.flip(-1) if flip else view
+            grids = {}
+            for dy, dx in offsets:
+                shifted = F.pad(x[None, :, dy:, dx:], (0, dx, 0, dy), mode="replicate")
+                grids[(dy, dx)] = backbone.features(shifted)[0]
+            if len(offsets) == 1:
+                f = grids[(0, 0)]
+            else:
+                d, h, w = grids[(0, 0)].shape
+                f = torch.empty(d, 2 * h, 2 * w)
+                for (dy, dx), g in grids.items():
+                    f[:, dy // half::2, dx // half::2] = g
+            maps.append((f.flip(-1) if flip else f).half())
+        out[image_id] = maps
+    torch.save(out, path)
+    return out
+
+
 def run(args) -> dict:
     cfg = FussConfig().with_overrides({"data.dataset": args.dataset, "partition": "site", **parse_overrides(args.set)})
     torch.manual_seed(0)
+    apply_lever(args.lever)
     ds = open_site_dataset(cfg)
     split = splits(cfg, ds)
     k = num_clusters(cfg, ds)
@@ -155,27 +254,45 @@ def run(args) -> dict:
     if not args.raw:
         predictors["learned"] = F.normalize(fm.centroids.detach(), dim=1)
         predictors["refit"] = spherical_kmeans(codes, fm.centroids.detach(), 30)
-    scorer = Scorer(predictors, ds.num_classes, args.upsample)
-    t0 = time.perf_counter()
-    with torch.no_grad():
-        for image_id in split[args.split]:
-            code = model(cache.load_eval(image_id).float()[None])[0]
-            scorer.add(code, ds.load_label(image_id))
-    scores = scorer.results()
-    entry = {"variant": args.variant, "split": args.split, "overrides": parse_overrides(args.set),
-             "block": cfg.backbone.block, "epochs": args.epochs,
+    entries = []
+    for tta in args.tta:
+        predictors["over2x-merged"] = predictors["over2x"]
+        groups = {"over2x-merged": merge_groups(predictors["over2x"], k)}
+        scorer = Scorer(predictors, ds.num_classes, args.upsample, groups)
+        t0 = time.perf_counter()
+        maps = tta_features(cfg, ds, split[args.split], tta) if tta != "none" else None
+        tta_s = time.perf_counter() - t0
+        with torch.no_grad():
+            for image_id in split[args.split]:
+                if maps is None:
+                    code = model(cache.load_eval(image_id).float()[None])[0]
+                else:
+                    # the mean of the unit codes: its cosine to a centroid is the mean of the views' cosines,
+                    # i.e. the averaged cluster scores that evaluation computes
+                    code = torch.stack([F.normalize(model(f.float()[None])[0], dim=0) for f in maps[image_id]]).mean(0)
+                scorer.add(code, ds.load_label(image_id))
+        variant = args.variant if tta == "none" else f"{args.variant}, tta {tta}"
+        entries.append(record(args, cfg, ds, split, variant, scorer.results(), train_metrics, tta,
+                              {"extract_new": extract_s, "train": train_s, "tta_extract": tta_s,
+                               "eval": time.perf_counter() - t0}))
+    return entries
+
+
+def record(args, cfg, ds, split, variant, scores, train_metrics, tta, seconds) -> dict:
+    entry = {"variant": variant, "split": args.split, "overrides": parse_overrides(args.set),
+             "lever": args.lever, "tta": tta, "block": cfg.backbone.block, "epochs": args.epochs,
              "upsample": args.upsample, "num_train_images": len(split["train"]),
              "num_eval_images": len(split[args.split]), "scores": scores, "train": train_metrics,
-             "seconds": {"extract_new": extract_s, "train": train_s, "eval": time.perf_counter() - t0},
+             "seconds": seconds,
              "classes": ds.classes,
              "when": time.strftime("%Y-%m-%d %H:%M")}
     path = Path(args.out or RESULTS) / f"quality_{args.dataset}.json"
     records = json.loads(path.read_text()) if path.exists() else []
-    records = [r for r in records if not (r["variant"] == args.variant and r["split"] == args.split)]
+    records = [r for r in records if not (r["variant"] == variant and r["split"] == args.split)]
     records.append(entry)
     atomic_write_json(path, records, indent=1)
     line = "  ".join(f"{n} {100 * s['miou']:.2f}" for n, s in scores.items())
-    print(f"{args.dataset} {args.split} {args.variant}: {line}  (train {train_s:.0f} s)")
+    print(f"{args.dataset} {args.split} {variant}: {line}  (train {seconds['train']:.0f} s)", flush=True)
     for n, s in scores.items():
         print(f"   {n:8s} " + " ".join(f"{100 * v:5.1f}" for v in s["per_class_iou"]))
     return entry
@@ -211,6 +328,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--split", default="dev", choices=["dev", "test"], help="test only for chosen defaults")
     p.add_argument("--upsample", default="logits", choices=["logits", "codes"])
     p.add_argument("--out", help="folder of quality_<dataset>.json (default: docs/results)")
+    p.add_argument("--lever", help="experiment-only training change, e.g. centroid-head:0.1 or corr-dropout:0.1")
+    p.add_argument("--tta", nargs="+", default=["none"], choices=TTA_MODES,
+                   help="test-time feature maps: flip averaging, half-patch shifted grids (each: one record)")
     return p
 
 

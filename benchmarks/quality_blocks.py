@@ -27,16 +27,36 @@ from fuss_components.site import num_clusters, open_site_dataset
 from fuss_components.transforms import eval_view
 
 
+KINDS = ("tokens", "keys", "values", "queries")
+
+
 @torch.no_grad()
-def all_blocks(backbone, ds, ids, short_side: int) -> list[torch.Tensor]:
-    """Per image: ``(blocks, D', h, w)`` float16 tokens of every block after the final norm."""
+def all_blocks(backbone, ds, ids, short_side: int, kind: str = "tokens") -> list[torch.Tensor]:
+    """Per image: ``(blocks, D', h, w)`` float16 features of every block: the patch tokens after the final norm,
+    or the attention keys / values / queries of the block (heads concatenated; from its qkv projection)."""
     out = []
-    indices = list(range(len(backbone.model.blocks)))
-    for image_id in tqdm(ids, desc="forward", unit="img"):
-        view = eval_view(ds.load_image(image_id), short_side, backbone.patch_size)[None]
-        feats = backbone.model.forward_intermediates(view, indices=indices, norm=True, output_fmt="NCHW",
-                                                     intermediates_only=True)
-        out.append(torch.cat(feats).half())
+    vit = backbone.model
+    indices = list(range(len(vit.blocks)))
+    captured: dict[int, torch.Tensor] = {}
+    hooks = []
+    if kind != "tokens":
+        which = {"queries": 0, "keys": 1, "values": 2}[kind]
+        for i, blk in enumerate(vit.blocks):
+            def grab(module, inputs, output, i=i):
+                captured[i] = output.chunk(3, dim=-1)[which][:, vit.num_prefix_tokens:]
+            hooks.append(blk.attn.qkv.register_forward_hook(grab))
+    try:
+        for image_id in tqdm(ids, desc=f"forward ({kind})", unit="img"):
+            view = eval_view(ds.load_image(image_id), short_side, backbone.patch_size)[None]
+            feats = vit.forward_intermediates(view, indices=indices, norm=True, output_fmt="NCHW",
+                                              intermediates_only=True)
+            if kind != "tokens":
+                h, w = feats[0].shape[-2:]
+                feats = [captured[i].transpose(1, 2).reshape(1, -1, h, w) for i in indices]
+            out.append(torch.cat(feats).half())
+    finally:
+        for hook in hooks:
+            hook.remove()
     return out
 
 
@@ -48,8 +68,8 @@ def main(args) -> None:
     backbone = load_backbone(cfg.backbone)
     train_ids = sorted(random.Random(0).sample(split["train"], min(args.train_images, len(split["train"]))))
     started = time.perf_counter()
-    train = all_blocks(backbone, ds, train_ids, cfg.data.eval_short_side)
-    dev = all_blocks(backbone, ds, split["dev"], cfg.data.eval_short_side)
+    train = all_blocks(backbone, ds, train_ids, cfg.data.eval_short_side, args.kind)
+    dev = all_blocks(backbone, ds, split["dev"], cfg.data.eval_short_side, args.kind)
     forward_s = time.perf_counter() - started
     labels = [ds.load_label(i) for i in split["dev"]]
     singles = args.blocks if args.blocks is not None else range(len(backbone.model.blocks))
@@ -77,10 +97,11 @@ def main(args) -> None:
         print(f"blocks {'+'.join(map(str, blocks)):8s} kmeans {100 * scores['kmeans']['miou']:.2f} "
               f"over2x {100 * scores['over2x']['miou']:.2f}  per class "
               + " ".join(f"{100 * v:.0f}" for v in scores["kmeans"]["per_class_iou"]), flush=True)
-    out = Path(args.out or RESULTS) / f"quality_blocks_{args.dataset}{'_centered' if args.center else ''}.json"
+    suffix = ("" if args.kind == "tokens" else f"_{args.kind}") + ("_centered" if args.center else "")
+    out = Path(args.out or RESULTS) / f"quality_blocks_{args.dataset}{suffix}.json"
     atomic_write_json(out, {"dataset": args.dataset, "split": "dev", "train_images": len(train_ids),
                             "dev_images": len(split["dev"]), "eval_short_side": cfg.data.eval_short_side,
-                            "centered": args.center, "forward_seconds": forward_s, "classes": ds.classes,
+                            "kind": args.kind, "centered": args.center, "forward_seconds": forward_s, "classes": ds.classes,
                             "results": results}, indent=1)
 
 
@@ -92,6 +113,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--concat", nargs="*", default=["7+8", "8+11", "6+8+10", "8+9"])
     p.add_argument("--blocks", type=int, nargs="*", help="single blocks to score (default: all)")
     p.add_argument("--center", action="store_true", help="centre each block's tokens on the training mean")
+    p.add_argument("--kind", default="tokens", choices=KINDS, help="patch tokens or the attention's keys / values")
     p.add_argument("--set", action="append", metavar="KEY=VALUE")
     p.add_argument("--out")
     return p

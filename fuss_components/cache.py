@@ -1,7 +1,8 @@
 """Feature cache: one backbone pass per image per site, ever.
 
 Layout: ``<cache_dir>/<kind>-<key>/<image id>.npy`` (float16), ``kind`` in ``train`` (five-crop views,
-``(5, D', s/p, s/p)``) and ``eval`` (whole image, ``(D', h, w)``). The key hashes everything that changes the
+``(5, D', s/p, s/p)``), ``eval`` (whole image, ``(D', h, w)``) and ``mirror`` (the whole image mirrored left-right,
+its features mirrored back to the image's orientation, ``(D', h, w)``; only with ``data.eval_flip``). The key hashes everything that changes the
 numbers (backbone, weights sha256, block, preprocessing, dataset, format version), so a different setting never
 reuses a stale cache. Each file is written atomically, so an interrupted extraction resumes where it stopped.
 
@@ -51,7 +52,8 @@ from .transforms import eval_view, five_crop_views
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
-KINDS = ("train", "eval")
+KINDS = ("train", "eval", "mirror")
+WHOLE_IMAGE_KINDS = ("eval", "mirror")
 VIEWS_PER_IMAGE = 5
 CHECKSUM_SUFFIX = ".sha256"  # sidecar: <image id>.npy.sha256 = {"sha256": hex, "size": bytes}
 
@@ -108,7 +110,7 @@ class FeatureCache:
     def key(self, kind: str) -> str:
         if kind == "train":
             prep = {"train_size": self.cfg.data.train_size, "crop_ratio": self.cfg.data.crop_ratio}
-        elif kind == "eval":
+        elif kind in WHOLE_IMAGE_KINDS:
             prep = {"eval_short_side": self.cfg.data.eval_short_side}
         else:
             raise ValueError(f"unknown cache kind {kind!r}")
@@ -143,7 +145,7 @@ class FeatureCache:
         if kind == "train":
             side = self.cfg.data.train_size // patch if patch else "s/p"
             return (VIEWS_PER_IMAGE, dim, side, side)
-        if kind == "eval":
+        if kind in WHOLE_IMAGE_KINDS:
             return (dim, "h", "w")
         raise ValueError(f"unknown cache kind {kind!r}")
 
@@ -195,20 +197,22 @@ class FeatureCache:
         """The checks that can run before a backbone pass (module docstring), for every kind before any extraction.
 
         Every id must be the dataset's and listed once. Checked, once per id and process: for ``train`` the
-        images without a cache file yet (what extraction reads); for ``eval`` every image and, on a labelled
-        dataset, its label (what evaluation reads). Under
+        images without a cache file yet (what extraction reads); for ``eval`` and ``mirror`` every image and, on a
+        labelled dataset, its label (what evaluation reads). Under
         ``data.on_bad_image="fail"`` the first problem raises ``DataError`` naming the file; under ``"skip"`` each
         problem is logged and recorded in :attr:`skipped`. Returns the problems found now, ``{kind: {id: reason}}``.
         """
         found = {}
         for kind, ids in ids_by_kind.items():
             dataset.check_ids(ids)  # all of them, cached or not
-            labels = kind == "eval" and dataset.has_labels
+            labels = kind in WHOLE_IMAGE_KINDS and dataset.has_labels  # the mirror view is evaluated like eval's
             todo = [i for i in ids if i not in self._checked[kind] and i not in self.skipped[kind]
                     and (labels or not self.path(kind, i).is_file())]
             problems = dataset.check(todo, labels=labels, on_bad_image=self.cfg.data.on_bad_image)
             for image_id, reason in problems.items():
-                log.warning("%s: skipping image %s: %s (data.on_bad_image='skip')", desc or kind, image_id, reason)
+                if kind != "mirror" or image_id not in self.skipped["eval"]:  # said once per image
+                    log.warning("%s: skipping image %s: %s (data.on_bad_image='skip')", desc or kind, image_id,
+                                reason)
             self.skipped[kind].update(problems)
             self._checked[kind].update(i for i in todo if i not in problems)
             if problems:
@@ -271,7 +275,9 @@ class FeatureCache:
             feats = backbone.features(torch.cat(pending).to(device)).to("cpu", torch.float16)
             per_image = feats.split(VIEWS_PER_IMAGE) if kind == "train" else feats.split(1)
             for image_id, f in zip(pending_ids, per_image):
-                self._save(self.path(kind, image_id), f.numpy() if kind == "train" else f[0].numpy())
+                if kind != "train":
+                    f = f[0].flip(-1) if kind == "mirror" else f[0]  # mirrored back: aligned with the image
+                self._save(self.path(kind, image_id), f.numpy())
             bar.update(len(pending_ids))
             pending_ids.clear()
             pending.clear()
@@ -284,6 +290,8 @@ class FeatureCache:
                         views = five_crop_views(image, data.crop_ratio, data.train_size)
                     else:
                         views = eval_view(image, data.eval_short_side, backbone.patch_size)[None]
+                        if kind == "mirror":
+                            views = views.flip(-1)
                 except DataError as err:
                     if data.on_bad_image == "skip":
                         log.warning("%s: skipping image %s: %s (data.on_bad_image='skip')", desc or kind, image_id,
@@ -346,6 +354,15 @@ class FeatureCache:
     def load_eval(self, image_id: str) -> torch.Tensor:
         """Cached whole-image features ``(D', h, w)`` float16 of one image."""
         return torch.from_numpy(self._load("eval", image_id))
+
+    def load_mirror(self, image_id: str) -> torch.Tensor:
+        """Cached features of the mirrored whole image, mirrored back: ``(D', h, w)`` float16."""
+        return torch.from_numpy(self._load("mirror", image_id))
+
+    @property
+    def eval_kinds(self) -> tuple[str, ...]:
+        """The kinds evaluation reads: ``eval``, plus ``mirror`` with ``data.eval_flip``."""
+        return WHOLE_IMAGE_KINDS if self.cfg.data.eval_flip else ("eval",)
 
     def _load(self, kind: str, image_id: str) -> np.ndarray:
         """The array of a cache file, after checking it against its sidecar (size and sha256) and its shape."""

@@ -219,15 +219,13 @@ def cmd_predict(args, cfg: FussConfig) -> int:
     from .backbones import load_backbone
     from .crf import dense_crf
     from .datasets import DataError, ImageFolderDataset
-    from .evaluate import CRF_LOGIT_SCALE
+    from .evaluate import CRF_LOGIT_SCALE, image_logits
     from .export import cluster_names, read_model_file
     from .files import atomic_write, atomic_write_json
     from .names import area_row, write_areas_csv
     from .site import build_model
-    from .transforms import eval_view
     from .trainer import resolve_device
     from .viz import overlay_with_legend
-    import torch.nn.functional as F
 
     def write_png(path: Path, array) -> None:
         atomic_write(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))
@@ -258,9 +256,7 @@ def cmd_predict(args, cfg: FussConfig) -> int:
                 skipped.append({"image_id": image_id, "path": images.sample(image_id).extra["relative_path"],
                                 "reason": str(err)})
                 continue
-            view = eval_view(image, cfg.data.eval_short_side, backbone.patch_size)[None].to(device)
-            logits = F.interpolate(model.cluster_logits(backbone.features(view)), size=image.size[::-1],
-                                   mode="bilinear")[0].cpu()
+            logits = image_logits(model, backbone, image, cfg.data.eval_short_side, cfg.data.eval_flip)
             if args.crf:
                 mask = dense_crf(np.asarray(image), (logits * CRF_LOGIT_SCALE).numpy()).argmax(0)
             else:

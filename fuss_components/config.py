@@ -58,6 +58,10 @@ class DataConfig:
     train_size: int = 224  # each five-crop view is resized to this (a multiple of the patch size)
     crop_ratio: float = 0.5  # five-crop side = crop_ratio * short side
     eval_short_side: int = 322  # evaluation: whole image, short side resized to this (rounded to patch size)
+    # Evaluation, prediction and exported models average the cluster scores of the image and of its mirror image
+    # (left-right flip; test-time augmentation, as STEGO). Doubles the evaluation extraction and prediction time;
+    # chosen on the development split (docs/results.md, section 8).
+    eval_flip: bool = True
     # An image whose file is missing or unreadable, or (for evaluation) whose label is missing, not one channel or
     # not the image's size. These are checked from the file headers before any extraction, and reading the image
     # checks it again. "fail" stops at the first problem, naming the file. "skip" leaves the image out and lists

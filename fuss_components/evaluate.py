@@ -14,6 +14,7 @@ from .cache import FeatureCache
 from .crf import dense_crf
 from .datasets import SegmentationDataset
 from .metrics import ConfusionMatrix
+from .transforms import eval_view
 from .viz import save_overlay
 
 # Cosine logits lie in [-1, 1]; STEGO feeds its cluster probe's logits scaled by 2 into the CRF's softmax.
@@ -25,11 +26,31 @@ class Segmenter(Protocol):
         """``(B, D', h, w)`` features -> ``(B, C, h, w)`` cluster scores."""
 
 
-def predict_logits(model: Segmenter, feats: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Cluster scores of one image's cached features ``(D', h, w)``, bilinearly upsampled to ``size``."""
+def predict_logits(model: Segmenter, feats: torch.Tensor, size: tuple[int, int],
+                   mirror: torch.Tensor | None = None) -> torch.Tensor:
+    """Cluster scores of one image's features ``(D', h, w)``, bilinearly upsampled to ``size``; with ``mirror``
+    (the mirrored image's features, mirrored back) the mean of both views' scores (``data.eval_flip``)."""
     with torch.no_grad():
-        logits = model.cluster_logits(feats.float()[None])
+        views = feats[None] if mirror is None else torch.stack([feats, mirror])
+        logits = model.cluster_logits(views.float()).mean(0, keepdim=True)
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
+
+
+@torch.no_grad()
+def image_logits(model: Segmenter, backbone, image, short_side: int, flip: bool) -> torch.Tensor:
+    """Cluster scores ``(C, H, W)`` of one image at its own size, straight from the backbone (what ``fuss predict``
+    and an exported model compute; evaluation reads the same features from the cache)."""
+    view = eval_view(image, short_side, backbone.patch_size)[None].to(next(backbone.model.parameters()).device)
+    if not flip:
+        return predict_logits(model, backbone.features(view)[0], image.size[::-1]).cpu()
+    feats = backbone.features(torch.cat([view, view.flip(-1)]))  # both views in one batch
+    return predict_logits(model, feats[0], image.size[::-1], feats[1].flip(-1)).cpu()
+
+
+def cached_logits(model: Segmenter, cache: FeatureCache, image_id: str, size: tuple[int, int]) -> torch.Tensor:
+    """:func:`predict_logits` of one image's cached evaluation features (both views with ``data.eval_flip``)."""
+    mirror = cache.load_mirror(image_id) if "mirror" in cache.eval_kinds else None
+    return predict_logits(model, cache.load_eval(image_id), size, mirror)
 
 
 def evaluate_model(model: Segmenter, dataset: SegmentationDataset, ids: Sequence[str], cache: FeatureCache,
@@ -46,7 +67,7 @@ def evaluate_model(model: Segmenter, dataset: SegmentationDataset, ids: Sequence
     refined = ConfusionMatrix(num_clusters, dataset.num_classes, dataset.ignore_index) if crf else None
     for image_id in tqdm(ids, desc="evaluate", unit="img", disable=not progress):
         label = dataset.load_label(image_id)
-        logits = predict_logits(model, cache.load_eval(image_id), label.shape)
+        logits = cached_logits(model, cache, image_id, label.shape)
         plain.update(logits.argmax(0).numpy(), label)
         if refined is not None:
             image = np.asarray(dataset.load_image(image_id))
@@ -59,7 +80,7 @@ def evaluate_model(model: Segmenter, dataset: SegmentationDataset, ids: Sequence
         assignment = np.asarray(result["assignment"])
         for image_id in ids[:num_overlays]:
             label = dataset.load_label(image_id)
-            pred = predict_logits(model, cache.load_eval(image_id), label.shape).argmax(0).numpy()
+            pred = cached_logits(model, cache, image_id, label.shape).argmax(0).numpy()
             mapped = np.where(assignment[pred] >= 0, assignment[pred], dataset.ignore_index).astype(np.uint8)
             save_overlay(Path(overlay_dir) / f"{image_id}.png", np.asarray(dataset.load_image(image_id)), mapped,
                          label)

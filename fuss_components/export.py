@@ -65,7 +65,8 @@ class ExportError(ValueError):
 class SegmenterModule(nn.Module):
     """uint8 ``(H, W, 3)`` image -> int64 ``(H, W)`` cluster ids; the ``fuss predict`` path without CRF."""
 
-    def __init__(self, backbone: Backbone, head: nn.Module, centroids: torch.Tensor, eval_short_side: int):
+    def __init__(self, backbone: Backbone, head: nn.Module, centroids: torch.Tensor, eval_short_side: int,
+                 eval_flip: bool = False):
         super().__init__()
         vit = copy.deepcopy(backbone.model)
         self.patch_embed = vit.patch_embed
@@ -79,6 +80,7 @@ class SegmenterModule(nn.Module):
         # normalised once here; predict normalises the same tensor the same way at every call
         self.register_buffer("unit_centroids", F.normalize(centroids.detach().float(), dim=1))
         self.eval_short_side = int(eval_short_side)
+        self.eval_flip = bool(eval_flip)  # average the scores of the image and of its mirror image (as predict)
         self.patch = int(backbone.patch_size)
         self.num_prefix_tokens = int(vit.num_prefix_tokens)
         self.eval().requires_grad_(False)
@@ -111,11 +113,17 @@ class SegmenterModule(nn.Module):
 
     def _labels(self, pixels: torch.Tensor, height: int, width: int, view_h: int, view_w: int) -> torch.Tensor:
         """Cluster ids ``(height, width)`` of the resized image ``pixels`` ``(1, 3, view_h, view_w)``."""
+        views = 1
+        if self.eval_flip:
+            pixels = torch.cat([pixels, pixels.flip(-1)])
+            views = 2
         tokens = self.norm_pre(self.pos_embed(self.patch_embed(pixels)))
         tokens = self.norm(self.blocks(tokens))[:, self.num_prefix_tokens:]
-        feats = tokens.reshape(1, view_h // self.patch, view_w // self.patch, -1).permute(0, 3, 1, 2)
+        feats = tokens.reshape(views, view_h // self.patch, view_w // self.patch, -1).permute(0, 3, 1, 2)
+        if self.eval_flip:
+            feats = torch.stack([feats[0], feats[1].flip(-1)])  # the mirror view's features, mirrored back
         code = F.normalize(self.head(feats.contiguous()), dim=1)
-        logits = torch.einsum("bdhw,cd->bchw", code, self.unit_centroids)
+        logits = torch.einsum("bdhw,cd->bchw", code, self.unit_centroids).mean(0, keepdim=True)
         logits = F.interpolate(logits, size=[height, width], mode="bilinear", align_corners=False)
         return logits[0].argmax(0)
 
@@ -225,7 +233,8 @@ def build_segmenter(state: dict[str, torch.Tensor], cfg: FussConfig,
     backbone = load_backbone(cfg.backbone, "cpu")
     model = build_model(cfg, state["centroids"].shape[0])
     model.load_state_dict(state)
-    return module(backbone, model.head.eval(), model.centroids, cfg.data.eval_short_side), backbone
+    return (module(backbone, model.head.eval(), model.centroids, cfg.data.eval_short_side, cfg.data.eval_flip),
+            backbone)
 
 
 def _import_onnx_exporter():
@@ -328,7 +337,8 @@ def export_model(model_path: str | Path, out_dir: str | Path, cfg: FussConfig | 
         "num_clusters": num_clusters,
         "cluster_names": cluster_names(saved_names, num_clusters),
         "preprocessing": {"mean": list(IMAGENET_MEAN), "std": list(IMAGENET_STD),
-                          "eval_short_side": cfg.data.eval_short_side, "patch_size": backbone.patch_size,
+                          "eval_short_side": cfg.data.eval_short_side, "eval_flip": cfg.data.eval_flip,
+                          "patch_size": backbone.patch_size,
                           "resize": RESIZE_RULE, "crf": False},
         "backbone": {"name": cfg.backbone.name, "block": backbone.block, "weights": weights,
                      "weights_sha256": sha256_file(weights_file) if weights_file else None},

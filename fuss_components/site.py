@@ -31,6 +31,7 @@ from .files import atomic_torch_save
 from .head import FussModel
 from .partition import Partition, partition_sites, preset_partition
 from .paths import data_root
+from .selection import SelectionProbe, as_metrics
 from .trainer import LocalResult, LocalTrainer, resolve_device, stable_seed
 
 log = logging.getLogger(__name__)
@@ -139,6 +140,7 @@ class Site:
         self.cache = FeatureCache(cfg, self.dataset.name)
         self.device = resolve_device(cfg.train.device)
         self._trainer: LocalTrainer | None = None
+        self._selection_probe: SelectionProbe | None = None
 
     @property
     def is_training_site(self) -> bool:
@@ -154,9 +156,10 @@ class Site:
 
     def _ids_by_kind(self) -> dict[str, list[str]]:
         """The cache kind each of the site's image sets needs: training views, evaluation views."""
-        return {kind: ids for kind, ids in (("train", self.train_ids), ("eval", self.validation_ids)) if ids}
+        kinds = [("train", self.train_ids)] + [(kind, self.validation_ids) for kind in self.cache.eval_kinds]
+        return {kind: ids for kind, ids in kinds if ids}
 
-    def check_data(self, kinds: tuple[str, ...] = ("train", "eval")) -> dict[str, dict[str, str]]:
+    def check_data(self, kinds: tuple[str, ...] = ("train", "eval", "mirror")) -> dict[str, dict[str, str]]:
         """Every check that can run before the backbone pass, on the site's images of the cache ``kinds``
         (``FeatureCache.check``: the images to extract, the validation labels): a problem stops it naming the
         file, or the image is skipped, per ``data.on_bad_image`` (see :attr:`skipped_images`). Returns the
@@ -211,15 +214,27 @@ class Site:
     def _state_file(self, round_idx: int) -> Path:
         return self.state_dir() / f"round_{round_idx:04d}.pt"
 
+    @property
+    def selection_probe(self) -> SelectionProbe:
+        """The label-free criteria of the received global models, on a subset of this site's training views
+        seeded by ``train.seed`` and the site (``fuss_components.selection``)."""
+        if self._selection_probe is None:
+            self._selection_probe = SelectionProbe(self.trainer, stable_seed(self.cfg.train.seed, self.name,
+                                                                             "selection"))
+        return self._selection_probe
+
     def train(self, global_state: dict[str, torch.Tensor], round_idx: int) -> LocalResult:
         """One round of local training from the received global state (resumable, see the module docstring).
 
         The metrics carry ``skipped_images``: the number of training images left out as bad (``Site.skipped_images``
-        lists them)."""
+        lists them), and ``selection_*``: the label-free criteria of ``global_state`` itself, measured before
+        training (``fuss_components.selection``)."""
         trainer = self.trainer
         if self.keeps_local_state and trainer.previous_state is None and round_idx > 0:
             trainer.previous_state = self._load_state(round_idx - 1)
+        criteria = self.selection_probe.measure(global_state, round_idx)
         result = trainer.train(global_state, round_idx)
+        result.metrics.update(as_metrics(criteria))
         if self.keeps_local_state:
             self._save_state(round_idx, result.state)
         result.metrics["skipped_images"] = float(len(self.train_ids) - len(self.cache.usable("train", self.train_ids)))
@@ -267,7 +282,8 @@ class Site:
         extracted first); ``skipped_images`` counts those left out as bad."""
         if not self.validation_ids:
             raise DataError(f"site {self.name!r} has no validation images in the partition")
-        self.cache.ensure(self.dataset, self.validation_ids, ["eval"], device=self.device, desc=self.name)
+        self.cache.ensure(self.dataset, self.validation_ids, self.cache.eval_kinds, device=self.device,
+                          desc=self.name)
         ids = self.cache.usable("eval", self.validation_ids)
         if not ids:
             raise DataError(f"site {self.name!r}: none of its {len(self.validation_ids)} validation images is usable")

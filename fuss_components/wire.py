@@ -45,6 +45,8 @@ TRAIN_METRICS = (
     "loss_fedprox", "loss_moon",  # with train.fedprox_mu > 0 / train.moon_weight > 0
     "steps", "clusters_reseeded", "clusters_used", "seconds",  # LocalTrainer.train, every objective
     "skipped_images",  # Site.train
+    # Site.train: label-free criteria of the received global model (fuss_components.selection.METRICS)
+    "selection_inertia", "selection_balance", "selection_agreement", "selection_correspondence",
 )
 VALIDATION_METRICS = ("miou", "pixel_acc", "per_class_iou", "clusters_used", "num_images")
 SITE_INFO_METRICS = ("is_training_site", "is_validation_site", "num_samples")
@@ -248,8 +250,9 @@ def check_filter_history(value) -> tuple[list[str] | None, str | None]:
 
 # ------------------------------------------------------------------------------------------- metrics
 
-_FRACTIONS = ("miou", "pixel_acc", "pseudo_labelled")
+_FRACTIONS = ("miou", "pixel_acc", "pseudo_labelled", "selection_balance", "selection_agreement")
 _FLAGS = ("is_training_site", "is_validation_site")
+_COSINES = ("selection_inertia",)
 
 
 def check_metrics(metrics, allowed: Iterable[str], bounds: SiteBounds = SiteBounds()
@@ -257,7 +260,8 @@ def check_metrics(metrics, allowed: Iterable[str], bounds: SiteBounds = SiteBoun
     """Keep the metrics named in ``allowed`` whose values fit their rule; every value comes out a Python float
     (``per_class_iou`` a list of them).
 
-    Rules: every metric a finite real number; ``miou``, ``pixel_acc``, ``pseudo_labelled`` in [0, 1];
+    Rules: every metric a finite real number; ``miou``, ``pixel_acc``, ``pseudo_labelled``,
+    ``selection_balance``, ``selection_agreement`` in [0, 1]; ``selection_inertia`` in [-1, 1];
     ``is_training_site`` / ``is_validation_site`` 0 or 1; ``clusters_used`` a whole number in 0..num_clusters;
     ``num_samples`` (site census) a whole number in 0..training_images; ``num_images`` in 0..validation_images;
     ``per_class_iou`` a list of exactly num_classes numbers, each in [0, 1] or NaN (a class absent from the site's
@@ -288,6 +292,8 @@ def _check_metric(name: str, value, bounds: SiteBounds):
         return None, "not a finite number"
     if name in _FRACTIONS and not 0.0 <= number <= 1.0:
         return None, f"{_short_number(number)} is outside [0, 1]"
+    if name in _COSINES and not -1.0 <= number <= 1.0:
+        return None, f"{_short_number(number)} is outside [-1, 1]"
     if name in _FLAGS and number not in (0.0, 1.0):
         return None, f"{_short_number(number)} is not 0 or 1"
     limits = {"clusters_used": (bounds.num_clusters, "clusters of the model"),

@@ -106,6 +106,20 @@ def test_cached_values_are_the_backbone_features(tiny_cfg, ds, ids):
     assert not np.allclose(views[0], views[4], atol=1e-2)
 
 
+def test_mirror_features_are_the_mirrored_images_features_mirrored_back(tiny_cfg, ds, ids):
+    cache = FeatureCache(tiny_cfg, "tiny")
+    assert cache.eval_kinds == ("eval", "mirror")  # data.eval_flip is on by default
+    cache.ensure(ds, ids[:2], cache.eval_kinds, progress=False)
+    backbone = load_backbone(tiny_cfg.backbone)
+    for image_id in ids[:2]:
+        view = eval_view(ds.load_image(image_id), tiny_cfg.data.eval_short_side, 14)[None]
+        mirrored = backbone.features(view.flip(-1))[0].flip(-1).half()
+        assert torch.allclose(cache.load_mirror(image_id).float(), mirrored.float(), atol=2e-3), image_id
+        # a ViT is not mirror-symmetric: the second view adds information
+        assert not torch.allclose(cache.load_mirror(image_id).float(), cache.load_eval(image_id).float(), atol=1e-2)
+    assert FeatureCache(tiny_cfg.with_overrides({"data.eval_flip": False}), "tiny").eval_kinds == ("eval",)
+
+
 def test_rerun_extracts_nothing_and_never_calls_backbone(tiny_cfg, ds, ids, no_backbone_load):
     cache = FeatureCache(tiny_cfg, "tiny")
     backbone = CountingBackbone(load_backbone(tiny_cfg.backbone))
@@ -285,6 +299,7 @@ def test_skip_records_each_bad_file_with_its_reason_and_extracts_the_rest(tiny_d
     counts = cache.ensure_each(ds, {"train": ds.ids(site="s1"), "eval": ds.ids(site="s3")}, progress=False)
     assert counts == {"train": 3, "eval": 2}
     assert cache.skipped == {
+        "mirror": {},  # not asked for here
         "train": {"s1_001": f"image file missing: {missing_image}"},
         "eval": {"s3_002": f"label {label} is 57x40 but image {ds.sample('s3_002').image_path} is 56x40 "
                            f"(width x height)"}}

@@ -127,11 +127,11 @@ def test_extract_builds_every_site_once(tiny_data_root, tmp_path, caplog):
     cfg = _config_file(tiny_config(tiny_data_root, tmp_path / "cache"), tmp_path)
     assert main(["extract", "--config", cfg]) == 0
     files = sorted(p.name for p in (tmp_path / "cache").rglob("*.npy"))
-    assert len(files) == 6 + 5 + 4  # s1, s2 training views; s3 evaluation views
+    assert len(files) == 6 + 5 + 2 * 4  # s1, s2 training views; s3 evaluation views, and mirrored (eval_flip)
     caplog.clear()
     with caplog.at_level("INFO", logger="fuss"):
         assert main(["extract", "--config", cfg]) == 0
-    assert "{'train': 0}" in caplog.text and "{'eval': 0}" in caplog.text
+    assert "{'train': 0}" in caplog.text and "{'eval': 0, 'mirror': 0}" in caplog.text
 
 
 # ============================================================================== a plain folder of unlabeled images

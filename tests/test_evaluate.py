@@ -41,6 +41,8 @@ class HandDataset:
 class HandCache:
     """What ``evaluate_model`` reads of a feature cache: one ``(C, h, w)`` map per image."""
 
+    eval_kinds = ("eval",)  # no mirror view (data.eval_flip off)
+
     def __init__(self, maps: dict[str, torch.Tensor]):
         self.maps = maps
 
@@ -61,6 +63,13 @@ def test_predict_logits_upsamples_bilinearly_to_the_label_size():
     # half-pixel centres, edges clamped: 0, 1/4, 3/4, 1 along each row
     assert logits[0].tolist() == [[0.0, 0.25, 0.75, 1.0]] * 3
     assert logits[1].tolist() == [[2.0] * 4] * 3
+
+
+def test_predict_logits_with_a_mirror_view_average_both_views_scores():
+    feats = torch.tensor([[[0.0, 1.0]], [[2.0, 2.0]]])
+    mirror = torch.tensor([[[1.0, 1.0]], [[0.0, 4.0]]])
+    logits = predict_logits(FeaturesAreScores(), feats, (1, 2), mirror)
+    assert logits.tolist() == [[[0.5, 1.0]], [[1.0, 3.0]]]
 
 
 def test_clusters_that_are_a_relabelling_of_the_classes_score_one():

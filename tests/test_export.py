@@ -240,12 +240,10 @@ def test_camvid_export_equals_predict_and_speed(shared, tmp_path, monkeypatch):
 
 def _eager_predict_seconds(cfg: FussConfig, model: Path, images: list[Path]) -> float:
     """Seconds per image of `fuss predict`'s own computation (no CRF), backbone already loaded."""
-    import torch.nn.functional as F
-
     from fuss_components.backbones import load_backbone
+    from fuss_components.evaluate import image_logits
     from fuss_components.runner import load_model
     from fuss_components.site import build_model
-    from fuss_components.transforms import eval_view
 
     state, _ = load_model(model)
     backbone = load_backbone(cfg.backbone)
@@ -255,8 +253,7 @@ def _eager_predict_seconds(cfg: FussConfig, model: Path, images: list[Path]) -> 
     started = time.perf_counter()
     for path in images:
         image = Image.open(path).convert("RGB")
-        feats = backbone.features(eval_view(image, cfg.data.eval_short_side, backbone.patch_size)[None])
-        F.interpolate(head.cluster_logits(feats), size=image.size[::-1], mode="bilinear")[0].argmax(0)
+        image_logits(head, backbone, image, cfg.data.eval_short_side, cfg.data.eval_flip).argmax(0)
     return (time.perf_counter() - started) / len(images)
 
 

@@ -120,7 +120,9 @@ def runs(tiny_data_root, flare_cache, tmp_path_factory) -> dict:
         if aggregator not in cache:
             cfg = tiny_config(tiny_data_root, flare_cache, **{"partition": "site", "federation.aggregator": aggregator})
             tmp = tmp_path_factory.mktemp(f"sim_{aggregator}")
-            job = export_job(cfg, tmp, f"tiny_{aggregator.replace('-', '_')}", "--record-updates")
+            # the fedavg run also has the server export the final model (the job option; about 2 s)
+            export = ["--export-format", "torchscript"] if aggregator == "fedavg" else []
+            job = export_job(cfg, tmp, f"tiny_{aggregator.replace('-', '_')}", "--record-updates", *export)
             cache[aggregator] = (cfg, simulate(job, tmp / "ws"))
         return cache[aggregator]
 
@@ -213,6 +215,12 @@ def test_simulator_job_end_to_end(runs, aggregator):
         assert rec["val_miou"] == pytest.approx(val["miou"])
     assert m["best"]["miou"] == pytest.approx(max(r["val_miou"] for r in m["rounds"]))
     assert m["final"]["round"] == 1 and m["final"]["val_miou"] == pytest.approx(m["rounds"][1]["val_miou"])
+    if aggregator == "fedavg":  # the server's export of the final model: the file runs and is recorded
+        assert m["final"]["export"]["format"] == "torchscript"
+        segmenter = torch.jit.load(sim.app / "fuss_segmenter.pt")
+        labels = segmenter(torch.zeros(40, 56, 3, dtype=torch.uint8))
+        assert labels.shape == (40, 56) and labels.dtype == torch.int64 and 0 <= int(labels.min()) <= int(labels.max()) < 3
+        assert json.loads((sim.app / "fuss_segmenter.json").read_text())["num_clusters"] == 3
     best = torch.load(sim.app / "FL_best_global_model.pt", weights_only=True)["model"]
     if m["best"]["round"] == 1:  # the persistor saved the validated model: the final one here
         assert all(torch.equal(best[k], state[k]) for k in MODEL_KEYS)

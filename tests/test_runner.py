@@ -179,7 +179,7 @@ def test_commands_list_skipped_images_say_where_outputs_are_and_print_errors_on_
         assert main(["extract", "--config", str(config)]) == 0
         printed = json.loads(capsys.readouterr().out)
         assert printed["skipped_images"] == skipped and printed["cache_dir"] == str(tmp_path / "cache")
-        assert printed["extracted"] == {"s1": {"train": 6}, "s2": {"train": 5}, "s3": {"eval": 3}}
+        assert printed["extracted"] == {"s1": {"train": 6}, "s2": {"train": 5}, "s3": {"eval": 3, "mirror": 3}}
         assert caplog.records[-1].getMessage() == f"fuss extract: features in {tmp_path / 'cache'}"
         out = tmp_path / "run"
         assert main(["train", "--mode", "federated", "--config", str(config), "--out", str(out)]) == 0

@@ -236,7 +236,7 @@ def test_prepare_checks_training_images_and_validation_labels_first(tmp_path):
     label.unlink()
     cfg = tiny_config(root, tmp_path / "cache", **{"partition": str(tmp_path / "p.json"), "data.on_bad_image": "skip"})
     site = Site(cfg, "s1")
-    assert site.prepare(progress=False) == {"train": 3, "eval": 1}
+    assert site.prepare(progress=False) == {"train": 3, "eval": 1, "mirror": 1}  # mirror: data.eval_flip
     assert site.skipped_images == {"s1_000": f"image file missing: {image}", "s1_005": f"label file missing: {label}"}
     with pytest.raises(DataError, match=f"^image file missing: {image} \\(data.on_bad_image='fail'"):
         Site(cfg.with_overrides({"data.on_bad_image": "fail"}), "s1").prepare(progress=False)

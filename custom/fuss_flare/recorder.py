@@ -10,6 +10,14 @@ holds the initial model's). A better image-weighted mean validation mIoU fires F
 
 With ``export_format`` set, the end of the run also writes the final model's deployable export (``fuss export``)
 beside it; ``metrics.json``'s ``final.export`` names its files, or the error of a failed export.
+
+Label-free criteria (``fuss_components.selection``): the training sites measure the global model they receive, so
+the criteria sent in round ``r + 1`` are those of round ``r``'s model. They are filed beside that model's validation:
+``rounds[r]["selection"]`` (``initial["selection"]`` for the initial model) is ``{criterion: mean}`` over the
+training sites, weighted by the images each declared in the census; the last round's model has none (no round
+follows it). With ``selection_criterion`` set, a better value of that criterion saves the measured model as
+``FL_selected_model.pt`` (the persistor's format, ``{"model": state}``) and ``metrics.json``'s ``selected`` names
+its round; no label takes part in that choice.
 """
 
 from __future__ import annotations
@@ -33,6 +41,7 @@ from fuss_components.export import CARD_FILE, FORMATS as EXPORT_FORMATS, export_
 from fuss_components.metrics import image_weighted_mean
 from fuss_components.files import atomic_torch_save, atomic_write_bytes
 from fuss_components.runner import save_model
+from fuss_components.selection import CRITERIA as SELECTION_CRITERIA, better, weighted_criteria
 from fuss_components.wire import VALIDATION_METRICS
 from fuss_flare import (
     CONFIG_FILE,
@@ -53,7 +62,8 @@ from fuss_flare import (
 class FussRecorder(Widget):
     def __init__(self, config_file: str = CONFIG_FILE, metrics_file: str = "metrics.json",
                  checkpoint_file: str = "fuss_checkpoint.pt", final_model_file: str = "fuss_model.pt",
-                 resume_from: str = "", record_updates: bool = False, export_format: str | None = None):
+                 resume_from: str = "", record_updates: bool = False, export_format: str | None = None,
+                 selection_criterion: str | None = None, selected_model_file: str = "FL_selected_model.pt"):
         """Args (files are written in the server app folder):
         metrics_file: per round, per site, best, final (JSON).
         checkpoint_file: ``{"model", "round", "history"}`` after every round; ``fuss job export --resume-from``.
@@ -64,6 +74,8 @@ class FussRecorder(Widget):
             (``fuss_segmenter.pt`` / ``fuss_segmenter.onnx`` + ``fuss_segmenter.json``, as ``fuss export``); the
             server then needs the backbone weights. None (default): no export. A failed export is logged and
             recorded; the final model stays.
+        selection_criterion: one of ``fuss_components.selection.CRITERIA``: keep the global model with the best
+            value of that label-free criterion as ``selected_model_file`` (module docstring). None (default): off.
         """
         super().__init__()
         self.config_file = config_file
@@ -76,6 +88,11 @@ class FussRecorder(Widget):
             raise ValueError(f"FussRecorder: export_format must be one of {', '.join(EXPORT_FORMATS)} or null, got "
                              f"{export_format!r}")
         self.export_format = export_format
+        if selection_criterion is not None and selection_criterion not in SELECTION_CRITERIA:
+            raise ValueError(f"FussRecorder: selection_criterion must be one of {', '.join(SELECTION_CRITERIA)} or "
+                             f"null, got {selection_criterion!r}")
+        self.selection_criterion = selection_criterion
+        self.selected_model_file = selected_model_file
         self._final_model: Path | None = None  # written by this run (a resumed history may name an older one)
         self._cfg = None
         self._app_dir: Path | None = None
@@ -140,10 +157,12 @@ class FussRecorder(Widget):
             self._record["train"][name] = entry
 
     def _validated(self, fl_ctx: FLContext) -> None:
-        """The validation sites' scores of the model they received: the previous round's (or the initial)."""
+        """The validation sites' scores and the training sites' label-free criteria of the model they received:
+        the previous round's (or the initial)."""
+        target = self._history["rounds"][-1] if self._history["rounds"] else None
         if self._validation:
-            target = self._history["rounds"][-1] if self._history["rounds"] else None
             self._attach_validation(target, self._validation, fl_ctx)
+        self._attach_selection(target, fl_ctx)
 
     def _screened(self, fl_ctx: FLContext) -> None:
         report = fl_ctx.get_prop(SCREENING_REPORT) or {}
@@ -225,6 +244,29 @@ class FussRecorder(Widget):
             self.fire_event(AppEventType.GLOBAL_BEST_MODEL_AVAILABLE, fl_ctx)
             self.log_info(fl_ctx, f"round {target['round']}: new best global model, validation mIoU "
                                   f"{scores['val_miou']:.4f}")
+
+    def _attach_selection(self, target: dict | None, fl_ctx: FLContext) -> None:
+        if self._record is None:
+            return
+        weights = {name: role.get("num_samples", 0) for name, role in self._history["sites"].items()
+                   if role.get("is_training_site")}
+        sent = {name: entry.get("metrics") or {} for name, entry in self._record["train"].items()}
+        criteria = weighted_criteria(sent, weights)
+        if not criteria:
+            return
+        if target is None:
+            self._history["initial"] = {**(self._history["initial"] or {}), "selection": criteria}
+            return
+        target["selection"] = criteria
+        self._stream({f"global/selection_{k}": v for k, v in criteria.items()}, target["round"], fl_ctx)
+        name = self.selection_criterion
+        chosen = self._history.get("selected")
+        if name in criteria and better(name, criteria[name], chosen["value"] if chosen else None):
+            path = self._app_dir / self.selected_model_file
+            atomic_torch_save({"model": to_torch_state(fl_ctx.get_prop(AppConstants.GLOBAL_MODEL)["weights"])}, path)
+            self._history["selected"] = {"criterion": name, "round": target["round"], "value": criteria[name],
+                                         "global_model": str(path)}
+            self.log_info(fl_ctx, f"round {target['round']}: new selected global model, {name} {criteria[name]:.4f}")
 
     def _stream(self, values: dict, step: int, fl_ctx: FLContext) -> None:
         for tag, value in values.items():
