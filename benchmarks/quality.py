@@ -20,6 +20,7 @@ never the headline. Raw-feature k-means is the floor (``--raw``). Results go to
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import logging
 import random
@@ -190,7 +191,9 @@ def tta_features(cfg: FussConfig, ds, ids: list[str], mode: str) -> dict[str, li
     """Per image, the feature maps whose codes are averaged: ``flip`` adds the mirrored image's features (mirrored
     back); ``shift`` replaces the token grid by a grid of twice the density, interleaving the grids of the image
     shifted by half a patch (0 / p/2 in y and x, replicate-padded). Cached in the feature cache folder."""
-    path = cache_dir(cfg.cache_dir) / f"quality_tta_{ds.name}_b{cfg.backbone.block}_{cfg.data.eval_short_side}_{mode}.pt"
+    digest = hashlib.sha256("\n".join(ids).encode()).hexdigest()[:12]  # one file per image list (split)
+    path = (cache_dir(cfg.cache_dir)
+            / f"quality_tta_{ds.name}_b{cfg.backbone.block}_{cfg.data.eval_short_side}_{mode}_{digest}.pt")
     if path.exists():
         return torch.load(path)
     backbone = load_backbone(cfg.backbone, torch.device("cpu"))
@@ -303,15 +306,16 @@ def table(dataset: str, out: str | None = None) -> str:
     learned centroids, or of k-means for raw features)."""
     records = json.loads((Path(out or RESULTS) / f"quality_{dataset}.json").read_text())
     classes = records[0]["classes"]
-    head = ["variant", "split", "block", "overrides", "epochs", "learned", "refit", "kmeans", "over2x (extra)",
-            "train s"] + classes
+    head = ["variant", "split", "block", "overrides", "lever", "tta", "epochs", "learned", "refit", "kmeans",
+            "over2x (extra)", "over2x merged (label-free)", "train s"] + classes
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in records:
         s = r["scores"]
         main = s.get("learned", s["kmeans"])
         cells = [r["variant"], r["split"], str(r["block"]), ", ".join(f"{k}={v}" for k, v in r["overrides"].items()) or "-",
+                 r.get("lever") or "-", r.get("tta") or "none",
                  f"{r['epochs']:g}", *(f"{100 * s[n]['miou']:.2f}" if n in s else "-"
-                                       for n in ("learned", "refit", "kmeans", "over2x")),
+                                       for n in ("learned", "refit", "kmeans", "over2x", "over2x-merged")),
                  f"{r['seconds']['train']:.0f}", *(f"{100 * v:.1f}" for v in main["per_class_iou"])]
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines)

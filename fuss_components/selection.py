@@ -9,8 +9,8 @@ subset of its cached training views, and sends the values with its training metr
 ``balance``         normalised entropy of the cluster-usage histogram of the argmax assignments (1: every cluster
                     takes the same share of the positions, 0: one cluster takes them all);
 ``agreement``       fraction of the positions whose argmax cluster is the same as under the global model of the
-                    round before (the site keeps that model's assignments in memory: absent in its first round,
-                    after a restart and after a round it did not train in);
+                    round before, clusters matched one to one (the site keeps that model's assignments in memory:
+                    absent in its first round, after a restart and after a round it did not train in);
 ``correspondence``  STEGO's correspondence loss (paper Eq. 6) of the global head: the stego objective's
                     ``head_loss`` of the trainer, with the site's calibrated shifts, on a fixed set of query views
                     (lower: the codes reproduce the backbone's feature correlations better).
@@ -32,6 +32,7 @@ import math
 from collections.abc import Mapping
 
 import torch
+from scipy.optimize import linear_sum_assignment
 
 from .head import FussModel
 from .trainer import OBJECTIVE_STEPS, LocalTrainer
@@ -90,11 +91,19 @@ def balance(assignment: torch.Tensor, num_clusters: int) -> float:
 
 
 def agreement(assignment: torch.Tensor, previous: torch.Tensor) -> float:
-    """Fraction of positions assigned to the same cluster in ``assignment`` and ``previous``."""
+    """Fraction of positions assigned to the same cluster in ``assignment`` and ``previous`` once the clusters are
+    matched one to one (Hungarian on the co-assignment counts): FedCC re-orders the centroids every round, so
+    the same partition under other cluster ids must count as full agreement."""
     if assignment.shape != previous.shape:
         raise ValueError(f"assignments of shapes {tuple(assignment.shape)} and {tuple(previous.shape)} are not of "
                          f"the same positions")
-    return float((assignment == previous).double().mean())
+    size = int(max(assignment.max(), previous.max())) + 1
+    counts = torch.zeros(size * size, dtype=torch.float64)
+    counts.index_add_(0, (assignment.flatten() * size + previous.flatten()).long(),
+                      torch.ones(assignment.numel(), dtype=torch.float64))
+    counts = counts.view(size, size).numpy()
+    rows, cols = linear_sum_assignment(counts, maximize=True)
+    return float(counts[rows, cols].sum() / assignment.numel())
 
 
 class SelectionProbe:

@@ -78,6 +78,8 @@ def test_agreement_is_the_share_of_positions_in_the_same_cluster():
     a = torch.tensor([[0, 1], [2, 0]])
     assert agreement(a, a.clone()) == 1.0
     assert agreement(a, torch.tensor([[0, 2], [2, 1]])) == 0.5
+    assert agreement(a, (a + 1) % 3) == 1.0  # the same partition under other cluster ids (FedCC re-orders them)
+    assert agreement(a, torch.tensor([[1, 0], [0, 1]])) == 0.75  # matched 0->1, 1->0, 2 ->0 is taken: 3 of 4
     with pytest.raises(ValueError, match="not of the same positions"):
         agreement(a, a.flatten())
 
