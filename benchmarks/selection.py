@@ -62,13 +62,30 @@ def runner_pairs(history: dict) -> list[dict]:
     return pairs
 
 
+def communication(history: dict, share: float = 0.95) -> dict | None:
+    """Rounds (and the bytes the sites sent up to the server) until a FLARE run's global model first reaches
+    ``share`` of its final validation mIoU; None without per-round validation."""
+    rounds = [r for r in history.get("rounds", []) if r.get("val_miou") is not None]
+    if not rounds:
+        return None
+    final = float(rounds[-1]["val_miou"])
+    sent = 0
+    for r in rounds:
+        sent += sum(int(e.get("bytes", 0)) for e in r.get("train", {}).values() if isinstance(e, dict))
+        if float(r["val_miou"]) >= share * final:
+            return {"share": share, "final_miou": final, "rounds": r["round"] + 1, "uplink_bytes": sent,
+                    "miou": float(r["val_miou"])}
+    return None  # unreachable: the final round reaches its own value
+
+
 def read_run(path: Path) -> dict:
     """``{"file", "kind", "pairs"}`` of one metrics.json; ValueError naming the file for any other kind."""
     history = json.loads(Path(path).read_text())
     if history.get("mode") == "federated":
         return {"file": str(path), "kind": "runner", "pairs": runner_pairs(history)}
     if "sites" in history and "rounds" in history:
-        return {"file": str(path), "kind": "flare", "pairs": flare_pairs(history)}
+        return {"file": str(path), "kind": "flare", "pairs": flare_pairs(history),
+                "communication": communication(history)}
     raise ValueError(f"{path}: neither a FLARE recorder's nor an in-process federated run's metrics.json (a "
                      f"{history.get('mode', 'unknown')!r} run has no rounds of a global model)")
 
@@ -87,7 +104,8 @@ def signed_spearman(criterion: str, values: list[float], mious: list[float]) -> 
 def summarize_run(run: dict) -> dict:
     """Per criterion: signed rho, the round it selects, that round's mIoU and the regret to the best round."""
     pairs = run["pairs"]
-    out = {"file": run["file"], "kind": run["kind"], "rounds": len(pairs), "criteria": {}}
+    out = {"file": run["file"], "kind": run["kind"], "rounds": len(pairs), "criteria": {},
+           "communication": run.get("communication")}
     if not pairs:
         return out
     best = max(pairs, key=lambda p: p["miou"])

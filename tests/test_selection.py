@@ -355,3 +355,13 @@ def test_simulator_run_records_the_criteria_and_the_selected_model(tiny_data_roo
     if m["best"]["round"] == 0:  # then the persistor's best file holds the same model: round 0's aggregate
         best = torch.load(sim.app / "FL_best_global_model.pt", weights_only=True)["model"]
         assert all(torch.equal(selected[k], best[k]) for k in best)
+
+
+def test_communication_counts_rounds_and_uplink_bytes_until_95_percent_of_the_final_miou():
+    from benchmarks.selection import communication
+
+    history = {"rounds": [{"round": r, "val_miou": m, "train": {"a": {"bytes": 10}, "b": {"bytes": 5}}}
+                          for r, m in enumerate([0.10, 0.195, 0.21, 0.20])]}
+    assert communication(history) == {"share": 0.95, "final_miou": 0.20, "rounds": 2, "uplink_bytes": 30,
+                                      "miou": 0.195}
+    assert communication({"rounds": [{"round": 0}]}) is None
