@@ -254,13 +254,14 @@ def folder_name(setting_name: str) -> str:
     return setting_name.replace("+", "_").replace(" ", "").replace("[", "_").replace("]", "")
 
 
-def _same_variant(run: dict, budget_name: str, overrides: dict | None, block: int) -> bool:
-    """Same budget, overrides and feature block. The block is compared as recorded (records before the default
-    moved from 8 to 7 hold block 8): ``--set backbone.block=8`` selects those, e.g. to ``--verify`` them."""
+def _same_variant(run: dict, budget_name: str, overrides: dict | None, cfg: FussConfig) -> bool:
+    """Same budget, overrides, feature block and flip averaging. Block and flip are compared as recorded (records
+    from before the defaults moved hold block 8 and no flip averaging): ``--set backbone.block=8 --set
+    data.eval_flip=false`` selects those, e.g. to ``--verify`` them."""
     def rest(o: dict | None) -> dict:
-        return {k: v for k, v in (o or {}).items() if k != "backbone.block"}
+        return {k: v for k, v in (o or {}).items() if k not in ("backbone.block", "data.eval_flip")}
     return (run.get("budget") == budget_name and rest(run.get("overrides")) == rest(overrides)
-            and run.get("block", 8) == block)
+            and run.get("block", 8) == cfg.backbone.block and run.get("eval_flip", False) == cfg.data.eval_flip)
 
 
 def run_setting(setting: Setting, cfg: FussConfig, work: Path, crf_every: int, threads_per_site: int | None,
@@ -337,9 +338,9 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
     results_file = out_dir / f"{stem}.json"
     done = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
 
-    block = base_config(preset, budget, seeds[0], overrides).backbone.block
+    variant = base_config(preset, budget, seeds[0], overrides)
     runs = {(r["setting"], r["seed"]): with_current_names(r) for r in done["runs"]
-            if _same_variant(r, budget_name, overrides, block)}
+            if _same_variant(r, budget_name, overrides, variant)}
     commit = git_commit()
     for seed in seeds:
         cfg = base_config(preset, budget, seed, overrides)
@@ -359,13 +360,14 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
                 "regulariser": setting.regulariser, "rounds": cfg.federation.rounds,
                 "local_steps": steps if steps else f"{cfg.federation.local_epochs} epoch(s)",
                 "crf_every": budget["crf_every"], "commit": commit, "backbone": cfg.backbone.name,
-                "block": cfg.backbone.block, "caveat": backbone_caveat(cfg.backbone.block),
+                "block": cfg.backbone.block, "eval_flip": cfg.data.eval_flip,
+                "caveat": backbone_caveat(cfg.backbone.block),
             })
             runs[(setting.name, seed)] = result
             log.info("bench paper: %s seed %d: mIoU %.4f (CRF %.4f) in %.0f s", setting.name, seed,
                      result["eval"]["miou"], result["eval"]["crf_miou"], result["seconds"])
             done["runs"] = [r for r in done["runs"] if (r["setting"], r["seed"]) != (setting.name, seed)
-                            or not _same_variant(r, budget_name, overrides, block)] + [result]
+                            or not _same_variant(r, budget_name, overrides, variant)] + [result]
             atomic_write_json(results_file, done, indent=1)  # an interrupted benchmark keeps what it recorded
     records = flat_records(list(runs.values()))
     atomic_write_json(out_dir / f"{stem}_records.json", records, indent=1)
@@ -416,7 +418,7 @@ def verify_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds:
     if not results_file.exists():
         raise ConfigError(f"bench paper --verify: nothing recorded yet in {results_file}")
     recorded = {(r["setting"], r["seed"]): with_current_names(r) for r in json.loads(results_file.read_text())["runs"]
-                if _same_variant(r, budget_name, overrides, first.backbone.block)}
+                if _same_variant(r, budget_name, overrides, first)}
     wanted = [(s.name, seed) for seed in seeds for s in paper_settings() if not only or s.name in only]
     pairs = [p for p in wanted if p in recorded]
     if not pairs:
