@@ -116,7 +116,9 @@ def test_own_image_folders_through_simulator_export_and_predict(tmp_path):
     assert [(r["round"], r["accepted"], r["rejected"]) for r in m["rounds"]] == [
         (0, ["site-1", "site-2"], []), (1, ["site-1", "site-2"], [])]
     assert all(r["validation"] == {} and "val_miou" not in r for r in m["rounds"])
-    assert m["initial"] is None and m["best"] is None
+    # no validation anywhere: the initial model carries only the sites' label-free criteria, and no best model
+    assert set(m["initial"]) == {"selection"} and m["best"] is None
+    assert set(m["initial"]["selection"]) == {"inertia", "balance", "correspondence"}  # agreement needs a round
     assert m["final"]["round"] == 1 and m["final"].get("val_miou") is None
     final = torch.load(app / "fuss_model.pt", weights_only=True)
     assert final["rounds"] == 2 and final["model"]["centroids"].shape == (CLUSTERS, 8)
