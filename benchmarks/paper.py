@@ -3,6 +3,8 @@
     python -m benchmarks.paper --dataset camvid --budget reduced                  # 3 seeds -> docs/results, docs/figures
     python -m benchmarks.paper --dataset polyp --budget reduced --seeds 0 1 2
     python -m benchmarks.paper --dataset camvid --budget reduced --seeds 0 --verify   # re-run recorded runs: same numbers?
+    python -m benchmarks.paper --dataset camvid --partition camvid-dir0.1:6 --budget full --crf-every 8 \
+        --only local-only centralized FedAvg FedAvg+FedCC FedAvg+FedCC-maximin      # a label-skewed federation
 
 Every federated setting runs through the real NVIDIA FLARE simulator: the job is exported with ``fuss job export``
 and run with ``nvflare simulator`` in subprocesses (this module imports no FLARE code). The references that are
@@ -13,6 +15,11 @@ dense CRF.
 Settings (the paper's Tables 1-3): ``raw-kmeans``, ``local`` (mean, best and worst site), ``centralized``,
 FedAvg / FedProx (mu 0.001) / FedMoon (weight 1, tau 0.5), each with FedAvg centroids and with FedCC-kmeans,
 FedAvg + FedCC-maximin, and the W/E/C ablation (one switch off at a time) for FedAvg and FedCC-kmeans.
+
+Per claim a verdict from the paired differences (:func:`verdict`); for FLARE runs also the centroid drift of every
+round (``fuss_components.aggregation.centroid_drift``: how far the sites' centroids drift apart, index-wise and
+matched, and how far FedAvg's and FedCC's aggregates differ), the label-free criteria per round, and the rounds
+and uplink bytes until 95 % of the final validation mIoU (``benchmarks.selection.communication``).
 """
 
 from __future__ import annotations
@@ -31,6 +38,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from benchmarks.selection import communication
 from benchmarks.simulator import run_simulator
 from fuss_components.backbones import backbone_caveat as library_backbone_caveat
 from fuss_components.config import BackboneConfig, ConfigError, FussConfig, parse_overrides
@@ -227,12 +235,19 @@ def git_commit() -> str:
         return "unknown"
 
 
-def base_config(dataset: str, budget: dict, seed: int, overrides: dict | None = None) -> FussConfig:
-    """The dataset's preset configuration with the budget's schedule and ``seed`` for every random draw."""
+def base_config(dataset: str, budget: dict, seed: int, overrides: dict | None = None,
+                partition: str | None = None) -> FussConfig:
+    """The dataset's preset configuration with the budget's schedule and ``seed`` for every random draw;
+    ``partition``: another partition preset of the dataset (``camvid-dir0.1:6``), drawn with ``seed`` too."""
     if dataset not in DATASETS:
         raise ConfigError(f"bench paper: dataset must be one of {list(DATASETS)}, got {dataset!r}")
-    preset = PRESETS[dataset]
-    cfg = FussConfig.from_dict({"data": {"dataset": preset.dataset}, "partition": dataset,
+    partition = partition or dataset
+    name = partition.partition(":")[0]
+    if name not in PRESETS or PRESETS[name].dataset != PRESETS[dataset].dataset:
+        known = sorted(p for p in PRESETS if PRESETS[p].dataset == PRESETS[dataset].dataset)
+        raise ConfigError(f"bench paper: partition {partition!r} is not a preset of {dataset}; known: {known}")
+    preset = PRESETS[name]
+    cfg = FussConfig.from_dict({"data": {"dataset": preset.dataset}, "partition": partition,
                                 "train": {"num_clusters": preset.num_clusters}})
     cfg = cfg.with_overrides({
         "data.root": str(data_root(cfg.data.root)), "cache_dir": str(cache_dir(cfg.cache_dir)),
@@ -247,6 +262,16 @@ def result_stem(dataset: str, budget_name: str, tag: str = "") -> str:
     ``_records.json``, ``_verify.json``), figures (``<stem>_*.png``) and work folder. Budgets never share files,
     so a full-budget run cannot overwrite the tables of a reduced one."""
     return f"{dataset}_{tag}_{budget_name}" if tag else f"{dataset}_{budget_name}"
+
+
+def partition_tag(dataset: str, partition: str | None) -> str:
+    """The part of a result's name that names a partition other than the dataset's own preset:
+    ``camvid-dir0.1:6`` -> ``dir0.1-6clients``; ``""`` for the dataset's preset."""
+    if not partition or partition == dataset:
+        return ""
+    name, _, clients = partition.partition(":")
+    label = name[len(dataset) + 1:] if name.startswith(dataset + "-") else name
+    return f"{label}-{clients}clients" if clients else label
 
 
 def folder_name(setting_name: str) -> str:
@@ -278,6 +303,10 @@ def run_setting(setting: Setting, cfg: FussConfig, work: Path, crf_every: int, t
         model, state = _load_segmenter(sim.model_file, cfg)
         out["eval"] = evaluate_state(cfg, model, crf_every, overlay_dir, overlays)
         out["curve"] = [r.get("val_miou") for r in sim.metrics["rounds"]]
+        # per round: the sites' centroid drift, the label-free criteria of the round's model, its validation
+        out["round_details"] = [{k: r.get(k) for k in ("round", "val_miou", "drift", "selection")}
+                                for r in sim.metrics["rounds"]]
+        out["communication"] = communication(sim.metrics)
         out["bytes_per_client_round"] = statistics.mean(
             e["bytes"] for r in sim.metrics["rounds"] for e in r["train"].values()
             if e.get("param_keys"))  # training updates (a validation-only site's result carries no parameters)
@@ -314,16 +343,22 @@ def run_setting(setting: Setting, cfg: FussConfig, work: Path, crf_every: int, t
 
 def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: list[int], budget_name: str,
                 only: list[str] | None = None, overrides: dict | None = None,
-                threads_per_site: int | None = 1, overlays: int = 2, tag: str = "") -> list[dict]:
+                threads_per_site: int | None = 1, overlays: int = 2, tag: str = "", partition: str | None = None,
+                crf_every: int | None = None) -> list[dict]:
     """Run every setting of :func:`paper_settings` (or those named in ``only``) for every seed; write one JSON
     record per (setting, seed, crf) to ``<out_dir>/paper_<stem>.json`` after each run (so an interrupted
     benchmark keeps its finished runs and a re-run skips them) and the tables to ``<out_dir>/paper_<stem>.md``,
     where ``stem`` is :func:`result_stem`. ``overrides`` (dotted config keys, e.g. another client objective)
-    apply to every setting; give such a variant its own ``tag``.
+    apply to every setting; give such a variant its own ``tag``. ``partition``: another partition preset of the
+    dataset (its name joins the stem, :func:`partition_tag`); ``crf_every``: dense CRF on every k-th validation
+    image instead of the budget's.
     """
     if budget_name not in BUDGETS:
         raise ConfigError(f"bench paper: budget must be one of {sorted(BUDGETS)}, got {budget_name!r}")
-    budget = BUDGETS[budget_name]
+    budget = dict(BUDGETS[budget_name])
+    if crf_every:
+        budget["crf_every"] = crf_every
+    tag = "_".join(t for t in (tag, partition_tag(dataset, partition)) if t)
     preset = dataset
     settings = paper_settings()
     if only:
@@ -333,17 +368,17 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
         settings = [s for s in settings if s.name in only]
     out_dir, work_dir = Path(out_dir), Path(work_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    dataset = base_config(dataset, budget, seeds[0], overrides).data.dataset  # overrides may name another
+    dataset = base_config(dataset, budget, seeds[0], overrides, partition).data.dataset  # overrides may name another
     stem = f"paper_{result_stem(dataset, budget_name, tag)}"
     results_file = out_dir / f"{stem}.json"
     done = json.loads(results_file.read_text()) if results_file.exists() else {"runs": []}
 
-    variant = base_config(preset, budget, seeds[0], overrides)
+    variant = base_config(preset, budget, seeds[0], overrides, partition)
     runs = {(r["setting"], r["seed"]): with_current_names(r) for r in done["runs"]
             if _same_variant(r, budget_name, overrides, variant)}
     commit = git_commit()
     for seed in seeds:
-        cfg = base_config(preset, budget, seed, overrides)
+        cfg = base_config(preset, budget, seed, overrides, partition)
         for setting in settings:
             if (setting.name, seed) in runs:
                 log.info("bench paper: %s seed %d already done", setting.name, seed)
@@ -360,6 +395,7 @@ def bench_paper(dataset: str, out_dir: str | Path, work_dir: str | Path, seeds: 
                 "regulariser": setting.regulariser, "rounds": cfg.federation.rounds,
                 "local_steps": steps if steps else f"{cfg.federation.local_epochs} epoch(s)",
                 "crf_every": budget["crf_every"], "commit": commit, "backbone": cfg.backbone.name,
+                "partition": cfg.partition,
                 "block": cfg.backbone.block, "eval_flip": cfg.data.eval_flip,
                 "caveat": backbone_caveat(cfg.backbone.block),
             })
@@ -504,6 +540,25 @@ CLAIMS = (
 )
 
 
+# "approaches" and "matches" claims hold within this many mIoU points on every seed
+CLOSE_POINTS = 1.0
+
+
+def verdict(diff: dict) -> str:
+    """A claim's verdict from its paired differences: ``holds`` when every seed agrees with it, ``reversed`` when
+    every seed contradicts it, ``not shown`` otherwise. "beats" claims need a positive difference on every seed;
+    "approaches or beats" ones a difference above -:data:`CLOSE_POINTS` on every seed (``reversed``: below it on
+    every seed); "matches" ones an absolute difference within :data:`CLOSE_POINTS` (``reversed``: outside it)."""
+    d = diff["diffs"]
+    if "matches" in diff["claim"]:
+        ok = [abs(x) <= CLOSE_POINTS for x in d]
+    elif "approaches" in diff["claim"]:
+        ok = [x > -CLOSE_POINTS for x in d]
+    else:
+        ok = [x > 0 for x in d]
+    return "holds" if all(ok) else "reversed" if not any(ok) else "not shown"
+
+
 def claim_differences(runs: list[dict], key: str = "miou") -> list[dict]:
     """For each of :data:`CLAIMS` whose two settings share seeds: the per-seed difference better - reference of
     ``key`` (paired by seed: same initialisation and data order), in points."""
@@ -517,6 +572,25 @@ def claim_differences(runs: list[dict], key: str = "miou") -> list[dict]:
                         "mean": statistics.mean(diffs),
                         "std": statistics.stdev(diffs) if len(diffs) > 1 else None,
                         "positive": sum(d > 0 for d in diffs)})
+            out[-1]["verdict"] = verdict(out[-1])
+    return out
+
+
+DRIFT_KEYS = ("site_indexwise_mean", "site_matched_mean", "site_matched_min", "fedavg_fedcc_mean",
+              "fedavg_fedcc_min")
+
+
+def drift_rows(runs: list[dict]) -> dict[str, list[dict]]:
+    """FLARE setting -> per round ``{key: mean over seeds}`` of :data:`DRIFT_KEYS` (runs that recorded drift)."""
+    out = {}
+    for name in summarize(runs):
+        per_seed = [r["round_details"] for r in runs if r["setting"] == name and r.get("round_details")
+                    and all(d.get("drift") for d in r["round_details"])]
+        if per_seed:
+            rounds = min(len(d) for d in per_seed)
+            out[name] = [{k: statistics.mean(d[i]["drift"][k] for d in per_seed) for k in DRIFT_KEYS
+                          if all(k in d[i]["drift"] for d in per_seed)} | {"round": i, "seeds": len(per_seed)}
+                         for i in range(rounds)]
     return out
 
 
@@ -551,12 +625,38 @@ def markdown_tables(runs: list[dict], dataset: str, budget_name: str, overrides:
     plain, crf = claim_differences(runs, "miou"), {c["claim"]: c for c in claim_differences(runs, "crf_miou")}
     if plain:
         lines += ["#### The paper's claims: paired differences (mIoU points, same seed)", "",
-                  "| claim | difference | with CRF | seeds with a positive difference (no CRF / CRF) |",
-                  "|---|---|---|---|"]
+                  f"Verdict (no CRF): *holds* when every seed agrees, *reversed* when every seed contradicts, *not "
+                  f"shown* otherwise; \"approaches\" / \"matches\" mean within {CLOSE_POINTS:g} point.", "",
+                  "| claim | difference | with CRF | seeds with a positive difference (no CRF / CRF) | verdict |",
+                  "|---|---|---|---|---|"]
         for c in plain:
             k = crf[c["claim"]]
             lines.append(f"| {c['claim']} ({c['better']} - {c['reference']}) | {_signed(c)} | {_signed(k)} | "
-                         f"{c['positive']} / {k['positive']} of {len(c['seeds'])} |")
+                         f"{c['positive']} / {k['positive']} of {len(c['seeds'])} | {c['verdict']} |")
+        lines.append("")
+    drift = drift_rows(runs)
+    if drift:
+        lines += ["#### Centroid drift per round (matched cosines, mean over seeds)", "",
+                  "Between the sites' uploaded centroids: index-wise (centroid c with centroid c, what FedAvg "
+                  "averages) and after a one-to-one matching (mean over site pairs; min: the worst-matched "
+                  "centroid of any pair); and between the FedAvg and FedCC aggregates of the same uploads.", "",
+                  "| setting | round | sites index-wise | sites matched | sites matched min | FedAvg vs FedCC | "
+                  "FedAvg vs FedCC min |", "|---|---|---|---|---|---|---|"]
+        for name, rows in drift.items():
+            for row in rows:
+                if row["round"] in (0, 1, len(rows) // 2, len(rows) - 1):
+                    cells = " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in DRIFT_KEYS)
+                    lines.append(f"| {name} | {row['round']} | {cells} |")
+        lines.append("")
+    comm = [(r["setting"], r["communication"]) for r in runs if r.get("communication")]
+    if comm:
+        lines += ["#### Communication: rounds and uplink until 95 % of the final validation mIoU (mean over seeds)",
+                  "", "| setting | rounds | uplink MB (all sites) | seeds |", "|---|---|---|---|"]
+        for name in table:
+            got = [c for n, c in comm if n == name]
+            if got:
+                lines.append(f"| {name} | {statistics.mean(c['rounds'] for c in got):.1f} | "
+                             f"{statistics.mean(c['uplink_bytes'] for c in got) / 2**20:.1f} | {len(got)} |")
         lines.append("")
     return "\n".join(lines) + "\n"
 
@@ -681,6 +781,12 @@ def get_args_parser(add_help: bool = True) -> argparse.ArgumentParser:
                         help="override a config key of every setting, e.g. --set train.objective=smooseg "
                              "(repeatable; give such a variant a --tag)")
     parser.add_argument("--dataset", choices=DATASETS, default="camvid")
+    parser.add_argument("--partition", default=None, metavar="PRESET[:CLIENTS]",
+                        help="another partition preset of the dataset, e.g. camvid-dir0.1:6 (fuss partition --help "
+                             "lists them; drawn with each seed); results go to paper_<dataset>_<preset>-<N>clients_"
+                             "<budget>.*")
+    parser.add_argument("--crf-every", type=int, default=None, metavar="K",
+                        help="dense CRF on every K-th validation image instead of the budget's")
     parser.add_argument("--budget", choices=sorted(BUDGETS), default="full",
                         help="full: 10 rounds x 1 local epoch, CRF on every image; reduced: 3 rounds x 15 steps, "
                              "CRF on every 4th validation image (about an hour for camvid on 2 cores)")
@@ -714,9 +820,12 @@ def main(args: argparse.Namespace) -> int:
                   f"({c['recorded_commit']}), {100 * c['rerun']['miou']:.4f} now; max |diff| {c['max_abs_diff']:.2g}"
                   f" -> {'same' if c['same'] else 'DIFFERENT'}")
         return 0 if all(c["same"] for c in checks) else 1
+    if args.partition and args.verify:
+        raise ConfigError("bench paper: --verify does not take --partition")
     records = bench_paper(args.dataset, args.out, args.work, args.seeds, args.budget, args.only, overrides,
-                          tag=args.tag)
-    stem = result_stem(records[0]["dataset"], args.budget, args.tag)
+                          tag=args.tag, partition=args.partition, crf_every=args.crf_every)
+    tag = "_".join(t for t in (args.tag, partition_tag(args.dataset, args.partition)) if t)
+    stem = result_stem(records[0]["dataset"], args.budget, tag)
     written = figures(Path(args.out) / f"paper_{stem}.json", args.figures, stem)
     grid = overlay_grid(args.work, stem, args.seeds[0], ["raw-kmeans", "centralized", "FedAvg", "FedAvg+FedCC"],
                         args.figures)

@@ -54,12 +54,14 @@ __all__ = [
     "aggregate",
     "average_centroids",
     "average_states",
+    "centroid_drift",
     "centroid_outliers",
     "clipped_average_states",
     "fedavg",
     "fedavg_weights",
     "fedcc_kmeans",
     "fedcc_maximin",
+    "matched_cosines",
     "normalize_rows",
     "robust_average_states",
     "screen_updates",
@@ -366,6 +368,59 @@ def aggregate(
     else:
         raise ValueError(f"unknown aggregator {cfg.aggregator!r}")
     return head, centroids
+
+
+# --------------------------------------------------------------------------------------------------- drift
+
+
+def matched_cosines(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Cosines of the rows of ``a`` to the rows of ``b`` after matching them one to one so that the summed cosine is
+    largest (Hungarian): ``(C,)`` float64, in the row order of ``a``. Centroid ids are arbitrary across sites and
+    across FedCC rounds, so only a matched comparison says whether two sets describe the same clusters."""
+    from scipy.optimize import linear_sum_assignment
+
+    cos = (normalize_rows(a.detach().cpu().double()) @ normalize_rows(b.detach().cpu().double()).T).numpy()
+    rows, cols = linear_sum_assignment(cos, maximize=True)
+    return cos[rows, cols]
+
+
+def centroid_drift(updates: Sequence[ClientUpdate], cfg: FederationConfig, num_clusters: int) -> dict[str, float]:
+    """How far the sites' centroids have drifted apart in a round, and what that does to the two centroid rules:
+
+    ``site_indexwise_mean``   mean over site pairs and centroid ids of the cosine of centroid c of one site to
+                              centroid c of the other (what FedAvg's index-wise average assumes is high);
+    ``site_matched_mean``     the same after matching the two sets one to one (:func:`matched_cosines`);
+    ``site_matched_min``      the smallest matched cosine of any pair: the worst-matched cluster;
+    ``fedavg_fedcc_mean``     mean matched cosine between this round's FedAvg centroids (Eq. 9) and FedCC's
+                              (the configured FedCC rule; k-means when the job aggregates with FedAvg);
+    ``fedavg_fedcc_min``      its smallest matched cosine.
+
+    ``site_indexwise_mean`` well below ``site_matched_mean`` means the sites' centroid ids no longer correspond
+    (FedCC's premise); both near 1 means FedAvg and FedCC must agree. Needs two or more updates for the site
+    terms (absent otherwise). Cost: one FedCC aggregation and C x C Hungarian matches per site pair."""
+    ordered = _sorted_updates(updates)
+    sets = [u.centroids for u in ordered]
+    out: dict[str, float] = {}
+    if len(sets) >= 2:
+        indexwise, matched, worst = [], [], 1.0
+        for i in range(len(sets)):
+            for j in range(i + 1, len(sets)):
+                a, b = normalize_rows(sets[i].double()), normalize_rows(sets[j].double())
+                indexwise.append(float((a * b).sum(dim=1).mean()))
+                cos = matched_cosines(a, b)
+                matched.append(float(cos.mean()))
+                worst = min(worst, float(cos.min()))
+        out.update(site_indexwise_mean=float(np.mean(indexwise)), site_matched_mean=float(np.mean(matched)),
+                   site_matched_min=worst)
+    weights = fedavg_weights([u.num_samples for u in ordered], cfg.weighted)
+    averaged = average_centroids(sets, weights)
+    if cfg.aggregator == "fedcc-maximin":
+        clustered = fedcc_maximin(sets, num_clusters, seed=cfg.seed)
+    else:
+        clustered = fedcc_kmeans(sets, num_clusters, seed=cfg.seed, n_init=cfg.kmeans_n_init)
+    cos = matched_cosines(averaged, clustered)
+    out.update(fedavg_fedcc_mean=float(cos.mean()), fedavg_fedcc_min=float(cos.min()))
+    return out
 
 
 # --------------------------------------------------------------------------------------------------- screening

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from tqdm.auto import tqdm
 
-from .aggregation import AggregationError, ClientUpdate, aggregate, screen_updates
+from .aggregation import AggregationError, ClientUpdate, aggregate, centroid_drift, screen_updates
 from .config import FussConfig
 from .files import atomic_torch_save, atomic_write_json
 from .head import join_state, split_state
@@ -120,7 +120,8 @@ def run_federated(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progr
             state = join_state(*aggregate(accepted, fed, run.num_clusters, reference_head=reference))
             validation = run.validate(state)
             record = {"round": round_idx, "train": {u.site: u.metrics for u in updates},
-                      "rejected": dict(rejected), "validation": validation, **_summary(validation)}
+                      "rejected": dict(rejected), "drift": centroid_drift(accepted, fed, run.num_clusters),
+                      "validation": validation, **_summary(validation)}
             history.append(record)
             if progress:
                 log.info("round %d/%d: validation mIoU %s acc %s", round_idx + 1, fed.rounds, _fmt(record["miou"]),

@@ -718,3 +718,35 @@ def test_honest_updates_of_the_tiny_federation_pass_the_default_screening(tiny_d
             largest = max(largest, change / ref_norm)
         state = join_state(*aggregate(accepted, fed, centroids.shape[0]))
     assert 0 < largest < fed.max_relative_change / 5
+
+
+# ------------------------------------------------------------------------------------------------ drift
+
+
+def test_matched_cosines_undo_a_permutation_of_centroid_ids():
+    a = t([1.0, 0.0, 0.0], [0.0, 2.0, 0.0], [0.0, 0.0, 1.0])
+    b = a[[2, 0, 1]] * 3.0  # same directions, other ids and norms
+    assert agg.matched_cosines(a, b).tolist() == pytest.approx([1.0, 1.0, 1.0])
+    c = t([1.0, 1.0, 0.0], [0.0, 1.0, 0.0], [0.0, 0.0, 1.0])
+    # row 0 of c is 45 degrees off the only free direction left to it
+    assert sorted(agg.matched_cosines(a, c).tolist()) == pytest.approx([math.sqrt(0.5), 1.0, 1.0])
+
+
+def test_centroid_drift_tells_permuted_ids_from_drifted_clusters():
+    basis = torch.eye(3)
+    head = {"w": t(1.0)}
+    same = [_update("a", head, basis, 1), _update("b", head, basis.clone(), 1)]
+    drift = agg.centroid_drift(same, FederationConfig(aggregator="fedavg"), 3)
+    assert drift == pytest.approx({"site_indexwise_mean": 1.0, "site_matched_mean": 1.0, "site_matched_min": 1.0,
+                                   "fedavg_fedcc_mean": 1.0, "fedavg_fedcc_min": 1.0})
+    # site b holds the same clusters under cyclically shifted ids: index-wise nothing matches, matched everything
+    # does; FedAvg averages e_i with e_(i+1) (cosine 1/sqrt 2 to either), FedCC recovers the basis
+    permuted = [_update("a", head, basis, 1), _update("b", head, basis[[1, 2, 0]], 1)]
+    for aggregator in ("fedcc-kmeans", "fedcc-maximin"):
+        drift = agg.centroid_drift(permuted, FederationConfig(aggregator=aggregator), 3)
+        assert drift["site_indexwise_mean"] == pytest.approx(0.0, abs=1e-12)
+        assert drift["site_matched_mean"] == pytest.approx(1.0) and drift["site_matched_min"] == pytest.approx(1.0)
+        assert drift["fedavg_fedcc_mean"] == pytest.approx(math.sqrt(0.5))
+        assert drift["fedavg_fedcc_min"] == pytest.approx(math.sqrt(0.5))
+    alone = agg.centroid_drift([_update("a", head, basis, 1)], FederationConfig(), 3)
+    assert set(alone) == {"fedavg_fedcc_mean", "fedavg_fedcc_min"}  # no pair of sites to compare

@@ -11,6 +11,7 @@ import pytest
 from fuss_components.config import ConfigError
 from benchmarks.paper import (
     BUDGETS,
+    base_config,
     DATASETS,
     FEDPROX_MU,
     bench_paper,
@@ -210,3 +211,50 @@ def test_bench_paper_end_to_end_is_reproducible(tiny_data_root, tmp_path):
     assert {p.name for p in pngs} == {"tiny_miou_per_round.png", "tiny_centroids_pca.png",
                                       "tiny_centroid_cosine.png"}
     assert all(p.stat().st_size > 5000 for p in pngs)
+
+
+def test_partition_tag_and_config_of_a_skewed_preset():
+    from benchmarks.paper import partition_tag
+
+    assert partition_tag("camvid", None) == "" and partition_tag("camvid", "camvid") == ""
+    assert partition_tag("camvid", "camvid-dir0.1:6") == "dir0.1-6clients"
+    assert partition_tag("polyp", "polyp-missing") == "missing"
+    cfg = base_config("camvid", BUDGETS["full"], 2, partition="camvid-dir0.5:12")
+    assert cfg.partition == "camvid-dir0.5:12" and cfg.federation.seed == 2 and cfg.train.num_clusters == PRESETS["camvid"].num_clusters == 11
+    with pytest.raises(ConfigError, match="not a preset of camvid"):
+        base_config("camvid", BUDGETS["full"], 0, partition="polyp-dir0.1:4")
+
+
+def test_verdicts_and_drift_table_from_records():
+    from benchmarks.paper import claim_differences, drift_rows, verdict
+
+    def run(setting, seed, miou, drift=None):
+        r = {"setting": setting, "seed": seed, "table": "main", "eval": {"miou": miou, "pixel_acc": 0.5,
+                                                                          "crf_miou": miou, "crf_pixel_acc": 0.5}}
+        if drift is not None:
+            r["round_details"] = [{"round": i, "drift": d} for i, d in enumerate(drift)]
+        return r
+
+    d0 = {"site_indexwise_mean": 0.9, "site_matched_mean": 0.95, "site_matched_min": 0.5, "fedavg_fedcc_mean": 0.8,
+          "fedavg_fedcc_min": 0.3}
+    d1 = {k: v - 0.1 for k, v in d0.items()}
+    runs = [run("FedAvg", s, m, [d0, d1]) for s, m in ((0, 0.20), (1, 0.22), (2, 0.21))]
+    runs += [run("FedAvg+FedCC", s, m, [d1, d1]) for s, m in ((0, 0.21), (1, 0.23), (2, 0.20))]
+    runs += [run("centralized", s, m) for s, m in ((0, 0.215), (1, 0.225), (2, 0.205))]
+    runs += [run("local-only", s, m) for s, m in ((0, 0.10), (1, 0.12), (2, 0.11))]
+    claims = {c["claim"]: c for c in claim_differences(runs)}
+    assert claims["FedCC beats FedAvg"]["diffs"] == pytest.approx([1.0, 1.0, -1.0])
+    assert claims["FedCC beats FedAvg"]["verdict"] == "not shown"
+    assert claims["FedAvg beats local-only (mean)"]["verdict"] == "holds"
+    # FedCC - centralized = -0.5, +0.5, -0.5 points: within a point on every seed
+    assert claims["FedAvg+FedCC approaches or beats centralized"]["verdict"] == "holds"
+    assert verdict({"claim": "FedCC beats FedAvg", "diffs": [-0.1, -2.0]}) == "reversed"
+    assert verdict({"claim": "X approaches or beats Y", "diffs": [-1.5, -3.0]}) == "reversed"
+    assert verdict({"claim": "X matches Y", "diffs": [0.4, -0.9]}) == "holds"
+    rows = drift_rows(runs)
+    assert sorted(rows) == ["FedAvg", "FedAvg+FedCC"]
+    assert rows["FedAvg"][0]["site_matched_mean"] == pytest.approx(0.95) and rows["FedAvg"][1]["seeds"] == 3
+    assert rows["FedAvg+FedCC"][0]["fedavg_fedcc_min"] == pytest.approx(0.2)
+    text = markdown_tables(runs, "camvid", "full")
+    assert "| FedAvg | 1 | 0.800 | 0.850 | 0.400 | 0.700 | 0.200 |" in text
+    assert "| not shown |" in text and "| holds |" in text

@@ -20,7 +20,8 @@ import pytest
 import torch
 
 from conftest import make_tiny_dataset, tiny_config
-from fuss_components.aggregation import average_centroids, fedavg_weights, fedcc_kmeans, normalize_rows
+from fuss_components.aggregation import (ClientUpdate, average_centroids, centroid_drift, fedavg_weights, fedcc_kmeans,
+                                         normalize_rows)
 from fuss_components.config import FussConfig
 from fuss_components.head import split_state
 from benchmarks.simulator import run_simulator
@@ -231,6 +232,9 @@ def test_simulator_job_end_to_end(runs, aggregator):
     for received in sim.received(1).values():
         assert set(received["params"]) == MODEL_KEYS
     _check_rule(aggregator, cfg, updates, state["centroids"])
+    # the recorded centroid drift is that of the received updates
+    drift = centroid_drift([ClientUpdate(n, h, c, k) for n, h, c, k in updates], cfg.federation, 3)
+    assert m["rounds"][1]["drift"] == pytest.approx(drift) and set(drift) >= {"site_matched_mean", "fedavg_fedcc_min"}
     # head = FedAvg (Eq. 8) with weights N_k / N for every rule (switch W on)
     w = [6 / 11, 5 / 11]
     for key, value in updates[0][1].items():
@@ -248,7 +252,7 @@ def test_simulator_job_end_to_end(runs, aggregator):
     assert {"train/loss_self", "train/loss_centroids", "train/clusters_used"} <= tags["s1"] & tags["s2"]
     assert {"val/miou", "val/pixel_acc"} <= tags["s3"]
     server = next(v for k, v in tags.items() if k not in ("s1", "s2", "s3"))
-    assert {"global/val_miou", "global/val_pixel_acc", "wire/s1_bytes"} <= server
+    assert {"global/val_miou", "global/val_pixel_acc", "wire/s1_bytes", "global/drift_site_matched_mean"} <= server
 
 
 def test_parity_with_in_process_runner(runs, tmp_path):

@@ -28,6 +28,9 @@ def test_one_round_federation_summary_and_files(tiny_data_root, tmp_path):
     assert record["round"] == 0 and record["rejected"] == {}
     assert sorted(record["train"]) == ["s1", "s2"]
     assert record["train"]["s1"]["skipped_images"] == 0.0
+    drift = record["drift"]  # both sites started from the same centroids: one round keeps them close, ids aligned
+    assert 0.5 < drift["site_indexwise_mean"] <= drift["site_matched_mean"] + 1e-9 <= 1.0 + 1e-9
+    assert -1.0 <= drift["site_matched_min"] <= drift["site_matched_mean"] and 0.0 < drift["fedavg_fedcc_mean"] <= 1.0
     assert sorted(record["validation"]) == ["s3"] and record["validation"]["s3"]["num_images"] == 4
     assert sorted(result["final"]) == ["s3"]
     final = result["final"]["s3"]

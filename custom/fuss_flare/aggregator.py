@@ -4,8 +4,9 @@ One class serves FedAvg, FedCC-kmeans and FedCC-maximin (``federation.aggregator
 result is keyed by FLARE's authenticated client name (the peer identity of the result), never by what the site
 writes in its meta: a declared ``site`` that differs is rejected. A result with ``num_samples == 0`` and no
 parameters is a validation-only site's zero-weight result: recorded, not averaged. After screening the
-aggregator fires ``SCREENING_DONE`` with the accepted and rejected sites in the FLContext (``SCREENING_REPORT``),
-for the recorder; no aggregation math lives here.
+aggregator fires ``SCREENING_DONE`` with the accepted and rejected sites and their centroid drift
+(``fuss_components.aggregation.centroid_drift``) in the FLContext (``SCREENING_REPORT``), for the recorder; no
+aggregation math lives here.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.app_constant import AppConstants
 
-from fuss_components.aggregation import AggregationError, ClientUpdate, aggregate, screen_updates
+from fuss_components.aggregation import AggregationError, ClientUpdate, aggregate, centroid_drift, screen_updates
 from fuss_components.head import join_state, split_state
 from fuss_flare import (
     CONFIG_FILE,
@@ -80,6 +81,8 @@ class FussAggregator(Aggregator):
                                             federation=self._cfg.federation, declared_counts=declared)
         rejected = self._rejected + list(rejected)
         report = {"accepted": sorted(u.site for u in accepted), "rejected": [[s, r] for s, r in rejected]}
+        if accepted:  # how far the accepted sites' centroids drifted apart (recorded per round)
+            report["drift"] = centroid_drift(accepted, self._cfg.federation, num_clusters)
         for site, reason in rejected:
             self.log_warning(fl_ctx, f"round {round_idx}: rejected the update of {site}: {reason}")
         fl_ctx.set_prop(SCREENING_REPORT, report, private=True, sticky=False)

@@ -5,8 +5,10 @@ Per round ``r`` of ``metrics.json``: what each site sent (bytes, parameter names
 terms; keyed by FLARE's authenticated client name), the accepted / rejected updates with reasons, and the
 validation of the global model after round ``r`` (validation sites evaluate the model they receive, so round
 ``r``'s model is validated in round ``r + 1``, the last one by the controller's final validation; ``initial``
-holds the initial model's). A better image-weighted mean validation mIoU fires FLARE's
-``GLOBAL_BEST_MODEL_AVAILABLE``, and the persistor saves the validated model as ``FL_best_global_model.pt``.
+holds the initial model's), and ``drift``: how far the accepted sites' centroids drifted apart in round ``r`` and
+how far FedAvg's and FedCC's centroids of them differ (``fuss_components.aggregation.centroid_drift``). A better
+image-weighted mean validation mIoU fires FLARE's ``GLOBAL_BEST_MODEL_AVAILABLE``, and the persistor saves the
+validated model as ``FL_best_global_model.pt``.
 
 With ``export_format`` set, the end of the run also writes the final model's deployable export (``fuss export``)
 beside it; ``metrics.json``'s ``final.export`` names its files, or the error of a failed export.
@@ -169,6 +171,10 @@ class FussRecorder(Widget):
         if self._record is not None:
             self._record["accepted"] = report.get("accepted", [])
             self._record["rejected"] = report.get("rejected", [])
+            if report.get("drift"):
+                self._record["drift"] = report["drift"]
+                drift = {f"global/drift_{k}": v for k, v in report["drift"].items()}
+                self._stream(drift, self._record["round"], fl_ctx)
 
     def _round_done(self, fl_ctx: FLContext) -> None:
         record, r = self._record, fl_ctx.get_prop(AppConstants.CURRENT_ROUND)
