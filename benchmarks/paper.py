@@ -665,8 +665,9 @@ def markdown_tables(runs: list[dict], dataset: str, budget_name: str, overrides:
 
 
 def figures(results_file: str | Path, fig_dir: str | Path, name: str | None = None) -> list[Path]:
-    """PNG figures ``<name>_*.png`` from ``paper_<stem>.json``: validation mIoU per round per strategy, a PCA projection and
-    the cosine-similarity matrices of the global centroids of FedAvg vs FedCC (first seed)."""
+    """PNG figures ``<name>_*.png`` from ``paper_<stem>.json``: validation mIoU per round per strategy, the centroid
+    drift per round (runs that recorded it), a PCA projection and the cosine-similarity matrices of the global
+    centroids of FedAvg vs FedCC (first seed)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -701,6 +702,31 @@ def figures(results_file: str | Path, fig_dir: str | Path, name: str | None = No
     fig.tight_layout()
     fig.savefig(written[-1], dpi=110)
     plt.close(fig)
+
+    drift = drift_rows(runs)
+    if drift:
+        fig, axes = plt.subplots(1, 2, figsize=(10, 4), sharey=True)
+        for name, rows in drift.items():
+            x = [row["round"] for row in rows]
+            line, = axes[0].plot(x, [row["site_matched_mean"] for row in rows], marker="o", label=f"{name}: matched")
+            axes[0].plot(x, [row["site_indexwise_mean"] for row in rows], linestyle="--", color=line.get_color(),
+                         label=f"{name}: index-wise")
+            axes[1].plot(x, [row["fedavg_fedcc_mean"] for row in rows], marker="o", color=line.get_color(),
+                         label=f"{name}: mean")
+            axes[1].plot(x, [row["fedavg_fedcc_min"] for row in rows], linestyle=":", color=line.get_color(),
+                         label=f"{name}: min")
+        axes[0].set_title("sites' uploaded centroids: mean cosine over pairs", fontsize=10)
+        axes[1].set_title("FedAvg vs FedCC aggregate of the same uploads", fontsize=10)
+        axes[0].set_ylabel("cosine (mean over seeds)")
+        for ax in axes:
+            ax.set_xlabel("round")
+            ax.grid(alpha=0.3)
+            ax.legend(fontsize=6)
+        fig.suptitle(f"{dataset}: centroid drift per round")
+        written.append(fig_dir / f"{dataset}_centroid_drift.png")
+        fig.tight_layout()
+        fig.savefig(written[-1], dpi=110)
+        plt.close(fig)
 
     pair = {r["setting"]: np.array(r["centroids"]) for r in runs
             if r["seed"] == seed0 and r["setting"] in ("FedAvg", "FedAvg+FedCC") and "centroids" in r}

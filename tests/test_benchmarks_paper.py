@@ -225,8 +225,8 @@ def test_partition_tag_and_config_of_a_skewed_preset():
         base_config("camvid", BUDGETS["full"], 0, partition="polyp-dir0.1:4")
 
 
-def test_verdicts_and_drift_table_from_records():
-    from benchmarks.paper import claim_differences, drift_rows, verdict
+def test_verdicts_and_drift_table_from_records(tmp_path):
+    from benchmarks.paper import claim_differences, drift_rows, figures, verdict
 
     def run(setting, seed, miou, drift=None):
         r = {"setting": setting, "seed": seed, "table": "main", "eval": {"miou": miou, "pixel_acc": 0.5,
@@ -258,3 +258,6 @@ def test_verdicts_and_drift_table_from_records():
     text = markdown_tables(runs, "camvid", "full")
     assert "| FedAvg | 1 | 0.800 | 0.850 | 0.400 | 0.700 | 0.200 |" in text
     assert "| not shown |" in text and "| holds |" in text
+    (tmp_path / "runs.json").write_text(json.dumps({"runs": runs}))
+    written = figures(tmp_path / "runs.json", tmp_path / "figures", "skew")
+    assert tmp_path / "figures" / "skew_centroid_drift.png" in written and written[-1].stat().st_size > 10_000
