@@ -542,14 +542,17 @@ CLAIMS = (
 
 # "approaches" and "matches" claims hold within this many mIoU points on every seed
 CLOSE_POINTS = 1.0
+VERDICT_SEEDS = 3  # fewer paired seeds give no verdict
 
 
 def verdict(diff: dict) -> str:
     """A claim's verdict from its paired differences: ``holds`` when every seed agrees with it, ``reversed`` when
-    every seed contradicts it, ``not shown`` otherwise. "beats" claims need a positive difference on every seed;
+    every seed contradicts it, ``not shown`` otherwise; ``open`` below :data:`VERDICT_SEEDS` seeds. "beats" claims need a positive difference on every seed;
     "approaches or beats" ones a difference above -:data:`CLOSE_POINTS` on every seed (``reversed``: below it on
     every seed); "matches" ones an absolute difference within :data:`CLOSE_POINTS` (``reversed``: outside it)."""
     d = diff["diffs"]
+    if len(d) < VERDICT_SEEDS:
+        return f"open ({len(d)} seed{'s' if len(d) != 1 else ''})"
     if "matches" in diff["claim"]:
         ok = [abs(x) <= CLOSE_POINTS for x in d]
     elif "approaches" in diff["claim"]:
@@ -626,7 +629,8 @@ def markdown_tables(runs: list[dict], dataset: str, budget_name: str, overrides:
     if plain:
         lines += ["#### The paper's claims: paired differences (mIoU points, same seed)", "",
                   f"Verdict (no CRF): *holds* when every seed agrees, *reversed* when every seed contradicts, *not "
-                  f"shown* otherwise; \"approaches\" / \"matches\" mean within {CLOSE_POINTS:g} point.", "",
+                  f"shown* otherwise, *open* below {VERDICT_SEEDS} seeds; \"approaches\" / \"matches\" mean "
+                  f"within {CLOSE_POINTS:g} point.", "",
                   "| claim | difference | with CRF | seeds with a positive difference (no CRF / CRF) | verdict |",
                   "|---|---|---|---|---|"]
         for c in plain:

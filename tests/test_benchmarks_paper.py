@@ -248,9 +248,10 @@ def test_verdicts_and_drift_table_from_records(tmp_path):
     assert claims["FedAvg beats local-only (mean)"]["verdict"] == "holds"
     # FedCC - centralized = -0.5, +0.5, -0.5 points: within a point on every seed
     assert claims["FedAvg+FedCC approaches or beats centralized"]["verdict"] == "holds"
-    assert verdict({"claim": "FedCC beats FedAvg", "diffs": [-0.1, -2.0]}) == "reversed"
-    assert verdict({"claim": "X approaches or beats Y", "diffs": [-1.5, -3.0]}) == "reversed"
-    assert verdict({"claim": "X matches Y", "diffs": [0.4, -0.9]}) == "holds"
+    assert verdict({"claim": "FedCC beats FedAvg", "diffs": [-0.1, -2.0, -0.5]}) == "reversed"
+    assert verdict({"claim": "X approaches or beats Y", "diffs": [-1.5, -3.0, -1.1]}) == "reversed"
+    assert verdict({"claim": "X matches Y", "diffs": [0.4, -0.9, 0.0]}) == "holds"
+    assert verdict({"claim": "FedCC beats FedAvg", "diffs": [2.0]}) == "open (1 seed)"
     rows = drift_rows(runs)
     assert sorted(rows) == ["FedAvg", "FedAvg+FedCC"]
     assert rows["FedAvg"][0]["site_matched_mean"] == pytest.approx(0.95) and rows["FedAvg"][1]["seeds"] == 3
