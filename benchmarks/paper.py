@@ -548,8 +548,8 @@ VERDICT_SEEDS = 3  # fewer paired seeds give no verdict
 def verdict(diff: dict) -> str:
     """A claim's verdict from its paired differences: ``holds`` when every seed agrees with it, ``reversed`` when
     every seed contradicts it, ``not shown`` otherwise; ``open`` below :data:`VERDICT_SEEDS` seeds. "beats" claims
-    need a positive difference on every seed; "approaches or beats" ones a difference above -:data:`CLOSE_POINTS` on every seed (``reversed``: below it on
-    every seed); "matches" ones an absolute difference within :data:`CLOSE_POINTS` (``reversed``: outside it)."""
+    need a positive difference on every seed; "approaches or beats" ones a difference above -:data:`CLOSE_POINTS`
+    on every seed (``reversed``: below it on every seed); "matches" ones an absolute difference within :data:`CLOSE_POINTS` (``reversed``: outside it)."""
     d = diff["diffs"]
     if len(d) < VERDICT_SEEDS:
         return f"open ({len(d)} seed{'s' if len(d) != 1 else ''})"
