@@ -203,13 +203,14 @@ def test_bench_paper_end_to_end_is_reproducible(tiny_data_root, tmp_path):
     assert runs["local-only"]["eval"]["miou_worst"] <= runs["local-only"]["eval"]["miou"] \
         <= runs["local-only"]["eval"]["miou_best"]
     assert "| FedAvg+FedCC |" in (tmp_path / "a" / "paper_tiny_reduced.md").read_text()
+    assert "#### Centroid drift per round" in (tmp_path / "a" / "paper_tiny_reduced.md").read_text()
 
     # a re-run into the same folder keeps the finished runs (no simulator started: it returns at once)
     again = bench_paper("camvid", tmp_path / "a", tmp_path / "wa", [0], "reduced", only, overrides)
     assert again == first
     pngs = figures(tmp_path / "a" / "paper_tiny_reduced.json", tmp_path / "fig")
-    assert {p.name for p in pngs} == {"tiny_miou_per_round.png", "tiny_centroids_pca.png",
-                                      "tiny_centroid_cosine.png"}
+    assert {p.name for p in pngs} == {"tiny_miou_per_round.png", "tiny_centroid_drift.png", "tiny_centroids_pca.png",
+                                      "tiny_centroid_cosine.png"}  # the FLARE runs recorded their drift
     assert all(p.stat().st_size > 5000 for p in pngs)
 
 

@@ -27,7 +27,7 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.model import make_model_learnable
 from nvflare.app_common.app_constant import AppConstants
 
-from fuss_components.aggregation import (AggregationError, ClientUpdate, aggregate, normalize_rows,
+from fuss_components.aggregation import (AggregationError, ClientUpdate, aggregate, centroid_drift, normalize_rows,
                                         robust_average_states)
 from fuss_components.config import ConfigError, FussConfig
 from fuss_components.head import FussModel, split_state
@@ -316,6 +316,10 @@ def screening_report(fl_ctx: FLContext) -> dict:
     return fl_ctx.get_prop(SCREENING_REPORT)
 
 
+def without_drift(report: dict) -> dict:
+    return {k: v for k, v in report.items() if k != "drift"}
+
+
 def aggregated(agg: FussAggregator, fl_ctx: FLContext) -> dict[str, torch.Tensor]:
     dxo = from_shareable(agg.aggregate(fl_ctx))
     assert dxo.data_kind == DataKind.WEIGHTS
@@ -338,7 +342,9 @@ def test_aggregator_result_is_the_library_rule(tmp_path, aggregator):
     head, centroids = aggregate(updates, cfg.federation, 3)
     assert _equal_states(out, {**{"head." + k: v for k, v in head.items()}, "centroids": centroids})
     assert not any(_equal_states(out, s) for s in states.values())  # an aggregate, not one site's model
-    assert screening_report(fl_ctx) == {"accepted": ["site-a", "site-b", "site-c"], "rejected": []}
+    report = screening_report(fl_ctx)
+    assert report.pop("drift") == pytest.approx(centroid_drift(updates, cfg.federation, 3))  # recorded per round
+    assert report == {"accepted": ["site-a", "site-b", "site-c"], "rejected": []}
 
 
 def test_aggregator_rejects_bad_updates_with_reasons_and_averages_the_rest(tmp_path, caplog):
@@ -384,7 +390,7 @@ def test_aggregator_needs_min_clients_or_every_declared_training_site(tmp_path):
     for client in declared:
         assert agg.accept(train_result(client, near_global(3), 5), fl_ctx)
     aggregated(agg, fl_ctx)
-    assert screening_report(fl_ctx) == {"accepted": ["site-1", "site-2"], "rejected": []}
+    assert without_drift(screening_report(fl_ctx)) == {"accepted": ["site-1", "site-2"], "rejected": []}
     # an explicit min_clients, without a census
     _, agg, fl_ctx = make_aggregator(tmp_path, min_clients=2)
     agg.accept(train_result("site-1", near_global(1), 5), fl_ctx)
@@ -427,7 +433,7 @@ def test_a_validation_only_result_is_accepted_and_not_averaged(tmp_path):
     validation = train_result("val", {}, 0, metrics={"miou": 0.4, "pixel_acc": 0.8, "num_images": 3})
     assert agg.accept(validation, fl_ctx)
     out = aggregated(agg, fl_ctx)
-    assert screening_report(fl_ctx) == {"accepted": ["site-1", "site-2"], "rejected": []}
+    assert without_drift(screening_report(fl_ctx)) == {"accepted": ["site-1", "site-2"], "rejected": []}
     updates = [ClientUpdate(c, *split_state(s), n) for (c, s), n in zip(states.items(), (5, 6))]
     head, centroids = aggregate(updates, cfg.federation, 3)
     assert torch.equal(out["centroids"], centroids) and torch.equal(out["head.linear.bias"], head["linear.bias"])
@@ -472,7 +478,8 @@ def test_screening_done_carries_the_report_also_when_the_round_fails(tmp_path):
     agg.accept(train_result("site-1", near_global(1), 5), fl_ctx)
     with pytest.raises(AggregationError):
         agg.aggregate(fl_ctx)
-    assert fl_ctx.get_engine().screening_reports() == [{"accepted": ["site-1"], "rejected": []}]
+    reports = fl_ctx.get_engine().screening_reports()
+    assert [without_drift(r) for r in reports] == [{"accepted": ["site-1"], "rejected": []}]
 
 
 def test_flare_aggregator_result_does_not_depend_on_arrival_order(tmp_path):
