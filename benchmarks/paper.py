@@ -645,12 +645,12 @@ def markdown_tables(runs: list[dict], dataset: str, budget_name: str, overrides:
                   "averages) and after a one-to-one matching (mean over site pairs; min: the worst-matched "
                   "centroid of any pair); and between the FedAvg and FedCC aggregates of the same uploads.", "",
                   "| setting | round | sites index-wise | sites matched | sites matched min | FedAvg vs FedCC | "
-                  "FedAvg vs FedCC min |", "|---|---|---|---|---|---|---|"]
+                  "FedAvg vs FedCC min | seeds |", "|---|---|---|---|---|---|---|---|"]
         for name, rows in drift.items():
             for row in rows:
                 if row["round"] in (0, 1, len(rows) // 2, len(rows) - 1):
                     cells = " | ".join(f"{row[k]:.3f}" if k in row else "-" for k in DRIFT_KEYS)
-                    lines.append(f"| {name} | {row['round']} | {cells} |")
+                    lines.append(f"| {name} | {row['round']} | {cells} | {row['seeds']} |")
         lines.append("")
     comm = [(r["setting"], r["communication"]) for r in runs if r.get("communication")]
     if comm:

@@ -258,7 +258,7 @@ def test_verdicts_and_drift_table_from_records(tmp_path):
     assert rows["FedAvg"][0]["site_matched_mean"] == pytest.approx(0.95) and rows["FedAvg"][1]["seeds"] == 3
     assert rows["FedAvg+FedCC"][0]["fedavg_fedcc_min"] == pytest.approx(0.2)
     text = markdown_tables(runs, "camvid", "full")
-    assert "| FedAvg | 1 | 0.800 | 0.850 | 0.400 | 0.700 | 0.200 |" in text
+    assert "| FedAvg | 1 | 0.800 | 0.850 | 0.400 | 0.700 | 0.200 | 3 |" in text
     assert "| not shown |" in text and "| holds |" in text
     (tmp_path / "runs.json").write_text(json.dumps({"runs": runs}))
     written = figures(tmp_path / "runs.json", tmp_path / "figures", "skew")
