@@ -26,6 +26,7 @@ from .backbones import feature_dim
 from .cache import CacheError, FeatureCache
 from .config import FussConfig
 from .datasets import DataError, SegmentationDataset, open_dataset
+from .disclosure import DisclosurePolicy, check_job, site_policy
 from .evaluate import evaluate_model
 from .files import atomic_torch_save
 from .head import FussModel
@@ -127,8 +128,11 @@ class Site:
     """A site of the federation: trains on its ``clients`` images, validates on its ``validation`` images."""
 
     def __init__(self, cfg: FussConfig, name: str, partition: Partition | None = None,
-                 dataset: SegmentationDataset | None = None):
+                 dataset: SegmentationDataset | None = None, policy: DisclosurePolicy | None = None):
+        """``policy``: the site's disclosure policy (``fuss_components.disclosure``; default
+        :func:`~fuss_components.disclosure.site_policy`, i.e. ``$FUSS_SITE_POLICY`` or the defaults)."""
         self.cfg = cfg
+        self.policy = policy or site_policy()
         self.dataset = dataset or open_site_dataset(cfg, name)
         self.partition = partition or resolve_partition(cfg, self.dataset)
         self.name = resolve_site_name(name, self.partition)
@@ -141,6 +145,15 @@ class Site:
         self.device = resolve_device(cfg.train.device)
         self._trainer: LocalTrainer | None = None
         self._selection_probe: SelectionProbe | None = None
+        self._policy_checked = False
+
+    def check_policy(self) -> None:
+        """Refuse the job (``DisclosureError`` naming every setting) when it asks this site for more than its
+        disclosure policy allows; called before the site extracts, trains or validates anything."""
+        if not self._policy_checked:
+            check_job(self.cfg, self.policy, self.name, feature_dim(self.cfg.backbone), self.num_clusters,
+                      len(self.train_ids), len(self.validation_ids))
+            self._policy_checked = True
 
     @property
     def is_training_site(self) -> bool:
@@ -183,6 +196,7 @@ class Site:
         if self._trainer is None:
             if not self.train_ids:
                 raise DataError(f"site {self.name!r} has no training images in the partition")
+            self.check_policy()
             self.cache.ensure(self.dataset, self.train_ids, ["train"], device=self.device, desc=self.name)
             ids = self.cache.usable("train", self.train_ids)
             if len(ids) < len(self.train_ids):
@@ -191,7 +205,7 @@ class Site:
             if not ids:
                 raise DataError(f"site {self.name!r}: none of its {len(self.train_ids)} training images is usable")
             feats = self.cache.load_train(ids, self.cfg.train.knn)
-            self._trainer = LocalTrainer(feats, self.cfg, self.name, self.num_clusters)
+            self._trainer = LocalTrainer(feats, self.cfg, self.name, self.num_clusters, self.policy)
         return self._trainer
 
     @property
@@ -229,6 +243,7 @@ class Site:
         The metrics carry ``skipped_images``: the number of training images left out as bad (``Site.skipped_images``
         lists them), and ``selection_*``: the label-free criteria of ``global_state`` itself, measured before
         training (``fuss_components.selection``)."""
+        self.check_policy()
         trainer = self.trainer
         if self.keeps_local_state and trainer.previous_state is None and round_idx > 0:
             trainer.previous_state = self._load_state(round_idx - 1)
@@ -271,6 +286,7 @@ class Site:
     def validate(self, global_state: dict[str, torch.Tensor], crf: bool = False, overlay_dir: str | Path | None = None,
                  num_overlays: int = 0, progress: bool = False) -> dict:
         """Hungarian-matched mIoU / pixel accuracy of ``global_state`` on this site's validation images."""
+        self.check_policy()
         model = build_model(self.cfg, self.num_clusters)
         model.load_state_dict(global_state)
         return self.evaluate(model.eval(), crf=crf, overlay_dir=overlay_dir, num_overlays=num_overlays,

@@ -14,9 +14,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from .cache import TrainFeatures
+from .cache import VIEWS_PER_IMAGE, TrainFeatures
 from .config import FussConfig
-from .head import FussModel
+from .disclosure import DisclosurePolicy, Release, local_steps, release_centroids
+from .head import CENTROIDS_KEY, FussModel
 from .losses import (centered_feature_correlation, centroid_loss, correspondence_term, fedprox_term, moon_term,
                      quantile_shift, random_grid, sample_at)
 from .objectives import (confidence_focal_loss, cosine_to_prototypes, ema_update_, masks_to_pseudo_labels,
@@ -52,6 +53,7 @@ class LocalResult:
     state: dict[str, torch.Tensor]
     num_samples: int
     metrics: dict[str, float] = field(default_factory=dict)
+    release: Release | None = None  # how the sent centroids were released (fuss_components.disclosure)
 
 
 class LocalTrainer:
@@ -63,13 +65,15 @@ class LocalTrainer:
     model (MOON's negative; the kept head/centroids when the E/C switches are off).
     """
 
-    def __init__(self, feats: TrainFeatures, cfg: FussConfig, site: str, num_clusters: int):
+    def __init__(self, feats: TrainFeatures, cfg: FussConfig, site: str, num_clusters: int,
+                 policy: DisclosurePolicy | None = None):
         if feats.num_views < 2:
             raise ValueError(f"site {site!r} has {feats.num_views} training views; at least 2 are needed")
         self.feats = feats
         self.cfg = cfg
         self.site = site
         self.num_clusters = num_clusters
+        self.policy = policy or DisclosurePolicy()  # the site's: how its centroids leave (release_centroids)
         self.device = resolve_device(cfg.train.device)
         self.in_dim = feats.feats.shape[1]
         # on a GPU the whole cache goes to device memory once; on the CPU it stays float16 and batches convert
@@ -80,10 +84,7 @@ class LocalTrainer:
         self.mask_proposals: dict[int, torch.Tensor] = {}  # view index -> PriMaPs mask ids (h, w), on the CPU
 
     def steps_per_round(self) -> int:
-        fed = self.cfg.federation
-        if fed.local_steps is not None:
-            return fed.local_steps
-        return max(1, math.ceil(fed.local_epochs * self.feats.num_views / self.cfg.train.batch_size))
+        return local_steps(self.cfg, self.feats.num_images)
 
     def calibrate(self, num_queries: int = 32) -> Shifts:
         """Fixed shifts, or label-free quantile shifts from this site's own feature correlations."""
@@ -176,13 +177,32 @@ class LocalTrainer:
 
         if objective.refits_centroids and tc.centroids == "kmeans":
             self.refit_centroids(model, stable_seed(seed, "refit"))
+        release = self.release_centroids(model, global_state[CENTROIDS_KEY], stable_seed(seed, "release"))
         state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
         self.previous_state = state
         metrics = {k: v / steps for k, v in totals.items()}
         metrics.update(steps=float(steps), clusters_reseeded=float(objective.reseeded),
                        clusters_used=float(_clusters_used(model, self._pool, self.device)),
-                       seconds=time.perf_counter() - started)
-        return LocalResult(state, self.feats.num_images, metrics)
+                       centroids_replaced=float(len(release.replaced)), seconds=time.perf_counter() - started)
+        return LocalResult(state, self.feats.num_images, metrics, release)
+
+    @torch.no_grad()
+    def release_centroids(self, model: FussModel, received: torch.Tensor, seed: int) -> Release:
+        """Replace ``model.centroids`` by what may leave the site (``disclosure.release_centroids``), counted on
+        every position of a seeded sample of the site's views (at most ``policy.support_codes`` codes)."""
+        gen = torch.Generator().manual_seed(seed)
+        h, w = self.feats.feats.shape[-2:]
+        count = min(self.feats.num_views, max(1, math.ceil(self.policy.support_codes / (h * w))))
+        views = torch.randperm(self.feats.num_views, generator=gen)[:count]
+        # float64, so that which centroid a code chooses does not depend on the summation order of the machine's
+        # thread count (the FLARE sites and the in-process runner give the same result)
+        head = copy.deepcopy(model.head).double().eval()
+        codes = torch.cat([head(self._batch(chunk).double()).flatten(2).transpose(1, 2).flatten(0, 1)
+                           for chunk in views.split(64)])
+        image_ids = (views // VIEWS_PER_IMAGE).repeat_interleave(h * w).to(codes.device)
+        released, release = release_centroids(codes, image_ids, model.centroids, received, self.policy)
+        model.centroids.data.copy_(released)
+        return release
 
     @torch.no_grad()
     def refit_centroids(self, model: FussModel, seed: int) -> None:

@@ -43,7 +43,7 @@ TRAIN_METRICS = (
     "loss_focal", "pseudo_labelled",  # primaps
     "loss_ppap", "ppap_positives", "ppap_negatives",  # ppap
     "loss_fedprox", "loss_moon",  # with train.fedprox_mu > 0 / train.moon_weight > 0
-    "steps", "clusters_reseeded", "clusters_used", "seconds",  # LocalTrainer.train, every objective
+    "steps", "clusters_reseeded", "clusters_used", "centroids_replaced", "seconds",  # LocalTrainer.train
     "skipped_images",  # Site.train
     # Site.train: label-free criteria of the received global model (fuss_components.selection.METRICS)
     "selection_inertia", "selection_balance", "selection_agreement", "selection_correspondence",
@@ -262,7 +262,8 @@ def check_metrics(metrics, allowed: Iterable[str], bounds: SiteBounds = SiteBoun
 
     Rules: every metric a finite real number; ``miou``, ``pixel_acc``, ``pseudo_labelled``,
     ``selection_balance``, ``selection_agreement`` in [0, 1]; ``selection_inertia`` in [-1, 1];
-    ``is_training_site`` / ``is_validation_site`` 0 or 1; ``clusters_used`` a whole number in 0..num_clusters;
+    ``is_training_site`` / ``is_validation_site`` 0 or 1; ``clusters_used`` and ``centroids_replaced`` whole
+    numbers in 0..num_clusters;
     ``num_samples`` (site census) a whole number in 0..training_images; ``num_images`` in 0..validation_images;
     ``per_class_iou`` a list of exactly num_classes numbers, each in [0, 1] or NaN (a class absent from the site's
     validation images). A rule whose bound is unknown (None in ``bounds``) admits nothing."""
@@ -297,6 +298,7 @@ def _check_metric(name: str, value, bounds: SiteBounds):
     if name in _FLAGS and number not in (0.0, 1.0):
         return None, f"{_short_number(number)} is not 0 or 1"
     limits = {"clusters_used": (bounds.num_clusters, "clusters of the model"),
+              "centroids_replaced": (bounds.num_clusters, "clusters of the model"),
               "num_samples": (bounds.training_images, "the site's training images"),
               "num_images": (bounds.validation_images, "the site's validation images")}
     if name in limits:
@@ -407,10 +409,15 @@ class JobSchema:
     max_centroid_norm: float = DEFAULT_MAX_CENTROID_NORM
 
 
-def job_schema(cfg, site: str, limits: SiteLimits = SiteLimits()) -> JobSchema:
-    """The schema of the job ``cfg`` on the site named ``site`` under the site's ``limits``. Never raises: a site
-    whose data cannot be resolved gets unknown counts (``bounds_problem``), a model that cannot be derived or is
-    larger than ``limits.max_head_parameters`` lets no parameter leave (``shapes_problem``)."""
+def job_schema(cfg, site: str, limits: SiteLimits = SiteLimits(), policy=None) -> JobSchema:
+    """The schema of the job ``cfg`` on the site named ``site`` under the site's ``limits`` and disclosure
+    ``policy`` (``fuss_components.disclosure.DisclosurePolicy``; None: its defaults). Never raises: a site whose data
+    cannot be resolved gets unknown counts (``bounds_problem``), a model that cannot be derived, is larger than
+    ``limits.max_head_parameters`` or has more clusters or a wider head than the policy allows lets no parameter
+    leave (``shapes_problem``)."""
+    from .backbones import feature_dim
+    from .disclosure import DisclosurePolicy, model_problems
+
     try:
         site_name, bounds = site_bounds(cfg, site)
         bounds_problem = ""
@@ -425,9 +432,13 @@ def job_schema(cfg, site: str, limits: SiteLimits = SiteLimits()) -> JobSchema:
         shapes = expected_state_shapes(cfg, bounds.num_clusters)
         size = count_parameters(shapes)
         shapes_problem = ""
+        problems = model_problems(cfg, policy or DisclosurePolicy(), feature_dim(cfg.backbone),
+                                  shapes[CENTROIDS_KEY][0])
         if size > limits.max_head_parameters:
-            shapes, shapes_problem = None, (f"the job's model has {size} parameters, more than this site's "
-                                            f"max_head_parameters={limits.max_head_parameters}")
+            problems.insert(0, f"the job's model has {size} parameters, more than this site's "
+                               f"max_head_parameters={limits.max_head_parameters}")
+        if problems:
+            shapes, shapes_problem = None, "; ".join(problems)
     except Exception as err:
         shapes, shapes_problem = None, f"the job's model cannot be derived ({type(err).__name__}: {err})"
     return JobSchema(shapes, shapes_problem, bounds, bounds_problem, tuple({site, site_name} - {""}),

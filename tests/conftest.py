@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -14,6 +15,15 @@ import torch
 from PIL import Image
 
 from fuss_components.config import FussConfig
+
+# The test federations are far below a hospital's disclosure policy (fuss_components.disclosure: sites of 4-6 tiny
+# images with 20 patch codes each, real-data subsets of 6 frames, validation sites of 3-4 images). Every test, and
+# every process a test starts, therefore runs under this permissive site policy; the tests of the defaults
+# (test_disclosure.py, the hostile-job simulator test) pass a policy explicitly or remove the variable.
+TEST_POLICY = {"min_images": 1, "min_validation_images": 1, "min_support_codes": 1, "min_support_images": 1}
+_POLICY_FILE = Path(tempfile.mkdtemp(prefix="fuss_test_policy_")) / "fuss_policy.json"
+_POLICY_FILE.write_text(json.dumps(TEST_POLICY))
+os.environ["FUSS_SITE_POLICY"] = str(_POLICY_FILE)
 
 TINY_CLASSES = ["background", "red", "blue"]
 TINY_SITES = {"s1": 6, "s2": 5, "s3": 4}  # s3 is held out for validation in `tiny_partition`
@@ -150,3 +160,15 @@ def shared() -> Path:
     if path is None:
         pytest.skip("shared assets not found: set FUSS_SHARED to the folder holding data/ and weights/")
     return path
+
+
+@pytest.fixture
+def without_release(monkeypatch):
+    """The trainer's centroids as the objective left them, without the site's release rule (every sent centroid the
+    mean of its codes, fuss_components.disclosure; tested in test_disclosure.py): for tests of an objective's own
+    update of the prototypes."""
+    from fuss_components.disclosure import Release
+    from fuss_components.trainer import LocalTrainer
+
+    monkeypatch.setattr(LocalTrainer, "release_centroids", lambda self, model, received, seed: Release([], [], []))
+

@@ -739,10 +739,16 @@ def test_every_allowed_class_exists():
 def test_committed_simulator_workspace_policy_is_what_site_policy_writes(tmp_path):
     from fuss_flare.site_policy import CLASS_ALLOW_LIST, HOSPITAL_AUTHORIZATION, install, main as policy_main
 
+    local_ws = tmp_path / "ws" / "local"
+    assert install(tmp_path / "ws") == [local_ws / "resources.json", local_ws / "fuss_policy.json"]
+    for name in ("resources.json", "fuss_policy.json"):
+        assert (REPO / "simulator_workspace" / "local" / name).read_bytes() == (local_ws / name).read_bytes(), \
+            "regenerate with `python -m fuss_flare.site_policy simulator_workspace`"
     committed = REPO / "simulator_workspace" / "local" / "resources.json"
-    assert install(tmp_path / "ws") == [tmp_path / "ws" / "local" / "resources.json"]
-    assert committed.read_bytes() == (tmp_path / "ws" / "local" / "resources.json").read_bytes(), \
-        "regenerate with `python -m fuss_flare.site_policy simulator_workspace`"
+    # a site's own disclosure bounds survive a re-install
+    (local_ws / "fuss_policy.json").write_text(json.dumps({"max_clusters": 12}))
+    assert install(tmp_path / "ws") == [local_ws / "resources.json"]
+    assert _read_json(local_ws / "fuss_policy.json") == {"max_clusters": 12}
     assert _read_json(committed) == {"class_allow_list": CLASS_ALLOW_LIST, "class_list_enforcement_mode": "enforce"}
     # a provisioned kit: its own settings kept, custom code refused to every role, logs stay on the site
     local = tmp_path / "kit" / "local"

@@ -12,6 +12,7 @@ still run, and hostile peers without filters), a missing data root, and parity w
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -338,6 +339,67 @@ def test_missing_data_root_fails_naming_site_and_path(tmp_path, flare_cache):
     assert not (sim.app / "fuss_model.pt").exists()
 
 
+# the hostile job of the disclosure issue: allowed hyperparameters only, which made a site send copies of its codes
+HOSTILE_DISCLOSURE = {"train.num_clusters": 2000, "train.dim": 384, "train.dropout": 0.0,
+                      "train.reseed_dead_every": 1, "train.lr_head": 1e-9, "train.lr_centroids": 1e-9,
+                      "federation.local_steps": 1}
+
+
+def test_hostile_job_is_refused_by_the_sites_disclosure_policy(tiny_data_root, tmp_path):
+    """The job, submitted as a hostile lead would, to sites holding the default disclosure policy (the
+    ``local/fuss_policy.json`` that ``fuss_flare.site_policy`` installs; the test suite's permissive variable is
+    removed): every site refuses it at the census, before extracting anything, naming the bounds it breaks; no
+    model comes out."""
+    cfg = tiny_config(tiny_data_root, tmp_path / "cache", partition="site").with_overrides(HOSTILE_DISCLOSURE)
+    job = export_job(cfg, tmp_path, "tiny_hostile_disclosure", "--record-updates")
+    sim = simulate(job, tmp_path / "ws", env={"FUSS_SITE_POLICY": ""}, timeout=180)
+    logs = sim.all_logs()
+    assert sim.rc != 0 or not (sim.app / "fuss_model.pt").exists()
+    for site in ("s1", "s2"):
+        assert f"site '{site}' refuses the job" in logs, logs[-4000:]
+    assert "train.num_clusters=2000 exceeds the site's max_clusters=64" in logs
+    assert "answered site_info, fewer than" in logs  # the server stops the job at the census
+    assert not list((tmp_path / "cache").rglob("*.npy")) and not (sim.app / "received").exists()
+
+
+@pytest.mark.realdata
+def test_hostile_job_on_a_site_that_allows_its_clusters_sends_no_patch_code(shared, tmp_path):
+    """A camvid hospital (sequence 0006R0, 101 images) whose policy allows 2,000 clusters (and the widest head
+    it permits, D = D'/2 = 192) runs the hostile job for real in the simulator. What the server receives is
+    checked against every patch code of the site under the head sent with it: no centroid within cosine 0.99."""
+    from fuss_components.cache import FeatureCache
+    from fuss_components.datasets import open_dataset
+    from fuss_components.disclosure import DisclosurePolicy
+    from fuss_components.head import FussModel
+    from fuss_components.partition import Partition
+
+    ds = open_dataset("camvid", shared / "data")
+    Partition("camvid", "site", 0, 11, {"0006R0": ds.ids(site="0006R0")}, {}, {}).save(tmp_path / "partition.json")
+    cfg = FussConfig.from_dict({"partition": str(tmp_path / "partition.json")}).with_overrides(
+        {**HOSTILE_DISCLOSURE, "train.dim": 192, "federation.rounds": 1})
+    job = export_job(cfg, tmp_path, "camvid_hostile_disclosure", "--record-updates")
+    (tmp_path / "ws" / "local").mkdir(parents=True)
+    policy = DisclosurePolicy(max_clusters=2000, max_dim=192, min_images=1)
+    (tmp_path / "ws" / "local" / "fuss_policy.json").write_text(json.dumps(policy.to_dict()))
+    sim = simulate(job, tmp_path / "ws", env={"FUSS_SITE_POLICY": ""}, timeout=900)
+    assert sim.rc == 0, sim.log[-3000:]
+    (entry,) = sim.received(0).values()
+    state = entry["params"]
+    assert state["centroids"].shape == (2000, 192)
+    model = FussModel(384, 192, 2000, 0.0)
+    model.load_state_dict(state)
+    cache = FeatureCache(cfg, "camvid")
+    centroids = torch.nn.functional.normalize(state["centroids"], dim=1)
+    best = torch.full((2000,), -1.0)
+    with torch.no_grad():
+        for image_id in ds.ids(site="0006R0"):
+            views = torch.from_numpy(cache._load("train", image_id)).float()
+            codes = torch.nn.functional.normalize(model(views).flatten(2).transpose(1, 2).flatten(0, 1), dim=1)
+            best = torch.maximum(best, (centroids @ codes.T).max(dim=1).values)
+    assert float(best.max()) < 0.99, float(best.max())
+    assert "centroids sent as means of >= 50 patch codes" in sim.all_logs()
+
+
 @pytest.mark.slow
 def test_resume_from_checkpoint_continues_the_run(runs, tmp_path):
     """A 3-round job resumed from the 2-round k-means run's checkpoint runs only round 2 and ends where an
@@ -380,7 +442,14 @@ def test_real_camvid_simulator_matches_in_process_runner(shared, tmp_path):
     assert sim.rc == 0, sim.log[-3000:]
     flare_state, saved_cfg = load_model(sim.app / "fuss_model.pt")
     assert FussConfig.from_dict(saved_cfg).partition == cfg.partition
-    reference = run_federated(cfg, tmp_path / "inproc", progress=False)
+    # the reference with the thread count of each simulated site (its cores over the 4 sites): Adam turns the
+    # last-bit differences of another summation order into learning-rate-sized steps on near-zero gradients
+    threads = torch.get_num_threads()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // 4))
+    try:
+        reference = run_federated(cfg, tmp_path / "inproc", progress=False)
+    finally:
+        torch.set_num_threads(threads)
     local_state, _ = load_model(tmp_path / "inproc" / "model.pt")
     for key, value in local_state.items():
         torch.testing.assert_close(flare_state[key], value, rtol=1e-5, atol=1e-5, msg=key)

@@ -325,7 +325,7 @@ def test_fedprox_and_moon_combine_with_each_objective(tiny_cfg, objective):
     assert all(math.isfinite(v) for v in second.metrics.values())
 
 
-def test_primaps_momentum_prototypes_move_only_by_ema(tiny_cfg):
+def test_primaps_momentum_prototypes_move_only_by_ema(tiny_cfg, without_release):
     cfg = tiny_cfg.with_overrides({"train.objective": "primaps", "federation.local_steps": 3,
                                    "train.primaps.ema_every": 100})  # no EMA update within the round
     state = init_global_state(cfg)
@@ -344,7 +344,7 @@ def test_primaps_momentum_prototypes_move_only_by_ema(tiny_cfg):
     assert torch.equal(no_init.state["centroids"], state["centroids"])
 
 
-def test_smooseg_teacher_moves_slowly(tiny_cfg):
+def test_smooseg_teacher_moves_slowly(tiny_cfg, without_release):
     """The travelling centroids are the teacher: with EMA 0.998 over 4 steps it moves at most 1 - 0.998^4 of
     the way to wherever the student went; with EMA 0 it is the student itself and moves much further."""
     state = init_global_state(tiny_cfg)

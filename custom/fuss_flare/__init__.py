@@ -100,6 +100,16 @@ def load_site_config(fl_ctx, config_file: str = CONFIG_FILE):
     return cfg.with_overrides(overrides)
 
 
+def load_site_policy(fl_ctx):
+    """This site's disclosure policy (``fuss_components.disclosure.site_policy``): ``$FUSS_SITE_POLICY``, else
+    ``<this participant's workspace>/local/fuss_policy.json``, else the defaults. Never the job's."""
+    from fuss_components.disclosure import site_policy
+
+    engine = fl_ctx.get_engine() if fl_ctx is not None else None
+    workspace = engine.get_workspace() if engine is not None else None
+    return site_policy(workspace.get_site_config_dir() if workspace is not None else None)
+
+
 def to_torch_state(params) -> dict:
     """DXO data (torch tensors, or numpy arrays when a job exchanges numpy) -> ``dict[str, Tensor]``."""
     import numpy as np

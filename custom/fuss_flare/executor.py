@@ -25,6 +25,7 @@ from nvflare.apis.fl_context import FLContext
 from nvflare.apis.shareable import Shareable, make_reply
 from nvflare.apis.signal import Signal
 from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic_dxo
+from nvflare.apis.utils.fl_context_utils import add_job_audit_event
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
@@ -37,6 +38,7 @@ from fuss_flare import (
     TASK_TRAIN,
     TASK_VALIDATE,
     load_site_config,
+    load_site_policy,
     to_torch_state,
 )
 
@@ -63,13 +65,17 @@ class FussExecutor(Executor):
         if self._site is None:
             from fuss_components.site import Site
 
-            self._site = Site(load_site_config(fl_ctx, self.config_file), fl_ctx.get_identity_name())
+            self._site = Site(load_site_config(fl_ctx, self.config_file), fl_ctx.get_identity_name(),
+                              policy=load_site_policy(fl_ctx))
         return self._site
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:
+        from fuss_components.disclosure import DisclosureError
+
         name = fl_ctx.get_identity_name()
         try:
             site = self.site(fl_ctx)
+            site.check_policy()  # a job beyond the site's disclosure policy is refused before any work
             if task_name == TASK_SITE_INFO:
                 info = {"is_training_site": float(site.is_training_site),
                         "is_validation_site": float(site.is_validation_site),
@@ -88,11 +94,19 @@ class FussExecutor(Executor):
             if site.is_training_site and not abort_signal.triggered:
                 result = site.train(global_state, round_idx)
                 state, num_samples = result.state, int(result.num_samples)
+                if result.release is not None:
+                    msg = f"FussExecutor: round {round_idx}: {result.release.describe(site.policy)}"
+                    self.log_info(fl_ctx, msg)
+                    add_job_audit_event(fl_ctx=fl_ctx, msg=msg)
                 for key, value in result.metrics.items():
                     metrics[key] = float(value)
                     self._stream(f"train/{key}", value, round_idx, fl_ctx)
             meta = {META_NUM_SAMPLES: num_samples, META_SITE: name, MetaKey.INITIAL_METRICS: metrics}
             return DXO(DataKind.WEIGHTS, data=state, meta=meta).to_shareable()
+        except DisclosureError as err:  # the job asked for more than this site discloses: said once per task
+            self.log_error(fl_ctx, f"FUSS site {name}: task {task_name!r} refused: {err}")
+            add_job_audit_event(fl_ctx=fl_ctx, msg=f"FussExecutor: task {task_name} refused: {err}")
+            return make_reply(ReturnCode.EXECUTION_EXCEPTION)
         except Exception as err:  # the site's log has the traceback; the server gets an error code only
             self.log_exception(fl_ctx, f"FUSS site {name}: task {task_name!r} failed: {err}")
             return make_reply(ReturnCode.EXECUTION_EXCEPTION)

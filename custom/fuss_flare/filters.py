@@ -25,7 +25,7 @@ from nvflare.widgets.widget import Widget
 
 from fuss_components import privacy, wire
 from fuss_components.head import CENTROIDS_KEY
-from fuss_flare import CONFIG_FILE, TASK_SITE_INFO, TASK_TRAIN, TASK_VALIDATE, load_site_config
+from fuss_flare import CONFIG_FILE, TASK_SITE_INFO, TASK_TRAIN, TASK_VALIDATE, load_site_config, load_site_policy
 
 RESULT_KINDS = {TASK_TRAIN: DataKind.WEIGHTS, TASK_VALIDATE: DataKind.METRICS, TASK_SITE_INFO: DataKind.METRICS}
 
@@ -119,7 +119,7 @@ class FussResultFilter(Filter):
                 cfg = load_site_config(fl_ctx, self.config_file)
             except Exception as err:
                 raise _Refused(f"the job's FUSS configuration cannot be read ({type(err).__name__}: {err})") from None
-            schema = wire.job_schema(cfg, identity, self.limits)
+            schema = wire.job_schema(cfg, identity, self.limits, load_site_policy(fl_ctx))
             if schema.bounds_problem:
                 self.log_warning(fl_ctx, f"FussResultFilter: this site's image counts are unknown "
                                          f"({schema.bounds_problem}); counts leave only under "

@@ -60,9 +60,12 @@ HOSPITAL_AUTHORIZATION = {
 
 def install(participant: str | Path, byoc: bool = True) -> list[Path]:
     """Write the FUSS class allow list into ``<participant>/local/resources.json`` (keeping what the kit's
-    ``resources.json`` or ``resources.json.default`` already configures), and with ``byoc=False`` the
-    no-custom-code authorization policy into ``local/authorization.json`` and no streaming of the site's logs to
-    the server. Returns the files written."""
+    ``resources.json`` or ``resources.json.default`` already configures), the default disclosure policy into
+    ``local/fuss_policy.json`` unless the participant has one (``fuss_components.disclosure``: the site edits its
+    bounds there), and with ``byoc=False`` the no-custom-code authorization policy into
+    ``local/authorization.json`` and no streaming of the site's logs to the server. Returns the files written."""
+    from fuss_components.disclosure import POLICY_FILE, DisclosurePolicy
+
     local = Path(participant) / "local"
     local.mkdir(parents=True, exist_ok=True)
     target = local / "resources.json"
@@ -74,6 +77,10 @@ def install(participant: str | Path, byoc: bool = True) -> list[Path]:
         resources["allow_log_streaming"] = False  # site logs (tracebacks, paths) stay on the site
     target.write_text(json.dumps(resources, indent=2) + "\n")
     written = [target]
+    disclosure = local / POLICY_FILE
+    if not disclosure.is_file():  # the site's own bounds are never overwritten
+        disclosure.write_text(json.dumps(DisclosurePolicy().to_dict(), indent=2) + "\n")
+        written.append(disclosure)
     if not byoc:
         policy = local / "authorization.json"
         policy.write_text(json.dumps(HOSPITAL_AUTHORIZATION, indent=2) + "\n")
