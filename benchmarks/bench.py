@@ -23,7 +23,8 @@ import torch
 
 from benchmarks.paper import backbone_caveat, base_config, git_commit, run_command, simulate
 from fuss_components.backbones import load_backbone
-from fuss_components.cache import VIEWS_PER_IMAGE, FeatureCache
+from fuss_components.cache import FeatureCache
+from fuss_components.views import VIEWS_PER_IMAGE
 from fuss_components.config import FussConfig, parse_overrides
 from fuss_components.files import atomic_write_json
 from fuss_components.site import open_site_dataset, resolve_partition

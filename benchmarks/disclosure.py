@@ -186,7 +186,7 @@ def scalar_probe(base: FussConfig, site: Site, feats) -> dict:
         counts[steps] = len(trainer.train(init_global_state(cfg), 0).metrics) + len(CRITERIA)
     images = len({i // 5 for i in range(min(MAX_VIEWS, feats.num_views))})
     return {"probe": "scalars a round sends", "per_round_by_local_steps": counts,
-            "selection_positions_averaged": min(MAX_VIEWS, feats.num_views) * feats.feats.shape[-1] ** 2,
+            "selection_positions_averaged": min(MAX_VIEWS, feats.num_views) * feats.geometry[1] * feats.geometry[2],
             "note": f"each label-free criterion is one mean over the positions of {MAX_VIEWS} views (here of up to "
                     f"{images} images); analytics leave once a round per declared tag"}
 

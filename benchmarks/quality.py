@@ -74,14 +74,14 @@ def splits(cfg: FussConfig, ds) -> dict[str, list[str]]:
 
 
 @torch.no_grad()
-def sample_codes(model, feats: torch.Tensor, count: int, seed: int) -> torch.Tensor:
-    """``count`` random L2-normalised code vectors of the training views (head in eval mode)."""
+def sample_codes(model, feats, count: int, seed: int) -> torch.Tensor:
+    """``count`` random L2-normalised code vectors of the training views (``TrainFeatures``; head in eval mode)."""
     gen = torch.Generator().manual_seed(seed)
-    views = torch.randperm(len(feats), generator=gen)[:min(len(feats), 2000)]
+    views = torch.randperm(feats.num_views, generator=gen)[:min(feats.num_views, 2000)]
     out = []
     per_view = max(1, count // len(views))
     for chunk in views.split(64):
-        code = model(feats[chunk].float())
+        code = model(feats.views(chunk))
         code = code.permute(0, 2, 3, 1).reshape(len(chunk), -1, code.shape[1])
         pick = torch.randint(code.shape[1], (len(chunk), per_view), generator=gen)
         out.append(code.gather(1, pick[..., None].expand(-1, -1, code.shape[2])).reshape(-1, code.shape[2]))
@@ -247,12 +247,12 @@ def run(args) -> dict:
         steps = round(args.epochs * feats.num_views / cfg.train.batch_size)
         result = trainer.train(state, 0, steps=steps)
         train_metrics = result.metrics
-        fm = FussModel(feats.feats.shape[1], cfg.train.dim, k, cfg.train.dropout)
+        fm = FussModel(feats.geometry[0], cfg.train.dim, k, cfg.train.dropout)
         fm.load_state_dict(result.state)
         fm.eval()
         model = fm.head
     train_s = time.perf_counter() - t0
-    codes = sample_codes(model, feats.feats, 100_000, seed)
+    codes = sample_codes(model, feats, 100_000, seed)
     predictors = {"kmeans": kmeans_centroids(codes, k, seed), "over2x": kmeans_centroids(codes, 2 * k, seed)}
     if not args.raw:
         predictors["learned"] = F.normalize(fm.centroids.detach(), dim=1)

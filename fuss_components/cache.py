@@ -32,7 +32,6 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Iterable, Mapping, Sequence
@@ -48,51 +47,20 @@ from .datasets import DataError, SegmentationDataset
 from .files import atomic_write_bytes
 from .paths import cache_dir
 from .transforms import eval_view, five_crop_views
+from .views import VIEWS_PER_IMAGE, FileViews, MemoryViews, TrainFeatures, descriptors, knn_from_descriptors
 
 log = logging.getLogger(__name__)
 
 CACHE_FORMAT = 1
 KINDS = ("train", "eval", "mirror")
 WHOLE_IMAGE_KINDS = ("eval", "mirror")
-VIEWS_PER_IMAGE = 5
+KNN_FORMAT = 1  # version of the kNN definition (fuss_components.views), part of a kNN file's key
+STORAGE_MODES = ("memory", "stream")
 CHECKSUM_SUFFIX = ".sha256"  # sidecar: <image id>.npy.sha256 = {"sha256": hex, "size": bytes}
 
 
 class CacheError(RuntimeError):
     """A cache file cannot be read or written; the message names the path."""
-
-
-@dataclass
-class TrainFeatures:
-    """All training views of a set of images: ``feats`` (N_views, D', h, w) float16, five views per image."""
-
-    feats: torch.Tensor
-    view_image_ids: list[str]
-    knn: torch.Tensor  # (N_views, k) indices of each view's nearest views (cosine), self excluded
-
-    @property
-    def num_views(self) -> int:
-        return self.feats.shape[0]
-
-    @property
-    def num_images(self) -> int:
-        return self.num_views // VIEWS_PER_IMAGE
-
-
-def build_knn(feats: torch.Tensor, k: int, chunk: int = 2048) -> torch.Tensor:
-    """Top-k neighbours of every view by cosine of its mean-pooled features, excluding itself."""
-    desc = F.normalize(feats.float().mean(dim=(2, 3)), dim=1)
-    n = desc.shape[0]
-    k = min(k, n - 1)
-    if k < 1:
-        raise DataError(f"kNN needs at least 2 views, got {n}")
-    out = torch.empty(n, k, dtype=torch.long)
-    for start in range(0, n, chunk):
-        sim = desc[start:start + chunk] @ desc.T
-        rows = torch.arange(sim.shape[0])
-        sim[rows, rows + start] = -float("inf")
-        out[start:start + chunk] = sim.topk(k, dim=1).indices
-    return out
 
 
 class FeatureCache:
@@ -106,6 +74,12 @@ class FeatureCache:
         # ids left out as bad (data.on_bad_image = "skip"), per kind: {id: reason naming the file}
         self.skipped: dict[str, dict[str, str]] = {kind: {} for kind in KINDS}
         self._checked: dict[str, set[str]] = {kind: set() for kind in KINDS}  # ids whose files passed check()
+        # files whose sha256 matched in this process: path -> (size, mtime_ns); read again, they are not re-hashed
+        self._verified: dict[Path, tuple[int, int]] = {}
+        # evaluation features kept in memory after their first read (every round validates the same images)
+        self.memo_bytes = 1 << 30
+        self._memo: dict[tuple[str, str], torch.Tensor] = {}
+        self._memo_used = 0
 
     def key(self, kind: str) -> str:
         if kind == "train":
@@ -156,9 +130,11 @@ class FeatureCache:
             return f"shape {tuple(shape)}, expected ({', '.join(map(str, want))})"
         return None
 
-    def damage(self, kind: str, image_id: str) -> str | None:
+    def damage(self, kind: str, image_id: str, verify: bool = True) -> str | None:
         """Why the cached file of ``image_id`` cannot be trusted (``"missing"``, no or unreadable sidecar, size or
-        checksum mismatch, not a ``.npy`` file, wrong shape), or None when it is intact (see module doc)."""
+        checksum mismatch, not a ``.npy`` file, wrong shape), or None when it is intact (see module doc).
+        ``verify=False`` skips the sha256 (the file's one full read is then its load, which checks it); a file
+        verified before in this process is not hashed again."""
         path = self.path(kind, image_id)
         if not path.is_file():
             return "missing"
@@ -171,26 +147,36 @@ class FeatureCache:
         size = path.stat().st_size
         if size != expected["size"]:
             return f"size {size} bytes, expected {expected['size']}"
-        digest = _sha256_file(path)
-        if digest != expected["sha256"]:
-            return f"sha256 {digest[:12]}..., expected {expected['sha256'][:12]}..."
+        if verify and not self._is_verified(path):
+            digest = _sha256_file(path)
+            if digest != expected["sha256"]:
+                return f"sha256 {digest[:12]}..., expected {expected['sha256'][:12]}..."
+            self._mark_verified(path)
         try:
             shape = np.load(path, mmap_mode="r").shape  # reads the header only
         except (ValueError, OSError, EOFError) as err:
             return f"not a readable .npy file ({err})"
         return self.shape_problem(kind, shape)
 
-    def is_valid(self, kind: str, image_id: str) -> bool:
+    def _is_verified(self, path: Path) -> bool:
+        stat = path.stat()
+        return self._verified.get(path) == (stat.st_size, stat.st_mtime_ns)
+
+    def _mark_verified(self, path: Path) -> None:
+        stat = path.stat()
+        self._verified[path] = (stat.st_size, stat.st_mtime_ns)
+
+    def is_valid(self, kind: str, image_id: str, verify: bool = True) -> bool:
         """True when the file exists, its size and sha256 match its sidecar and its array has the expected shape
-        (truncated, corrupted, no sidecar, wrong shape: False)."""
-        reason = self.damage(kind, image_id)
+        (truncated, corrupted, no sidecar, wrong shape: False); ``verify``: see :meth:`damage`."""
+        reason = self.damage(kind, image_id, verify)
         if reason is not None and reason != "missing":
             log.warning("feature cache file %s is damaged (%s); it will be rebuilt", self.path(kind, image_id),
                         reason)
         return reason is None
 
-    def missing(self, kind: str, ids: Iterable[str]) -> list[str]:
-        return [i for i in ids if not self.is_valid(kind, i)]
+    def missing(self, kind: str, ids: Iterable[str], verify: bool = True) -> list[str]:
+        return [i for i in ids if not self.is_valid(kind, i, verify)]
 
     def check(self, dataset: SegmentationDataset, ids_by_kind: Mapping[str, Sequence[str]],
               desc: str = "") -> dict[str, dict[str, str]]:
@@ -221,25 +207,27 @@ class FeatureCache:
 
     def ensure(self, dataset: SegmentationDataset, ids: Sequence[str], kinds: Sequence[str] = ("train",),
                backbone: Backbone | None = None, device: str | torch.device = "cpu", batch_images: int = 4,
-               progress: bool = True, desc: str = "") -> dict[str, int]:
+               progress: bool = True, desc: str = "", verify: bool = True) -> dict[str, int]:
         """Extract the features of every id that is not cached yet; returns counts per kind (see
         :meth:`ensure_each`)."""
         return self.ensure_each(dataset, {kind: ids for kind in kinds}, backbone, device, batch_images, progress,
-                                desc)
+                                desc, verify)
 
     def ensure_each(self, dataset: SegmentationDataset, ids_by_kind: Mapping[str, Sequence[str]],
                     backbone: Backbone | None = None, device: str | torch.device = "cpu", batch_images: int = 4,
-                    progress: bool = True, desc: str = "") -> dict[str, int]:
+                    progress: bool = True, desc: str = "", verify: bool = True) -> dict[str, int]:
         """:meth:`check` every kind's ids, then extract the features of those not cached yet; returns the count
         extracted per kind.
 
         The backbone is only loaded when something is missing. Images this object already skipped as bad
-        (``data.on_bad_image = "skip"``) are not retried; a new process retries them once.
+        (``data.on_bad_image = "skip"``) are not retried; a new process retries them once. ``verify=False``:
+        files that exist with a matching sidecar, size and shape count as cached without their sha256, for a
+        caller whose load checks it (``load_train`` with ``rebuild``).
         """
         self.check(dataset, ids_by_kind, desc)
         counts = {}
         for kind, ids in ids_by_kind.items():
-            todo = self.missing(kind, self.usable(kind, ids))
+            todo = self.missing(kind, self.usable(kind, ids), verify)
             counts[kind] = len(todo)
             if not todo:
                 continue
@@ -340,24 +328,109 @@ class FeatureCache:
             sidecar.unlink(missing_ok=True)
             raise
 
-    def load_train(self, ids: Sequence[str], knn: int) -> TrainFeatures:
-        """Stack the cached training views of ``ids`` (all must be cached) and compute their kNN lists."""
-        arrays, view_ids = [], []
-        for image_id in ids:
-            arrays.append(self._load("train", image_id))
-            view_ids.extend([image_id] * VIEWS_PER_IMAGE)
-        if not arrays:
+    def load_train(self, ids: Sequence[str], knn: int, storage: str = "memory", device: str | torch.device = "cpu",
+                   rebuild=None, progress: bool = False) -> TrainFeatures:
+        """The cached training views of ``ids`` (all must be cached) and their kNN lists, each file read and
+        checksummed once.
+
+        ``storage``: ``"memory"`` fills one pool allocated up front (peak: the pool plus one file's arrays);
+        ``"stream"`` keeps nothing and reads batches from the files while training (``views.FileViews``). The kNN
+        lists are computed on ``device`` and cached beside the features (``knn-<key>.npy``, keyed by the ids, k and
+        the kNN definition), so a restarted process reads them. ``rebuild(bad_ids)``: called with the ids whose
+        files turn out damaged (each named in a warning and deleted first), so that they are re-extracted and read
+        again; without it a damaged file raises :class:`CacheError` naming it."""
+        if not ids:
             raise DataError("no training images to load")
-        feats = torch.from_numpy(np.concatenate(arrays))
-        return TrainFeatures(feats, view_ids, build_knn(feats, knn))
+        if storage not in STORAGE_MODES:
+            raise ValueError(f"storage must be one of {STORAGE_MODES}, got {storage!r}")
+        knn_path = self.knn_path(ids, knn)
+        neighbours = self._load_knn(knn_path, len(ids) * VIEWS_PER_IMAGE)
+        pool, desc, offsets = None, None, [0] * len(ids)
+
+        def read(i: int, image_id: str) -> None:
+            nonlocal pool, desc
+            array, offsets[i] = self._load_with_offset("train", image_id)
+            views = torch.from_numpy(array)
+            if pool is None and storage == "memory":
+                pool = MemoryViews.empty(len(ids) * VIEWS_PER_IMAGE, *array.shape[1:])
+            if pool is not None:
+                pool.tokens[i * VIEWS_PER_IMAGE:(i + 1) * VIEWS_PER_IMAGE] = views.permute(0, 2, 3, 1)
+            if neighbours is None:
+                if desc is None:
+                    # float32, V x D' x 4 bytes (1/(h w / 2) of the pool), only while the kNN is computed
+                    desc = torch.empty(len(ids) * VIEWS_PER_IMAGE, array.shape[1])
+                desc[i * VIEWS_PER_IMAGE:(i + 1) * VIEWS_PER_IMAGE] = descriptors(views)
+
+        damaged = []
+        for i, image_id in enumerate(tqdm(ids, desc="load train features", unit="img", disable=not progress)):
+            try:
+                read(i, image_id)
+            except CacheError as err:
+                if rebuild is None:
+                    raise
+                log.warning("%s; it is rebuilt", err)
+                path = self.path("train", image_id)
+                path.unlink(missing_ok=True)
+                self.checksum_path(path).unlink(missing_ok=True)
+                damaged.append((i, image_id))
+        if damaged:
+            rebuild([image_id for _, image_id in damaged])
+            for i, image_id in damaged:
+                read(i, image_id)
+        if neighbours is None:
+            neighbours = knn_from_descriptors(desc, knn, device)
+            self._save_knn(knn_path, neighbours)
+        view_ids = [image_id for image_id in ids for _ in range(VIEWS_PER_IMAGE)]
+        if storage == "memory":
+            return TrainFeatures(pool, view_ids, neighbours)
+        first = np.load(self.path("train", ids[0]), mmap_mode="r")
+        store = FileViews([self.path("train", i) for i in ids], offsets, *first.shape[1:])
+        return TrainFeatures(store, view_ids, neighbours)
+
+    def knn_path(self, ids: Sequence[str], k: int) -> Path:
+        """Where the kNN lists of the training views of ``ids`` are cached."""
+        blob = json.dumps({"format": KNN_FORMAT, "k": k, "ids": list(ids)})
+        return self.dir("train") / f"knn-{hashlib.sha256(blob.encode()).hexdigest()[:16]}.npy"
+
+    def _load_knn(self, path: Path, num_views: int) -> torch.Tensor | None:
+        expected = _read_checksum(self.checksum_path(path))
+        if not path.is_file() or not expected:
+            return None
+        data = path.read_bytes()
+        if len(data) != expected["size"] or hashlib.sha256(data).hexdigest() != expected["sha256"]:
+            log.warning("kNN cache %s is damaged; it is recomputed", path)
+            return None
+        array = np.load(io.BytesIO(data))
+        if array.ndim != 2 or array.shape[0] != num_views:
+            return None
+        return torch.from_numpy(array.astype(np.int64))
+
+    def _save_knn(self, path: Path, neighbours: torch.Tensor) -> None:
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._save(path, neighbours.numpy().astype(np.int32))
+        except CacheError as err:  # a cache that cannot be written costs a recomputation, not the run
+            log.warning("kNN lists not cached: %s", err)
 
     def load_eval(self, image_id: str) -> torch.Tensor:
         """Cached whole-image features ``(D', h, w)`` float16 of one image."""
-        return torch.from_numpy(self._load("eval", image_id))
+        return self._load_whole("eval", image_id)
 
     def load_mirror(self, image_id: str) -> torch.Tensor:
         """Cached features of the mirrored whole image, mirrored back: ``(D', h, w)`` float16."""
-        return torch.from_numpy(self._load("mirror", image_id))
+        return self._load_whole("mirror", image_id)
+
+    def _load_whole(self, kind: str, image_id: str) -> torch.Tensor:
+        """An evaluation array, kept in memory (up to :attr:`memo_bytes` in all) after its first read: every
+        round validates the same images."""
+        key = (kind, image_id)
+        if key in self._memo:
+            return self._memo[key]
+        value = torch.from_numpy(self._load(kind, image_id))
+        if self._memo_used + value.nbytes <= self.memo_bytes:
+            self._memo[key] = value
+            self._memo_used += value.nbytes
+        return value
 
     @property
     def eval_kinds(self) -> tuple[str, ...]:
@@ -365,7 +438,12 @@ class FeatureCache:
         return WHOLE_IMAGE_KINDS if self.cfg.data.eval_flip else ("eval",)
 
     def _load(self, kind: str, image_id: str) -> np.ndarray:
-        """The array of a cache file, after checking it against its sidecar (size and sha256) and its shape."""
+        """The array of a cache file, after checking it against its sidecar (size and sha256, once per process)
+        and its shape."""
+        return self._load_with_offset(kind, image_id)[0]
+
+    def _load_with_offset(self, kind: str, image_id: str) -> tuple[np.ndarray, int]:
+        """:meth:`_load`, and the byte offset of the array's data in the file."""
         path = self.path(kind, image_id)
         hint = "re-extract it: rerun `fuss extract` (or the job), which rebuilds it"
         try:
@@ -381,8 +459,10 @@ class FeatureCache:
         if len(data) != expected["size"]:
             raise CacheError(f"cached features {path} have {len(data)} bytes, their checksum file says "
                              f"{expected['size']} (truncated or replaced); {hint}")
-        if hashlib.sha256(data).hexdigest() != expected["sha256"]:
-            raise CacheError(f"cached features {path} do not match their sha256 (corrupted); {hint}")
+        if not self._is_verified(path):
+            if hashlib.sha256(data).hexdigest() != expected["sha256"]:
+                raise CacheError(f"cached features {path} do not match their sha256 (corrupted); {hint}")
+            self._mark_verified(path)
         try:
             array = np.load(io.BytesIO(data))
         except (OSError, ValueError, EOFError) as err:
@@ -390,7 +470,7 @@ class FeatureCache:
         problem = self.shape_problem(kind, array.shape)
         if problem is not None:
             raise CacheError(f"cached features {path} have {problem} (not what this cache's key implies); {hint}")
-        return array
+        return array, len(data) - array.nbytes  # a .npy file's data follow its header
 
 
 def _checksum_blob(data: bytes) -> bytes:

@@ -112,6 +112,8 @@ class LossConfig:
 
 
 OBJECTIVES = ("stego", "smooseg", "primaps", "ppap")
+PRECISIONS = ("float32", "bfloat16", "auto")
+FEATURE_STORAGE = ("auto", "memory", "stream")
 CENTROID_MODES = ("learned", "kmeans")
 
 
@@ -236,6 +238,16 @@ class TrainConfig:
     moon_tau: float = 0.5  # FedMoon temperature
     seed: int = 0  # seed of a site's local draws (batches, grids, calibration), combined with its name and round
     device: str = "auto"  # "auto" = cuda when present, else cpu
+    # Where a site's training views live while it trains: "memory" (one pool, allocated once), "stream" (read a
+    # batch at a time from the cache files, a thread ahead; memory stays at a few batches for any site size), or
+    # "auto": memory when the pool (1.2 x its size at load) fits train.memory_budget_gb, else stream. Both give the
+    # same result.
+    feature_storage: str = "auto"
+    memory_budget_gb: float | None = None  # what training may hold; None: half of the machine's memory
+    # Precision of the head's matrix products in training: "float32", "bfloat16", or "auto" = bfloat16 where the
+    # device computes it natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX), else float32. Losses,
+    # optimiser state and the model that travels stay float32.
+    precision: str = "float32"
     smooseg: SmoosegConfig = field(default_factory=SmoosegConfig)
     primaps: PrimapsConfig = field(default_factory=PrimapsConfig)
     ppap: PpapConfig = field(default_factory=PpapConfig)
@@ -263,6 +275,12 @@ class TrainConfig:
             raise ConfigError("train.moon_tau must be > 0")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError("train.dropout must be in [0, 1)")
+        if self.feature_storage not in FEATURE_STORAGE:
+            raise ConfigError(f"train.feature_storage must be one of {FEATURE_STORAGE}, got {self.feature_storage!r}")
+        if self.memory_budget_gb is not None and not self.memory_budget_gb > 0:
+            raise ConfigError("train.memory_budget_gb must be > 0 (or null: half of the machine's memory)")
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"train.precision must be one of {PRECISIONS}, got {self.precision!r}")
 
 
 AGGREGATORS = ("fedavg", "fedcc-kmeans", "fedcc-maximin")

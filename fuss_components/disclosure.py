@@ -33,7 +33,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from .cache import VIEWS_PER_IMAGE
+from .views import VIEWS_PER_IMAGE
 
 POLICY_ENV = "FUSS_SITE_POLICY"
 POLICY_FILE = "fuss_policy.json"  # in a FLARE participant's local/ folder

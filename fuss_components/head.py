@@ -24,6 +24,27 @@ class ProjectionHead(nn.Module):
         feats = self.dropout(feats)
         return self.linear(feats) + self.nonlinear(feats)
 
+    def project(self, tokens: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+        """The head on feature vectors ``(..., D')`` -> codes ``(..., D)``: the 1 x 1 convolutions as matrix
+        products on token rows, what training computes. ``scale``: the
+        input dropout's mask (broadcast to ``tokens``); None applies none (the caller draws it per view, as
+        Dropout2d does per map)."""
+        if scale is not None:
+            tokens = torch.mul(tokens, scale)
+        first, last = self.nonlinear[0], self.nonlinear[2]
+        hidden = F.relu(F.linear(tokens, first.weight.flatten(1), first.bias))
+        return F.linear(tokens, self.linear.weight.flatten(1), self.linear.bias) + \
+            F.linear(hidden, last.weight.flatten(1), last.bias)
+
+    def dropout_scale(self, views: int, device: torch.device | str) -> torch.Tensor | None:
+        """Dropout2d's mask for ``views`` feature maps, ``(views, D')`` (scaled by 1 / (1 - p)): one draw per map
+        and channel; None in eval mode or with p = 0."""
+        p = self.dropout.p
+        if not self.training or p == 0:
+            return None
+        keep = torch.empty(views, self.linear.in_channels, device=device).bernoulli_(1 - p)
+        return keep.div_(1 - p)
+
 
 class FussModel(nn.Module):
     """Head plus centroids ``(C, D)``; its ``state_dict`` (``head.*`` and ``centroids``) is what travels."""

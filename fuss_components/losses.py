@@ -40,6 +40,53 @@ def correspondence_term(f1: torch.Tensor, f2: torch.Tensor, c1: torch.Tensor, c2
     return -(cd.clamp(min=0) * (fd - shift)).mean()
 
 
+# ------------------------------------------------------------------ the same terms on sampled points of token maps
+# Training keeps every view as a token map ``(h, w, D')``. The loss only reads the codes at the 11 x 11 sampled
+# points, and bilinear sampling reads at most four tokens per point; the head acts on each token alone (1 x 1
+# convolutions, ReLU per token), so the code at a point is exactly the bilinear mix of the four tokens' codes:
+# the head need not run on the tokens no point reads (``bilinear_corners``, ``gather_points``).
+
+
+def bilinear_corners(coords: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """For ``coords`` ``(N, g, g, 2)`` in [-1, 1] (``grid_sample``'s x, y with ``align_corners=True``): the flat
+    index ``y * w + x`` of the four tokens each point reads, ``(N, g*g, 4)``, and their bilinear weights."""
+    x = (coords[..., 0].flatten(1) + 1) / 2 * (w - 1)
+    y = (coords[..., 1].flatten(1) + 1) / 2 * (h - 1)
+    x0, y0 = x.floor().clamp(0, w - 1), y.floor().clamp(0, h - 1)
+    ax, ay = x - x0, y - y0
+    x0, y0 = x0.long(), y0.long()
+    x1, y1 = (x0 + 1).clamp(max=w - 1), (y0 + 1).clamp(max=h - 1)
+    index = torch.stack([y0 * w + x0, y0 * w + x1, y1 * w + x0, y1 * w + x1], dim=-1)
+    weight = torch.stack([(1 - ax) * (1 - ay), ax * (1 - ay), (1 - ax) * ay, ax * ay], dim=-1)
+    return index, weight
+
+
+def gather_points(values: torch.Tensor, index: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    """Bilinear samples ``(N, P, C)`` of the rows of ``values`` ``(M, C)`` that ``index`` ``(N, P, 4)`` names, with
+    ``weight`` ``(N, P, 4)``: one weighted bag of four rows per point (no ``(N, P, 4, C)`` intermediate)."""
+    n, p, corners = index.shape
+    out = F.embedding_bag(index.reshape(-1, corners), values,
+                          per_sample_weights=weight.reshape(-1, corners).to(values.dtype), mode="sum")
+    return out.view(n, p, values.shape[1])
+
+
+def point_correlation(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine correlation of every point of ``a`` ``(B, P, C)`` with every point of ``b`` ``(B, Q, C)``:
+    ``(B, P, Q)`` (:func:`correlation` on sampled points)."""
+    return F.normalize(a, dim=-1, eps=1e-10) @ F.normalize(b, dim=-1, eps=1e-10).transpose(1, 2)
+
+
+def point_correspondence_term(fd: torch.Tensor, cd: torch.Tensor, shift: float) -> torch.Tensor:
+    """:func:`correspondence_term` from a centered feature correlation ``fd`` and a code correlation ``cd`` of the
+    same shape."""
+    return -(cd.clamp(min=0) * (fd - shift)).mean()
+
+
+def center_points(fd: torch.Tensor, pointwise: bool = True) -> torch.Tensor:
+    """STEGO's pointwise centering of a feature correlation ``(..., P, Q)`` over its last (second image's) axis."""
+    return fd - fd.mean(dim=-1, keepdim=True) + fd.mean() if pointwise else fd
+
+
 def centroid_loss(code: torch.Tensor, centroids: torch.Tensor, inter_weight: float = 0.0
                   ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Eq. 5 on detached, L2-normalised codes ``(B, D, h, w)`` and centroids ``(C, D)``.

@@ -240,11 +240,22 @@ def run_raw_kmeans(cfg: FussConfig, out_dir: str | Path, crf: bool = False, max_
     run.check_data()
     site = run.train_sites[0]
     site.cache.ensure(run.dataset, site.train_ids, ["train"], device=site.device, progress=progress, desc=site.name)
-    feats = site.cache.load_train(site.cache.usable("train", site.train_ids), cfg.train.knn).feats
-    vectors = F.normalize(feats.float().permute(0, 2, 3, 1).reshape(-1, feats.shape[1]), dim=1)
+    feats = site.cache.load_train(site.cache.usable("train", site.train_ids), cfg.train.knn)
+    dim, h, w = feats.geometry
+    total = feats.num_views * h * w  # every token of every view, in (view, y, x) order
     rng = np.random.default_rng(stable_seed(cfg.federation.seed, "raw-kmeans"))
-    if len(vectors) > max_vectors:
-        vectors = vectors[rng.choice(len(vectors), max_vectors, replace=False)]
+    pick = torch.from_numpy(rng.choice(total, max_vectors, replace=False)) if total > max_vectors else None
+    vectors = torch.empty(total if pick is None else len(pick), dim)  # the sampled tokens, in the order drawn
+    offset = 0
+    for views in feats.chunks(torch.arange(feats.num_views), 256):
+        tokens = views.permute(0, 2, 3, 1).reshape(-1, dim)  # the chunk's tokens: rows offset ... offset + len
+        if pick is None:
+            vectors[offset:offset + len(tokens)] = tokens
+        else:
+            inside = (pick >= offset) & (pick < offset + len(tokens))
+            vectors[inside] = tokens[pick[inside] - offset]
+        offset += len(tokens)
+    vectors = F.normalize(vectors, dim=1)
     started = time.perf_counter()
     centres = fit_kmeans(vectors.numpy(), run.num_clusters, 3, cfg.federation.seed, progress)
     model = RawKMeans(torch.from_numpy(centres).float())

@@ -119,7 +119,7 @@ class SelectionProbe:
         self._previous: tuple[int, torch.Tensor] | None = None  # (round, assignments) of the last model measured
 
     def _features(self, views: torch.Tensor) -> torch.Tensor:
-        return self.trainer.feats.feats[views].float().to(self.trainer.device)
+        return self.trainer.feats.views(views, self.trainer.device)
 
     @torch.no_grad()
     def measure(self, state: Mapping[str, torch.Tensor], round_idx: int) -> dict[str, float]:

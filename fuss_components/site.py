@@ -34,6 +34,7 @@ from .partition import Partition, partition_sites, preset_partition
 from .paths import data_root
 from .selection import SelectionProbe, as_metrics
 from .trainer import LocalResult, LocalTrainer, resolve_device, stable_seed
+from .views import VIEWS_PER_IMAGE, choose_storage, memory_budget, pool_bytes
 
 log = logging.getLogger(__name__)
 
@@ -197,14 +198,30 @@ class Site:
             if not self.train_ids:
                 raise DataError(f"site {self.name!r} has no training images in the partition")
             self.check_policy()
-            self.cache.ensure(self.dataset, self.train_ids, ["train"], device=self.device, desc=self.name)
+            # files present count as cached here: their one full read is the load below, which checks their sha256
+            self.cache.ensure(self.dataset, self.train_ids, ["train"], device=self.device, desc=self.name,
+                              verify=False)
             ids = self.cache.usable("train", self.train_ids)
             if len(ids) < len(self.train_ids):
                 log.warning("site %s: %d of %d training images skipped: %s", self.name,
                             len(self.train_ids) - len(ids), len(self.train_ids), sorted(self.cache.skipped["train"]))
             if not ids:
                 raise DataError(f"site {self.name!r}: none of its {len(self.train_ids)} training images is usable")
-            feats = self.cache.load_train(ids, self.cfg.train.knn)
+            _, dim, h, w = self.cache.expected_shape("train")
+            tc = self.cfg.train
+            budget = memory_budget(tc.memory_budget_gb)
+            storage = choose_storage(tc.feature_storage, len(ids) * VIEWS_PER_IMAGE, dim, h, w, tc.batch_size,
+                                     tc.num_random, budget, self.name)
+            if storage == "stream":
+                self.cache.memo_bytes = 0  # evaluation features are read per round, not kept
+                log.info("site %s: %d training views (%.2f GB) exceed what the memory budget of %.2f GB holds: "
+                         "streamed from the cache files", self.name, len(ids) * VIEWS_PER_IMAGE,
+                         pool_bytes(len(ids) * VIEWS_PER_IMAGE, dim, h, w) / (1 << 30), budget / (1 << 30))
+
+            def rebuild(bad: list[str]) -> None:  # files found damaged while loading: re-extracted, named
+                self.cache.ensure(self.dataset, bad, ["train"], device=self.device, desc=self.name)
+
+            feats = self.cache.load_train(ids, tc.knn, storage, self.device, rebuild)
             self._trainer = LocalTrainer(feats, self.cfg, self.name, self.num_clusters, self.policy)
         return self._trainer
 

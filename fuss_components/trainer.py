@@ -10,28 +10,58 @@ import logging
 import math
 import time
 import zlib
+from contextlib import nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 
 import torch
+import torch.nn.functional as F
 
-from .cache import VIEWS_PER_IMAGE, TrainFeatures
 from .config import FussConfig
 from .disclosure import DisclosurePolicy, Release, local_steps, release_centroids
 from .head import CENTROIDS_KEY, FussModel
-from .losses import (centered_feature_correlation, centroid_loss, correspondence_term, fedprox_term, moon_term,
-                     quantile_shift, random_grid, sample_at)
+from .losses import (bilinear_corners, center_points, centered_feature_correlation, centroid_loss, fedprox_term,
+                     gather_points, moon_term, point_correspondence_term, quantile_shift,
+                     random_grid, sample_at)
+from .views import VIEWS_PER_IMAGE, Prefetcher, TrainFeatures, ViewRows
 from .objectives import (confidence_focal_loss, cosine_to_prototypes, ema_update_, masks_to_pseudo_labels,
                          principal_mask_proposals, proxy_anchor_contrastive_loss, proxy_anchor_partition,
                          smoothness_term, soft_assignment, spherical_kmeans, student_prototype_loss)
 
 log = logging.getLogger(__name__)
 
+ROW_BLOCK = 512  # partner token rows are padded to a multiple of this (see _StegoStep.head_loss)
+
 
 def resolve_device(name: str) -> torch.device:
-    """``auto`` -> the GPU when one is present, else the CPU."""
+    """``auto`` -> the GPU when one is present (the first one this process sees: FLARE and the simulator give
+    each site its own through ``CUDA_VISIBLE_DEVICES``), else the CPU."""
     if name == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(name)
+
+
+@lru_cache(maxsize=1)
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 matrices natively (AVX512-BF16 or AMX)."""
+    try:
+        with open("/proc/cpuinfo") as handle:
+            flags = next((line for line in handle if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def resolve_precision(name: str, device: torch.device) -> torch.dtype:
+    """``train.precision`` -> the dtype of the head's matrix products in training: ``auto`` = bfloat16 where the
+    device computes it natively (CUDA with bf16, CPUs with AVX512-BF16 / AMX), else float32."""
+    if name == "float32":
+        return torch.float32
+    if name == "bfloat16":
+        return torch.bfloat16
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float32
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
 def stable_seed(*parts: object) -> int:
@@ -56,6 +86,19 @@ class LocalResult:
     release: Release | None = None  # how the sent centroids were released (fuss_components.disclosure)
 
 
+@dataclass
+class StepBatch:
+    """What one training step read: the query views ``q`` as float32 tokens ``(B, h, w, D')``, their codes
+    ``(B, h, w, D)``, the queries' dropout mask ``(B, D')`` (None without dropout), and the tokens of the
+    objective's partner views (None when it has none)."""
+
+    q: torch.Tensor
+    tokens_q: torch.Tensor
+    code_tokens: torch.Tensor
+    scale: torch.Tensor | None
+    partners: ViewRows | None
+
+
 class LocalTrainer:
     """Runs local steps of FUSS on one site's :class:`TrainFeatures`, with the client objective
     ``train.objective`` (one step class per objective, see :data:`OBJECTIVE_STEPS`).
@@ -69,15 +112,17 @@ class LocalTrainer:
                  policy: DisclosurePolicy | None = None):
         if feats.num_views < 2:
             raise ValueError(f"site {site!r} has {feats.num_views} training views; at least 2 are needed")
-        self.feats = feats
         self.cfg = cfg
         self.site = site
         self.num_clusters = num_clusters
         self.policy = policy or DisclosurePolicy()  # the site's: how its centroids leave (release_centroids)
         self.device = resolve_device(cfg.train.device)
-        self.in_dim = feats.feats.shape[1]
-        # on a GPU the whole cache goes to device memory once; on the CPU it stays float16 and batches convert
-        self._pool = feats.feats.to(self.device)
+        self.precision = resolve_precision(cfg.train.precision, self.device)
+        self.in_dim, self.h, self.w = feats.geometry
+        if self.device.type == "cuda" and not feats.streamed and _fits_on_device(feats.nbytes, self.device):
+            # a device-side copy of the views when it fits half the free GPU memory; else batches are copied
+            feats = TrainFeatures(feats.store.to(self.device), feats.view_image_ids, feats.knn)
+        self.feats = feats
         self._knn = feats.knn
         self.shifts: Shifts | None = None
         self.previous_state: dict[str, torch.Tensor] | None = None
@@ -85,6 +130,23 @@ class LocalTrainer:
 
     def steps_per_round(self) -> int:
         return local_steps(self.cfg, self.feats.num_images)
+
+    def plan(self, objective, steps: int, seed: int) -> list[list[torch.Tensor]]:
+        """The views every step of a round reads, drawn before the round (so a streamed store can read them
+        ahead): per step ``[queries]``, or ``[queries, partners]`` with the objective's partner views (stego: the
+        kNN views, then the random views). Local
+        epochs: the queries walk a seeded permutation of the views, a new one each epoch."""
+        gen = torch.Generator().manual_seed(seed)
+        n, b = self.feats.num_views, self.cfg.train.batch_size
+        order, cursor, plan = torch.randperm(n, generator=gen), 0, []
+        for _ in range(steps):
+            if cursor + b > n:  # next local epoch
+                order, cursor = torch.randperm(n, generator=gen), 0
+            q = order[cursor:cursor + b]
+            cursor += b
+            partners = objective.partners(q, gen)
+            plan.append([q, torch.cat(partners)] if partners else [q])
+        return plan
 
     def calibrate(self, num_queries: int = 32) -> Shifts:
         """Fixed shifts, or label-free quantile shifts from this site's own feature correlations."""
@@ -111,7 +173,19 @@ class LocalTrainer:
         return shifts
 
     def _batch(self, index: torch.Tensor) -> torch.Tensor:
-        return self._pool[index.to(self._pool.device)].float()
+        """Views ``index`` as float32 feature maps ``(B, D', h, w)`` on the training device."""
+        return self.feats.views(index, self.device)
+
+    def autocast(self):
+        """The precision of the head's matrix products (``train.precision``)."""
+        if self.precision == torch.float32:
+            return nullcontext()
+        return torch.autocast(self.device.type, dtype=self.precision)
+
+    def project(self, model: FussModel, tokens: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
+        """The head's codes (float32) of feature vectors ``(..., D')`` with dropout ``scale`` (``(..., D')``)."""
+        with self.autocast():
+            return model.head.project(tokens, scale).float()
 
     def train(self, global_state: dict[str, torch.Tensor], round_idx: int, steps: int | None = None) -> LocalResult:
         """Start from the global model (or this site's own head/centroids when E/C are off), run the local
@@ -147,19 +221,24 @@ class LocalTrainer:
             previous_head = copy.deepcopy(global_head)
             previous_head.load_state_dict({k[5:]: v for k, v in self.previous_state.items() if k.startswith("head.")})
 
-        n, b = self.feats.num_views, tc.batch_size
-        order = torch.randperm(n, generator=gen)
-        cursor = 0
-        totals: dict[str, float] = {}
+        plan = self.plan(objective, steps, stable_seed(seed, "views"))
+        totals: dict[str, torch.Tensor] = {}
         started = time.perf_counter()
-        for step in range(steps):
-            if cursor + b > n:  # next local epoch
-                order, cursor = torch.randperm(n, generator=gen), 0
-            q = order[cursor:cursor + b]
-            cursor += b
-            feats_q = self._batch(q)
-            code_q = model(feats_q)
-            loss, terms = objective.head_loss(model, q, feats_q, code_q, gen)
+        # streamed views are read ahead on a thread, whole; from memory only the queries are copied, the partners'
+        # tokens are read where they are
+        streamed = self.feats.streamed
+        reads = plan if streamed else [item[:1] for item in plan]
+        for step, (item, batch) in enumerate(zip(plan, Prefetcher(self.feats.store, reads, 2 if streamed else 0))):
+            q = item[0]
+            tokens_q = batch[0].to(self.device, non_blocking=True).float()  # (B, h, w, D')
+            scale = model.head.dropout_scale(len(q), self.device)
+            code_tokens = self.project(model, tokens_q, None if scale is None else scale[:, None, None, :])
+            feats_q, code_q = tokens_q.permute(0, 3, 1, 2), code_tokens.permute(0, 3, 1, 2)
+            partners = None
+            if len(item) > 1:
+                partners = ViewRows(self.feats.store, item[1], batch[1] if streamed else None)
+            step_batch = StepBatch(q, tokens_q, code_tokens, scale, partners)
+            loss, terms = objective.head_loss(model, q, feats_q, code_q, gen, step_batch)
             if tc.fedprox_mu > 0:
                 terms["loss_fedprox"] = fedprox_term(model.head, global_params, tc.fedprox_mu)
                 loss = loss + terms["loss_fedprox"]
@@ -172,17 +251,18 @@ class LocalTrainer:
             loss.backward()
             opt_head.step()
             terms.update(objective.update_prototypes(model, code_q, step))
-            for key, value in terms.items():
-                totals[key] = totals.get(key, 0.0) + float(value.detach())
+            for key, value in terms.items():  # summed on the device: no host sync per step
+                value = value.detach()
+                totals[key] = totals[key] + value if key in totals else value
 
         if objective.refits_centroids and tc.centroids == "kmeans":
             self.refit_centroids(model, stable_seed(seed, "refit"))
         release = self.release_centroids(model, global_state[CENTROIDS_KEY], stable_seed(seed, "release"))
         state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
         self.previous_state = state
-        metrics = {k: v / steps for k, v in totals.items()}
+        metrics = {k: float(v) / steps for k, v in totals.items()}
         metrics.update(steps=float(steps), clusters_reseeded=float(objective.reseeded),
-                       clusters_used=float(_clusters_used(model, self._pool, self.device)),
+                       clusters_used=float(self.clusters_used(model)),
                        centroids_replaced=float(len(release.replaced)), seconds=time.perf_counter() - started)
         return LocalResult(state, self.feats.num_images, metrics, release)
 
@@ -191,14 +271,14 @@ class LocalTrainer:
         """Replace ``model.centroids`` by what may leave the site (``disclosure.release_centroids``), counted on
         every position of a seeded sample of the site's views (at most ``policy.support_codes`` codes)."""
         gen = torch.Generator().manual_seed(seed)
-        h, w = self.feats.feats.shape[-2:]
+        h, w = self.h, self.w
         count = min(self.feats.num_views, max(1, math.ceil(self.policy.support_codes / (h * w))))
         views = torch.randperm(self.feats.num_views, generator=gen)[:count]
         # float64, so that which centroid a code chooses does not depend on the summation order of the machine's
         # thread count (the FLARE sites and the in-process runner give the same result)
         head = copy.deepcopy(model.head).double().eval()
-        codes = torch.cat([head(self._batch(chunk).double()).flatten(2).transpose(1, 2).flatten(0, 1)
-                           for chunk in views.split(64)])
+        codes = torch.cat([head.project(feats.permute(0, 2, 3, 1).double()).flatten(0, 2)
+                           for feats in self.feats.chunks(views, 64, self.device)])
         image_ids = (views // VIEWS_PER_IMAGE).repeat_interleave(h * w).to(codes.device)
         released, release = release_centroids(codes, image_ids, model.centroids, received, self.policy)
         model.centroids.data.copy_(released)
@@ -211,24 +291,36 @@ class LocalTrainer:
         gen = torch.Generator().manual_seed(seed)
         model.eval()
         views = torch.randperm(self.feats.num_views, generator=gen)
-        h, w = self.feats.feats.shape[-2:]
+        h, w = self.h, self.w
         per_view = max(1, min(h * w, math.ceil(tc.centroid_refit_points / len(views))))
         codes = []
-        for chunk in views.split(64):
-            code = model(self._batch(chunk)).flatten(2).transpose(1, 2)  # (B, h*w, D)
+        for feats in self.feats.chunks(views, 64, self.device):
+            code = model(feats).flatten(2).transpose(1, 2)  # (B, h*w, D)
             pick = torch.rand(code.shape[:2], generator=gen).argsort(dim=1)[:, :per_view].to(code.device)
             codes.append(code.gather(1, pick[..., None].expand(-1, -1, code.shape[2])).flatten(0, 1))
         model.centroids.data.copy_(spherical_kmeans(torch.cat(codes), model.centroids, tc.centroid_refit_iters))
         model.train()
 
-    def mask_proposals_of(self, views: torch.Tensor) -> torch.Tensor:
-        """PriMaPs mask ids ``(B, h, w)`` of ``views``, computed once per view from the cached features."""
+    def mask_proposals_of(self, views: torch.Tensor, feats: torch.Tensor) -> torch.Tensor:
+        """PriMaPs mask ids ``(B, h, w)`` of ``views`` (their features ``(B, D', h, w)``), computed once per view."""
         pc = self.cfg.train.primaps
-        for view in views.tolist():
+        for row, view in enumerate(views.tolist()):
             if view not in self.mask_proposals:
                 self.mask_proposals[view] = principal_mask_proposals(
-                    self._pool[view].float(), pc.threshold, pc.coverage, pc.max_masks).cpu()
+                    feats[row].float(), pc.threshold, pc.coverage, pc.max_masks).cpu()
         return torch.stack([self.mask_proposals[v] for v in views.tolist()]).to(self.device)
+
+    @torch.no_grad()
+    def clusters_used(self, model: FussModel, max_views: int = 256) -> int:
+        """How many centroids are the argmax somewhere on an evenly spaced sample of this site's training views."""
+        model.eval()
+        n = self.feats.num_views
+        index = torch.arange(0, n, max(1, n // max_views))
+        used = torch.zeros(self.num_clusters, dtype=torch.bool, device=self.device)
+        for feats in self.feats.chunks(index, 32, self.device):
+            used[model.cluster_logits(feats).argmax(dim=1).flatten()] = True
+        model.train()
+        return int(used.sum())
 
 
 # --------------------------------------------------------------------------------------- one step class per objective
@@ -252,14 +344,17 @@ class _CentroidLossStep:
 
     def begin_round(self, model: FussModel, round_idx: int) -> None:
         self.optimizer = torch.optim.Adam([model.centroids], lr=self.lr_centroids)
-        self.usage = torch.zeros(self.trainer.num_clusters, dtype=torch.long)
+        self.usage = torch.zeros(self.trainer.num_clusters, dtype=torch.long, device=self.trainer.device)
+
+    def partners(self, q: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        return []  # PPAP contrasts the batch's own patches
 
     def update_prototypes(self, model: FussModel, code_q: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         closs, assignment, best = centroid_loss(code_q, model.centroids, self.tc.centroid_lambda)
         self.optimizer.zero_grad(set_to_none=True)
         closs.backward()
         self.optimizer.step()
-        self.usage += torch.bincount(assignment.flatten().cpu(), minlength=self.trainer.num_clusters)
+        self.usage += torch.bincount(assignment.flatten(), minlength=self.trainer.num_clusters)
         if self.tc.reseed_dead_every and (step + 1) % self.tc.reseed_dead_every == 0:
             self.reseeded += _reseed_dead(model, self.optimizer, self.usage, code_q.detach(), best)
             self.usage.zero_()
@@ -267,28 +362,60 @@ class _CentroidLossStep:
 
 
 class _StegoStep(_CentroidLossStep):
-    """FUSS / STEGO: correspondence distillation (paper Eq. 6) with self, kNN and random-image terms."""
+    """FUSS / STEGO: correspondence distillation (paper Eq. 6) with self, kNN and random-image terms.
+
+    The partners' codes are computed only on the tokens the sampled points read (``losses.bilinear_corners``):
+    the same numbers as the head on the whole maps followed by bilinear sampling, for the head acts per token."""
 
     def __init__(self, trainer: LocalTrainer):
         super().__init__(trainer)
         self.lr_head, self.lr_centroids = self.tc.lr_head, self.tc.lr_centroids
 
-    def head_loss(self, model, q, feats_q, code_q, gen):
+    def partners(self, q: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        """One of its ``train.knn`` nearest views per query, and ``train.num_random`` random other views."""
+        knn, bq = self.trainer._knn, len(q)
+        pos = knn[q, torch.randint(knn.shape[1], (bq,), generator=gen)]
+        return [pos, _random_others(q, self.trainer.feats.num_views, self.tc.num_random, gen).flatten()]
+
+    def head_loss(self, model, q, feats_q, code_q, gen, batch: "StepBatch | None" = None):
         trainer, lc, shifts = self.trainer, self.trainer.cfg.loss, self.trainer.shifts
-        n, g, r, bq = trainer.feats.num_views, lc.grid, self.tc.num_random, len(q)
-        pos = trainer._knn[q, torch.randint(trainer._knn.shape[1], (bq,), generator=gen)]
-        neg = _random_others(q, n, r, gen).flatten()
+        if batch is None:  # a caller outside the training loop (the selection probe): draw the partners
+            partners = ViewRows(trainer.feats.store, torch.cat(self.partners(q, gen)))
+            batch = StepBatch(q, feats_q.permute(0, 2, 3, 1), code_q.permute(0, 2, 3, 1), None, partners)
+        g, r, bq, device = lc.grid, self.tc.num_random, len(q), batch.tokens_q.device
+        h, w, hw = trainer.h, trainer.w, trainer.h * trainer.w
         coords_q, coords_p = random_grid(bq, g, gen), random_grid(bq, g, gen)
         coords_n = random_grid(bq * r, g, gen)
-        feats_p, feats_n = trainer._batch(pos), trainer._batch(neg)
-        fq, cq = sample_at(feats_q, coords_q), sample_at(code_q, coords_q)
-        fp, cp = sample_at(feats_p, coords_p), sample_at(model(feats_p), coords_p)
-        fn, cn = sample_at(feats_n, coords_n), sample_at(model(feats_n), coords_n)
-        fq_rep, cq_rep = fq.repeat_interleave(r, 0), cq.repeat_interleave(r, 0)
+        # queries: their whole code maps exist already (the centroid loss reads every position)
+        index, weight = bilinear_corners(coords_q.to(device), h, w)
+        index = index + (torch.arange(bq, device=device) * hw)[:, None, None]
+        fq = gather_points(batch.tokens_q.reshape(-1, trainer.in_dim), index, weight)
+        cq = gather_points(batch.code_tokens.reshape(-1, batch.code_tokens.shape[-1]), index, weight)
+        # partners: the head on the distinct tokens the points read, with each map's dropout
+        partners = batch.partners
+        index, weight = bilinear_corners(torch.cat([coords_p, coords_n]).to(device), h, w)
+        index = index + (torch.arange(len(partners), device=device) * hw)[:, None, None]
+        read, inverse = torch.unique(index, return_inverse=True)
+        # padded to a multiple of ROW_BLOCK rows (repeats of a read token, which no point uses): the matrix
+        # products then see a few shapes only, and the CPU's kernels (oneDNN) are built once, not every step
+        read = torch.cat([read, read[:1].expand((-len(read)) % ROW_BLOCK)])
+        tokens = partners.take(read, device)
+        scale = model.head.dropout_scale(len(partners), device)
+        codes = trainer.project(model, tokens.float() if scale is None else tokens, None if scale is None
+                                else scale[read // hw])
+        fpn, cpn = gather_points(tokens.float(), inverse, weight), gather_points(codes, inverse, weight)
+        fq, cq, fpn, cpn = (F.normalize(x, dim=-1, eps=1e-10) for x in (fq, cq, fpn, cpn))  # cosines: unit rows
+        fp, fn = fpn[:bq], fpn[bq:].reshape(bq, r * g * g, -1)
+        cp, cn = cpn[:bq], cpn[bq:].reshape(bq, r * g * g, -1)
+        with torch.no_grad():  # the feature correlations do not depend on the head
+            fd_self = center_points(fq @ fq.transpose(1, 2), lc.pointwise)
+            fd_knn = center_points(fq @ fp.transpose(1, 2), lc.pointwise)
+            fd_random = center_points((fq @ fn.transpose(1, 2)).unflatten(2, (r, g * g)), lc.pointwise)
         terms = {
-            "loss_self": correspondence_term(fq, fq, cq, cq, shifts.self, lc.pointwise),
-            "loss_knn": correspondence_term(fq, fp, cq, cp, shifts.knn, lc.pointwise),
-            "loss_random": correspondence_term(fq_rep, fn, cq_rep, cn, shifts.random, lc.pointwise),
+            "loss_self": point_correspondence_term(fd_self, cq @ cq.transpose(1, 2), shifts.self),
+            "loss_knn": point_correspondence_term(fd_knn, cq @ cp.transpose(1, 2), shifts.knn),
+            "loss_random": point_correspondence_term(
+                fd_random, (cq @ cn.transpose(1, 2)).unflatten(2, (r, g * g)), shifts.random),
         }
         loss = (lc.self_weight * terms["loss_self"] + lc.knn_weight * terms["loss_knn"]
                 + lc.random_weight * terms["loss_random"])
@@ -304,7 +431,7 @@ class _PpapStep(_CentroidLossStep):
         self.pc = self.tc.ppap
         self.lr_head, self.lr_centroids = self.pc.lr_head, self.pc.lr_prototypes
 
-    def head_loss(self, model, q, feats_q, code_q, gen):
+    def head_loss(self, model, q, feats_q, code_q, gen, batch=None):
         pc = self.pc
         feats = feats_q.permute(0, 2, 3, 1).reshape(-1, feats_q.shape[1])  # every patch of the batch
         codes = code_q.permute(0, 2, 3, 1).reshape(-1, code_q.shape[1])
@@ -328,6 +455,9 @@ class _SmoosegStep:
     reseeded = 0
     refits_centroids = False  # the teacher prototypes move by EMA only
 
+    def partners(self, q: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        return []  # the batch's own views only
+
     def __init__(self, trainer: LocalTrainer):
         self.sc = trainer.cfg.train.smooseg
         self.pointwise = trainer.cfg.loss.pointwise
@@ -338,7 +468,7 @@ class _SmoosegStep:
         self.student = torch.nn.Parameter(model.centroids.detach().clone())
         self.optimizer = torch.optim.Adam([self.student], lr=self.sc.lr_prototypes)
 
-    def head_loss(self, model, q, feats_q, code_q, gen):
+    def head_loss(self, model, q, feats_q, code_q, gen, batch=None):
         sc = self.sc
         probs = soft_assignment(code_q, model.centroids.detach(), sc.temperature)
         within = smoothness_term(feats_q, feats_q, probs, probs, sc.within_shift, self.pointwise)
@@ -371,6 +501,9 @@ class _PrimapsStep:
     reseeded = 0
     refits_centroids = False  # the momentum prototypes move by EMA only
 
+    def partners(self, q: torch.Tensor, gen: torch.Generator) -> list[torch.Tensor]:
+        return []  # the batch's own views only
+
     def __init__(self, trainer: LocalTrainer):
         self.trainer = trainer
         self.pc = trainer.cfg.train.primaps
@@ -382,7 +515,7 @@ class _PrimapsStep:
         self.optimizer = torch.optim.Adam([self.fast], lr=self.pc.lr_prototypes)
         self.initialise = round_idx == 0 and self.pc.kmeans_iters > 0
 
-    def head_loss(self, model, q, feats_q, code_q, gen):
+    def head_loss(self, model, q, feats_q, code_q, gen, batch=None):
         pc = self.pc
         if self.initialise:
             points = code_q.detach().permute(0, 2, 3, 1).reshape(-1, code_q.shape[1])
@@ -392,7 +525,7 @@ class _PrimapsStep:
             self.initialise = False
         with torch.no_grad():
             predictions = cosine_to_prototypes(code_q, model.centroids).argmax(dim=1)
-        self.labels = masks_to_pseudo_labels(self.trainer.mask_proposals_of(q), predictions,
+        self.labels = masks_to_pseudo_labels(self.trainer.mask_proposals_of(q, feats_q), predictions,
                                              self.trainer.num_clusters)
         logits = cosine_to_prototypes(code_q, self.fast.detach()) / pc.temperature
         loss = confidence_focal_loss(logits, self.labels, pc.focal_gamma)
@@ -435,14 +568,10 @@ def _reseed_dead(model: FussModel, optimizer: torch.optim.Optimizer, usage: torc
     return len(dead)
 
 
-@torch.no_grad()
-def _clusters_used(model: FussModel, pool: torch.Tensor, device: torch.device, max_views: int = 256) -> int:
-    """How many centroids are the argmax somewhere on (a sample of) this site's training views."""
-    model.eval()
-    step = max(1, len(pool) // max_views)
-    used = set()
-    for start in range(0, len(pool), step * 32):
-        batch = pool[start:start + step * 32:step].float().to(device)
-        used.update(model.cluster_logits(batch).argmax(dim=1).unique().tolist())
-    model.train()
-    return len(used)
+def _fits_on_device(nbytes: int, device: torch.device) -> bool:
+    """Whether ``nbytes`` of views fit in half of ``device``'s free memory (the rest is for the steps)."""
+    try:
+        free, _ = torch.cuda.mem_get_info(device)
+    except Exception:
+        return False
+    return nbytes <= free // 2

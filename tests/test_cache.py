@@ -18,7 +18,9 @@ from safetensors.torch import save_file
 
 import fuss_components.cache as cache_mod
 from fuss_components.backbones import Backbone, load_backbone
-from fuss_components.cache import CacheError, FeatureCache, build_knn
+from fuss_components.cache import CacheError, FeatureCache
+from fuss_components import views as views_module
+from fuss_components.views import build_knn
 from fuss_components.datasets import DataError, open_dataset
 from fuss_components.transforms import eval_size, eval_view, five_crop_views
 
@@ -599,13 +601,14 @@ def test_load_train_and_eval(tiny_cfg, ds, ids):
     cache = FeatureCache(tiny_cfg, "tiny")
     cache.ensure(ds, ids, ["train", "eval"], progress=False)
     tf = cache.load_train(ids, knn=3)
-    assert tf.feats.shape == (30, 32, 2, 2) and tf.feats.dtype == torch.float16
+    views = tf.views(torch.arange(30))
+    assert views.shape == (30, 32, 2, 2) and tf.geometry == (32, 2, 2) and not tf.streamed
     assert tf.num_views == 30 and tf.num_images == 6
     assert tf.view_image_ids == [i for i in ids for _ in range(5)]
-    np.testing.assert_array_equal(tf.feats[10:15].numpy(), np.load(cache.path("train", ids[2])))
+    np.testing.assert_array_equal(views[10:15].half().numpy(), np.load(cache.path("train", ids[2])))
     assert tf.knn.shape == (30, 3) and tf.knn.dtype == torch.long
     assert (tf.knn != torch.arange(30)[:, None]).all()
-    assert torch.equal(tf.knn, build_knn(tf.feats, 3))
+    assert torch.equal(tf.knn, build_knn(views, 3))
     ev = cache.load_eval(ids[0])
     assert ev.shape == (32, 3, 4) and ev.dtype == torch.float16
 
@@ -626,7 +629,7 @@ def _views_with_descriptors(desc: torch.Tensor, h: int = 2, w: int = 3) -> torch
     return desc[:, :, None, None] + wiggle
 
 
-def test_build_knn_expected_order():
+def test_build_knn_expected_order(monkeypatch):
     angles = [0.0, 20.0, 50.0, 120.0]
     scales = [1.0, 3.0, 0.5, 2.0]  # cosine ignores the norm
     desc = torch.tensor([[s * math.cos(math.radians(a)), s * math.sin(math.radians(a)), 0.0]
@@ -637,19 +640,22 @@ def test_build_knn_expected_order():
     assert torch.equal(build_knn(feats, 2), expected[:, :2])
     assert torch.equal(build_knn(feats.half(), 1), expected[:, :1])
     assert torch.equal(build_knn(feats, 10), expected)  # k is capped at N - 1
-    assert torch.equal(build_knn(feats, 3, chunk=3), expected)  # chunking does not change the result
+    monkeypatch.setattr(views_module, "KNN_CHUNK_BYTES", 3 * 4 * 4)  # 3 rows of similarities at a time
+    assert torch.equal(build_knn(feats, 3), expected)  # chunking does not change the result
 
 
-def test_build_knn_never_includes_self():
+def test_build_knn_never_includes_self(monkeypatch):
     gen = torch.Generator().manual_seed(0)
     feats = torch.randn(50, 8, 2, 2, generator=gen)
     feats[7] = feats[3]  # exact duplicates: each is the other's nearest neighbour, never itself
-    knn = build_knn(feats, 6, chunk=16)
+    unchunked = build_knn(feats, 6)
+    monkeypatch.setattr(views_module, "KNN_CHUNK_BYTES", 16 * 50 * 4)
+    knn = build_knn(feats, 6)
     assert knn.shape == (50, 6)
     assert (knn != torch.arange(50)[:, None]).all()
     assert knn[3, 0] == 7 and knn[7, 0] == 3
     assert all(len(set(row.tolist())) == 6 for row in knn)
-    assert torch.equal(knn, build_knn(feats, 6, chunk=2048))
+    assert torch.equal(knn, unchunked)
     # brute force reference
     d = torch.nn.functional.normalize(feats.mean(dim=(2, 3)), dim=1)
     sim = d @ d.T

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from conftest import tiny_config
 from fuss_components import disclosure
-from fuss_components.cache import TrainFeatures
+from fuss_components.views import TrainFeatures
 from fuss_components.config import FussConfig
 from fuss_components.disclosure import DisclosureError, DisclosurePolicy, check_job, release_centroids
 from fuss_components.head import FussModel
@@ -37,7 +37,8 @@ def _pool(images: int = 40, dim: int = 32, side: int = 8, seed: int = 0) -> Trai
 def _codes(model: FussModel, feats: TrainFeatures) -> torch.Tensor:
     model.eval()
     with torch.no_grad():
-        return F.normalize(model(feats.feats.float()).flatten(2).transpose(1, 2).flatten(0, 1), dim=1)
+        views = feats.views(torch.arange(feats.num_views))
+        return F.normalize(model(views).flatten(2).transpose(1, 2).flatten(0, 1), dim=1)
 
 
 def _copy_fraction(state: dict, feats: TrainFeatures, in_dim: int, dim: int, threshold: float) -> float:

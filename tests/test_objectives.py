@@ -338,7 +338,7 @@ def test_primaps_momentum_prototypes_move_only_by_ema(tiny_cfg, without_release)
     r1 = site.train(r0.state, 1)
     assert torch.equal(r1.state["centroids"], r0.state["centroids"])
     # the mask proposals are cached per view: (h, w) maps of mask ids (or IGNORE) for every view trained on
-    h, w = site.trainer.feats.feats.shape[-2:]
+    h, w = site.trainer.feats.geometry[1:]
     assert site.trainer.mask_proposals and all(m.shape == (h, w) for m in site.trainer.mask_proposals.values())
     no_init = _site(cfg.with_overrides({"train.primaps.kmeans_iters": 0})).train(state, 0)
     assert torch.equal(no_init.state["centroids"], state["centroids"])

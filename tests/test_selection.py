@@ -18,7 +18,7 @@ from nvflare.app_common.app_event_type import AppEventType
 
 from benchmarks import selection as bench
 from fuss_components import wire
-from fuss_components.cache import TrainFeatures
+from fuss_components.views import TrainFeatures
 from fuss_components.config import FussConfig
 from fuss_components.selection import (METRICS, SelectionProbe, agreement, balance, code_assignments, inertia,
                                        model_of, weighted_criteria)

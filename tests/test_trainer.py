@@ -103,7 +103,7 @@ def test_quantile_shifts_follow_attract_fractions(tiny_cfg):
     assert (fixed.self, fixed.knn, fixed.random) == (0.4583, 0.1754, 0.3136)
 
 
-def test_kmeans_centroids_are_a_fixed_point_of_cosine_kmeans_on_the_sites_codes(tiny_cfg):
+def test_kmeans_centroids_are_a_fixed_point_of_cosine_kmeans_on_the_sites_codes(tiny_cfg, without_release):
     """train.centroids=kmeans: after the local steps the centroids are refit by cosine k-means of the site's own
     codes, started from the learned ones; the head is the one the loss trained (identical to "learned")."""
     state = init_global_state(tiny_cfg)
@@ -117,9 +117,67 @@ def test_kmeans_centroids_are_a_fixed_point_of_cosine_kmeans_on_the_sites_codes(
     model = FussModel(site.trainer.in_dim, cfg.train.dim, site.num_clusters, 0.0).eval()
     model.load_state_dict(refit)
     with torch.no_grad():  # every view position has 16 codes here, all sampled: one more Lloyd step moves nothing
-        codes = torch.nn.functional.normalize(model(site.trainer.feats.feats.float()), dim=1)
+        views = site.trainer.feats.views(torch.arange(site.trainer.feats.num_views))
+        codes = torch.nn.functional.normalize(model(views), dim=1)
     codes = codes.permute(0, 2, 3, 1).reshape(-1, codes.shape[1])
     assignment = (codes @ refit["centroids"].T).argmax(dim=1)
     for c in assignment.unique():
         mean = torch.nn.functional.normalize(codes[assignment == c].mean(0), dim=0)
         assert torch.allclose(mean, refit["centroids"][c], atol=1e-4)
+
+
+def test_sampled_partner_codes_equal_the_full_map_computation():
+    """The head on only the tokens the sampled points read (what training computes) gives the same codes at the
+    points as the head on whole maps followed by grid_sample (what it computed before), and so the same loss."""
+    from fuss_components.config import FussConfig
+    from fuss_components.losses import (bilinear_corners, correspondence_term, gather_points, random_grid,
+                                         sample_at)
+    from fuss_components.trainer import LocalTrainer, Shifts
+    from fuss_components.views import TrainFeatures
+
+    gen = torch.Generator().manual_seed(0)
+    feats = torch.randn(40, 24, 6, 7, generator=gen)
+    model = FussModel(24, 5, 3, dropout=0.0).eval()
+    coords = random_grid(40, 4, gen)
+    full = sample_at(model(feats), coords).flatten(2).transpose(1, 2)  # (40, 16, 5)
+    index, weight = bilinear_corners(coords, 6, 7)
+    index = index + (torch.arange(40) * 42)[:, None, None]
+    read, inverse = torch.unique(index, return_inverse=True)
+    tokens = feats.permute(0, 2, 3, 1).reshape(-1, 24)[read]
+    assert len(read) < 40 * 42  # fewer tokens than the whole maps
+    with torch.no_grad():
+        sampled = gather_points(model.head.project(tokens), inverse, weight)
+    torch.testing.assert_close(sampled, full, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(gather_points(tokens, inverse, weight),
+                               sample_at(feats, coords).flatten(2).transpose(1, 2), rtol=1e-5, atol=1e-6)
+
+    # the whole stego loss: the step's terms against correspondence_term on full maps, same draws
+    cfg = FussConfig().with_overrides({"train.dim": 5, "train.knn": 2, "train.num_random": 3, "loss.grid": 4,
+                                       "train.batch_size": 4, "train.dropout": 0.0})
+    knn = torch.stack([(torch.arange(40) + j) % 40 for j in (1, 2)], 1)
+    trainer = LocalTrainer(TrainFeatures(feats.half(), [f"i{n // 5}" for n in range(40)], knn), cfg, "s", 3)
+    trainer.shifts = Shifts(0.3, 0.2, 0.1)
+    step = trainer_steps()["stego"](trainer)
+    q = torch.tensor([0, 9, 17, 33])
+    fq = trainer._batch(q)
+    _, terms = step.head_loss(model, q, fq, model(fq), torch.Generator().manual_seed(5))
+    draw = torch.Generator().manual_seed(5)
+    pos, neg = step.partners(q, draw)
+    cq_map = model(fq)
+    coords_q, coords_p, coords_n = random_grid(4, 4, draw), random_grid(4, 4, draw), random_grid(12, 4, draw)
+    fp, fn = trainer._batch(pos), trainer._batch(neg)
+    sq, scq = sample_at(fq, coords_q), sample_at(cq_map, coords_q)
+    expected = {
+        "loss_self": correspondence_term(sq, sq, scq, scq, 0.3),
+        "loss_knn": correspondence_term(sq, sample_at(fp, coords_p), scq, sample_at(model(fp), coords_p), 0.2),
+        "loss_random": correspondence_term(sq.repeat_interleave(3, 0), sample_at(fn, coords_n),
+                                           scq.repeat_interleave(3, 0), sample_at(model(fn), coords_n), 0.1),
+    }
+    for key, value in expected.items():
+        torch.testing.assert_close(terms[key], value, rtol=1e-4, atol=1e-6, msg=key)
+
+
+def trainer_steps():
+    from fuss_components.trainer import OBJECTIVE_STEPS
+
+    return OBJECTIVE_STEPS

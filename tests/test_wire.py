@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from fuss_components import wire
-from fuss_components.cache import TrainFeatures
+from fuss_components.views import TrainFeatures
 from fuss_components.config import FussConfig
 from fuss_components.site import build_model, init_global_state
 from fuss_components.trainer import LocalTrainer
