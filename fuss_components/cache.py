@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import logging
+import shutil
 import time
 from functools import cached_property
 from pathlib import Path
@@ -46,7 +47,7 @@ from .config import FussConfig
 from .datasets import DataError, SegmentationDataset
 from .files import atomic_write_bytes
 from .paths import cache_dir
-from .transforms import eval_view, five_crop_views
+from .transforms import eval_size, eval_view, five_crop_views
 from .views import VIEWS_PER_IMAGE, FileViews, MemoryViews, TrainFeatures, descriptors, knn_from_descriptors
 
 log = logging.getLogger(__name__)
@@ -225,16 +226,47 @@ class FeatureCache:
         caller whose load checks it (``load_train`` with ``rebuild``).
         """
         self.check(dataset, ids_by_kind, desc)
-        counts = {}
-        for kind, ids in ids_by_kind.items():
-            todo = self.missing(kind, self.usable(kind, ids), verify)
-            counts[kind] = len(todo)
-            if not todo:
+        todo = {kind: self.missing(kind, self.usable(kind, ids), verify) for kind, ids in ids_by_kind.items()}
+        self.check_disk(dataset, todo)
+        for kind, ids in todo.items():
+            if not ids:
                 continue
             if backbone is None:
                 backbone = load_backbone(self.cfg.backbone, device)
-            self._extract(dataset, todo, kind, backbone, batch_images, progress, desc)
-        return counts
+            self._extract(dataset, ids, kind, backbone, batch_images, progress, desc)
+        return {kind: len(ids) for kind, ids in todo.items()}
+
+    def bytes_needed(self, dataset: SegmentationDataset, kind: str, ids: Sequence[str]) -> int:
+        """Bytes the cache files of ``ids`` take (data and sidecars): training views from the cache key's shape,
+        whole-image views from each image's size (read from its header)."""
+        dim, patch = self._geometry or (None, None)
+        if dim is None:
+            return 0
+        header = 128 + 100  # .npy header and the sidecar
+        if kind == "train":
+            side = self.cfg.data.train_size // patch
+            return len(ids) * (VIEWS_PER_IMAGE * dim * side * side * 2 + header)
+        total = 0
+        for image_id in ids:
+            width, height = dataset.image_size(image_id)
+            h, w = eval_size(height, width, self.cfg.data.eval_short_side, patch)
+            total += dim * (h // patch) * (w // patch) * 2 + header
+        return total
+
+    def check_disk(self, dataset: SegmentationDataset, todo: Mapping[str, Sequence[str]]) -> None:
+        """Before any extraction: CacheError naming the cache folder when its disk has less free space than the
+        features still to extract need."""
+        needed = sum(self.bytes_needed(dataset, kind, ids) for kind, ids in todo.items() if ids)
+        if not needed:
+            return
+        folder = self.root
+        while not folder.exists() and folder != folder.parent:
+            folder = folder.parent
+        free = shutil.disk_usage(folder).free
+        if needed > free:
+            raise CacheError(f"feature cache folder {self.root}: extracting {sum(map(len, todo.values()))} image(s) "
+                             f"needs {needed / 1e9:.2f} GB, its disk has {free / 1e9:.2f} GB free; free space or "
+                             f"set cache_dir (or $FUSS_CACHE_DIR) to a larger disk")
 
     def usable(self, kind: str, ids: Sequence[str]) -> list[str]:
         """``ids`` without the ones skipped as bad (after :meth:`check` / :meth:`ensure`), in their order."""

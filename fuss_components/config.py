@@ -246,8 +246,9 @@ class TrainConfig:
     memory_budget_gb: float | None = None  # what training may hold; None: half of the machine's memory
     # Precision of the head's matrix products in training: "float32", "bfloat16", or "auto" = bfloat16 where the
     # device computes it natively (CUDA with bf16; CPUs with AVX512-BF16 or AMX), else float32. Losses,
-    # optimiser state and the model that travels stay float32.
-    precision: str = "float32"
+    # optimiser state and the model that travels stay float32. "auto" is the default because camvid's development
+    # federation ends within seed noise of float32 (docs/results.md, section 11).
+    precision: str = "auto"
     smooseg: SmoosegConfig = field(default_factory=SmoosegConfig)
     primaps: PrimapsConfig = field(default_factory=PrimapsConfig)
     ppap: PpapConfig = field(default_factory=PpapConfig)
@@ -328,9 +329,12 @@ class FederationConfig:
     # clients). A sign-flipped head is at >= 2.0 (measured 2.00-2.18) and a 100x scaled one at ~99. Honest heads
     # measured per round: 0.01-0.10 on the tiny test federation (3-30 local steps, every objective); on CamVid
     # 0.17-0.35 for stego at local_epochs=1 (64-191 steps), 0.76 at 800 steps, ppap 0.54 / 0.97 at 191 / 800.
-    # 1.5 sits between the two. Drift grows about with sqrt(steps): rounds of several thousand local steps (the
-    # largest COCO-Stuff clients at local_epochs=1) can exceed it; such runs raise it, and the rejection names it.
+    # 1.5 sits between the two.
     max_relative_change: float = 1.5
+    # ... for rounds of up to this many local steps; beyond, the bound grows with sqrt(steps / this), as honest
+    # drift does, so that a site of any size is accepted (docs/reliability.md, long rounds). Screening also
+    # rejects a head that points away from the global head (cosine <= 0), at any number of steps.
+    relative_change_steps: int = 1000
 
     def validate(self) -> None:
         if self.aggregator not in AGGREGATORS:
@@ -358,6 +362,8 @@ class FederationConfig:
             raise ConfigError(f"federation.max_centroid_norm must be > 0, got {self.max_centroid_norm!r}")
         if not self.max_relative_change > 0:
             raise ConfigError(f"federation.max_relative_change must be > 0, got {self.max_relative_change!r}")
+        if self.relative_change_steps < 1:
+            raise ConfigError(f"federation.relative_change_steps must be >= 1, got {self.relative_change_steps!r}")
 
 
 @dataclass
@@ -421,6 +427,18 @@ class FussConfig:
             raise ConfigError(f"federation.min_clients={fed.min_clients} exceeds the {num_training_sites} training "
                               f"site(s) of partition {self.partition!r}")
         return self
+
+    def round_steps(self, num_images: int) -> int:
+        """Local steps of a round at a site of ``num_images`` training images: ``federation.local_steps``, else
+        ``ceil(local_epochs * views / batch_size)`` (five views an image)."""
+        import math
+
+        from .views import VIEWS_PER_IMAGE
+
+        fed = self.federation
+        if fed.local_steps is not None:
+            return fed.local_steps
+        return max(1, math.ceil(fed.local_epochs * num_images * VIEWS_PER_IMAGE / self.train.batch_size))
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

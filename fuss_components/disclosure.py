@@ -13,8 +13,9 @@ wide as the features a code can be mapped back to a backbone feature. Two rules 
 * **Every centroid that leaves is a mean** (:func:`release_centroids`): after local training the site assigns a
   seeded sample of its own patch codes (at most ``support_codes``, every position of the sampled views) to the
   trained centroids; a centroid that at least ``min_support_codes`` codes from at least ``min_support_images``
-  distinct images chose is sent as the normalised mean of those codes, any other is replaced by the centroid the
-  site received (which the server already knows). Reseeded or untrained rows therefore never leave as raw codes.
+  distinct images chose is sent as the normalised mean of those codes, unless that mean lies within cosine
+  ``max_code_cosine`` of one of the sampled codes; any other is replaced by the centroid the site received (which
+  the server already knows). Reseeded or untrained rows therefore never leave as raw codes, nor as near copies.
 
 Where a site's policy comes from (:func:`site_policy`): the JSON file named by ``$FUSS_SITE_POLICY``, else
 ``<site kit>/local/fuss_policy.json`` (written by ``python -m fuss_flare.site_policy``), else the defaults below,
@@ -56,11 +57,17 @@ class DisclosurePolicy:
     min_support_codes: int = 50  # k: a sent centroid is the mean of at least this many of the site's patch codes
     min_support_images: int = 5  # m: ... drawn from at least this many distinct images
     support_codes: int = 100_000  # patch codes sampled to count each centroid's support
+    # a mean of many near-identical codes (a static scene over consecutive frames) is still close to each of them:
+    # a centroid whose nearest sampled code has at least this cosine is not sent (1.0: no such check)
+    max_code_cosine: float = 0.98
 
     def __post_init__(self):
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
-            if type(value) is not int or value < 1:
+            if spec.name == "max_code_cosine":
+                if type(value) not in (int, float) or not 0.0 < value <= 1.0:
+                    raise ValueError(f"disclosure policy: {spec.name} must be a number in (0, 1], got {value!r}")
+            elif type(value) is not int or value < 1:
                 raise ValueError(f"disclosure policy: {spec.name} must be an integer >= 1, got {value!r}")
 
     @classmethod
@@ -87,7 +94,7 @@ class DisclosurePolicy:
     def keys(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
-    def to_dict(self) -> dict[str, int]:
+    def to_dict(self) -> dict[str, int | float]:
         return dataclasses.asdict(self)
 
 
@@ -101,18 +108,10 @@ def site_policy(local_dir: str | Path | None = None) -> DisclosurePolicy:
     return DisclosurePolicy()
 
 
-def local_steps(cfg, num_images: int) -> int:
-    """Local steps of a round for a site of ``num_images`` training images (``LocalTrainer.steps_per_round``)."""
-    fed = cfg.federation
-    if fed.local_steps is not None:
-        return fed.local_steps
-    return max(1, math.ceil(fed.local_epochs * num_images * VIEWS_PER_IMAGE / cfg.train.batch_size))
-
-
 def images_read(cfg, num_images: int) -> int:
     """The fewest distinct images a round's query views can come from: ``steps x batch`` views (at most all of
     them), five views per image."""
-    views = min(local_steps(cfg, num_images) * cfg.train.batch_size, num_images * VIEWS_PER_IMAGE)
+    views = min(cfg.round_steps(num_images) * cfg.train.batch_size, num_images * VIEWS_PER_IMAGE)
     return min(num_images, math.ceil(views / VIEWS_PER_IMAGE))
 
 
@@ -139,7 +138,7 @@ def check_job(cfg, policy: DisclosurePolicy, site: str, in_dim: int, num_cluster
             problems.append(f"the site trains on {train_images} images, fewer than its min_images="
                             f"{policy.min_images}")
         else:
-            steps, read = local_steps(cfg, train_images), images_read(cfg, train_images)
+            steps, read = cfg.round_steps(train_images), images_read(cfg, train_images)
             if steps < policy.min_local_steps:
                 problems.append(f"a round of {steps} local step(s) (federation.local_steps / local_epochs) is "
                                 f"below the site's min_local_steps={policy.min_local_steps}")
@@ -157,23 +156,74 @@ def check_job(cfg, policy: DisclosurePolicy, site: str, in_dim: int, num_cluster
 
 @dataclass
 class Release:
-    """What :func:`release_centroids` did: per centroid its support (codes, distinct images) and which rows were
-    replaced by the received centroids."""
+    """What :func:`release_centroids` did: per centroid its support (codes, distinct images), the cosine of its
+    mean to the nearest sampled code, and which rows were replaced by the received centroids."""
 
     support_codes: list[int]
     support_images: list[int]
     replaced: list[int]
+    nearest_code: list[float] = dataclasses.field(default_factory=list)
 
     def describe(self, policy: DisclosurePolicy) -> str:
         sent = len(self.support_codes) - len(self.replaced)
         text = (f"{sent} of {len(self.support_codes)} centroids sent as means of >= {policy.min_support_codes} "
-                f"patch codes from >= {policy.min_support_images} images")
+                f"patch codes from >= {policy.min_support_images} images, each below cosine "
+                f"{policy.max_code_cosine} of every sampled code")
         if self.replaced:
-            detail = ", ".join(f"{i} ({self.support_codes[i]} codes / {self.support_images[i]} images)"
-                               for i in self.replaced[:LISTED])
+            detail = ", ".join(f"{i} ({self.support_codes[i]} codes / {self.support_images[i]} images / nearest code "
+                               f"{self.nearest_code[i]:.3f})" for i in self.replaced[:LISTED])
             more = f" and {len(self.replaced) - LISTED} more" if len(self.replaced) > LISTED else ""
             text += f"; replaced by the received centroids: {detail}{more}"
         return text
+
+
+class Support:
+    """Each centroid's support, accumulated over chunks of the site's patch codes: which codes choose it (argmax
+    cosine, in float64 so that the choice does not depend on a machine's summation order), the sum of their unit
+    vectors, and the distinct images they come from. The sampled unit codes are kept (the policy's
+    ``support_codes`` bounds them) to measure how close each mean lies to a single code."""
+
+    def __init__(self, centroids: torch.Tensor):
+        self.centroids = F.normalize(centroids.detach().double(), dim=1)
+        k = len(centroids)
+        self.counts = torch.zeros(k, dtype=torch.long, device=centroids.device)
+        self.sums = torch.zeros(k, centroids.shape[1], dtype=torch.float64, device=centroids.device)
+        self.pairs: set[tuple[int, int]] = set()  # (centroid, image)
+        self.codes: list[torch.Tensor] = []
+
+    @torch.no_grad()
+    def add(self, codes: torch.Tensor, image_ids: torch.Tensor) -> None:
+        unit = F.normalize(codes.double(), dim=1)
+        assignment = (unit @ self.centroids.T).argmax(dim=1)
+        self.counts += torch.bincount(assignment, minlength=len(self.counts))
+        self.sums.index_add_(0, assignment, unit)
+        self.pairs.update(zip(assignment.tolist(), image_ids.tolist()))
+        self.codes.append(unit)
+
+    @torch.no_grad()
+    def nearest_code(self, means: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
+        """Per row of ``means`` (unit, float64), the largest cosine to any sampled code."""
+        best = torch.full((len(means),), -1.0, dtype=torch.float64, device=means.device)
+        for codes in self.codes:
+            for part in codes.split(chunk):
+                best = torch.maximum(best, (means @ part.T).max(dim=1).values)
+        return best
+
+    def release(self, received: torch.Tensor, policy: DisclosurePolicy,
+                dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, Release]:
+        """Each supported centroid as the unit mean of its codes' unit vectors, the others as ``received``."""
+        images = torch.zeros_like(self.counts)
+        for centroid, _ in self.pairs:
+            images[centroid] += 1
+        means = F.normalize(self.sums, dim=1)
+        nearest = self.nearest_code(means)
+        ok = (self.counts >= policy.min_support_codes) & (images >= policy.min_support_images)
+        if policy.max_code_cosine < 1.0:
+            ok &= nearest < policy.max_code_cosine
+        released = means.to(dtype)
+        released[~ok] = received.to(released.device, dtype)[~ok]
+        return released, Release(self.counts.tolist(), images.tolist(), torch.nonzero(~ok).flatten().tolist(),
+                                 nearest.tolist())
 
 
 @torch.no_grad()
@@ -182,15 +232,6 @@ def release_centroids(codes: torch.Tensor, image_ids: torch.Tensor, centroids: t
     """The centroids a site may send (module docstring): ``codes`` ``(N, D)`` patch codes of the site with the
     index of their image ``image_ids`` ``(N,)``, the trained ``centroids`` and the ``received`` ones ``(C, D)``.
     Each supported centroid becomes the unit mean of its codes' unit vectors; the others the received rows."""
-    unit = F.normalize(codes.double(), dim=1)
-    assignment = (unit @ F.normalize(centroids.detach().double(), dim=1).T).argmax(dim=1)
-    k = centroids.shape[0]
-    counts = torch.bincount(assignment, minlength=k)
-    pairs = torch.unique(assignment.long() * (int(image_ids.max()) + 1) + image_ids.long())
-    images = torch.bincount(pairs // (int(image_ids.max()) + 1), minlength=k)
-    sums = torch.zeros(k, unit.shape[1], dtype=torch.float64, device=unit.device)
-    sums.index_add_(0, assignment, unit)
-    released = F.normalize(sums, dim=1).to(centroids.dtype)
-    ok = (counts >= policy.min_support_codes) & (images >= policy.min_support_images)
-    released[~ok] = received.to(released.device, released.dtype)[~ok]
-    return released, Release(counts.tolist(), images.tolist(), torch.nonzero(~ok).flatten().tolist())
+    support = Support(centroids)
+    support.add(codes, image_ids)
+    return support.release(received, policy, centroids.dtype)

@@ -24,26 +24,34 @@ class ProjectionHead(nn.Module):
         feats = self.dropout(feats)
         return self.linear(feats) + self.nonlinear(feats)
 
-    def project(self, tokens: torch.Tensor, scale: torch.Tensor | None = None) -> torch.Tensor:
+    def project(self, tokens: torch.Tensor, scale: torch.Tensor | None = None,
+                dtype: torch.dtype | None = None) -> torch.Tensor:
         """The head on feature vectors ``(..., D')`` -> codes ``(..., D)``: the 1 x 1 convolutions as matrix
         products on token rows, what training computes. ``scale``: the
         input dropout's mask (broadcast to ``tokens``); None applies none (the caller draws it per view, as
-        Dropout2d does per map)."""
+        Dropout2d does per map). ``dtype``: compute in it (e.g. bfloat16; inputs and weights cast once each, the
+        gradients reach the float32 parameters); the result is in that dtype."""
+        dtype = dtype or tokens.dtype
+        tokens = tokens.to(dtype)
         if scale is not None:
-            tokens = torch.mul(tokens, scale)
+            tokens = torch.mul(tokens, scale.to(dtype))
         first, last = self.nonlinear[0], self.nonlinear[2]
-        hidden = F.relu(F.linear(tokens, first.weight.flatten(1), first.bias))
-        return F.linear(tokens, self.linear.weight.flatten(1), self.linear.bias) + \
-            F.linear(hidden, last.weight.flatten(1), last.bias)
 
-    def dropout_scale(self, views: int, device: torch.device | str) -> torch.Tensor | None:
+        def weights(conv):
+            return conv.weight.flatten(1).to(dtype), conv.bias.to(dtype)
+
+        hidden = F.relu(F.linear(tokens, *weights(first)))
+        return F.linear(tokens, *weights(self.linear)) + F.linear(hidden, *weights(last))
+
+    def dropout_scale(self, views: int, device: torch.device | str,
+                      dtype: torch.dtype = torch.float32) -> torch.Tensor | None:
         """Dropout2d's mask for ``views`` feature maps, ``(views, D')`` (scaled by 1 / (1 - p)): one draw per map
         and channel; None in eval mode or with p = 0."""
         p = self.dropout.p
         if not self.training or p == 0:
             return None
         keep = torch.empty(views, self.linear.in_channels, device=device).bernoulli_(1 - p)
-        return keep.div_(1 - p)
+        return keep.div_(1 - p).to(dtype)
 
 
 class FussModel(nn.Module):

@@ -111,7 +111,9 @@ def run_federated(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progr
             reference, centroids = split_state(state)
             accepted, rejected = screen_updates(updates, reference, run.num_clusters, centroids.shape[1],
                                                 federation=fed, reject_all_duplicates=True,
-                                                declared_counts={s.name: s.num_samples for s in run.train_sites})
+                                                declared_counts={s.name: s.num_samples for s in run.train_sites},
+                                                round_steps={s.name: cfg.round_steps(s.num_samples)
+                                                             for s in run.train_sites})
             for site_name, reason in rejected:
                 log.warning("round %d: rejected update of %s: %s", round_idx, site_name, reason)
             if len(accepted) < min_clients:

@@ -10,7 +10,6 @@ import logging
 import math
 import time
 import zlib
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from functools import lru_cache
 
@@ -18,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from .config import FussConfig
-from .disclosure import DisclosurePolicy, Release, local_steps, release_centroids
+from .disclosure import DisclosurePolicy, Release, Support
 from .head import CENTROIDS_KEY, FussModel
 from .losses import (bilinear_corners, center_points, centered_feature_correlation, centroid_loss, fedprox_term,
                      gather_points, moon_term, point_correspondence_term, quantile_shift,
@@ -129,7 +128,7 @@ class LocalTrainer:
         self.mask_proposals: dict[int, torch.Tensor] = {}  # view index -> PriMaPs mask ids (h, w), on the CPU
 
     def steps_per_round(self) -> int:
-        return local_steps(self.cfg, self.feats.num_images)
+        return self.cfg.round_steps(self.feats.num_images)
 
     def plan(self, objective, steps: int, seed: int) -> list[list[torch.Tensor]]:
         """The views every step of a round reads, drawn before the round (so a streamed store can read them
@@ -176,16 +175,10 @@ class LocalTrainer:
         """Views ``index`` as float32 feature maps ``(B, D', h, w)`` on the training device."""
         return self.feats.views(index, self.device)
 
-    def autocast(self):
-        """The precision of the head's matrix products (``train.precision``)."""
-        if self.precision == torch.float32:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.precision)
-
     def project(self, model: FussModel, tokens: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
-        """The head's codes (float32) of feature vectors ``(..., D')`` with dropout ``scale`` (``(..., D')``)."""
-        with self.autocast():
-            return model.head.project(tokens, scale).float()
+        """The head's codes (float32) of feature vectors ``(..., D')`` with dropout ``scale`` (``(..., D')``), its
+        matrix products in ``train.precision``."""
+        return model.head.project(tokens, scale, self.precision).float()
 
     def train(self, global_state: dict[str, torch.Tensor], round_idx: int, steps: int | None = None) -> LocalResult:
         """Start from the global model (or this site's own head/centroids when E/C are off), run the local
@@ -277,10 +270,12 @@ class LocalTrainer:
         # float64, so that which centroid a code chooses does not depend on the summation order of the machine's
         # thread count (the FLARE sites and the in-process runner give the same result)
         head = copy.deepcopy(model.head).double().eval()
-        codes = torch.cat([head.project(feats.permute(0, 2, 3, 1).double()).flatten(0, 2)
-                           for feats in self.feats.chunks(views, 64, self.device)])
-        image_ids = (views // VIEWS_PER_IMAGE).repeat_interleave(h * w).to(codes.device)
-        released, release = release_centroids(codes, image_ids, model.centroids, received, self.policy)
+        support = Support(model.centroids)
+        chunk = 16
+        for part, feats in zip(views.split(chunk), self.feats.chunks(views, chunk, self.device)):
+            codes = head.project(feats.permute(0, 2, 3, 1).double()).flatten(0, 2)
+            support.add(codes, (part // VIEWS_PER_IMAGE).repeat_interleave(h * w))
+        released, release = support.release(received, self.policy, model.centroids.dtype)
         model.centroids.data.copy_(released)
         return release
 
@@ -400,17 +395,18 @@ class _StegoStep(_CentroidLossStep):
         # products then see a few shapes only, and the CPU's kernels (oneDNN) are built once, not every step
         read = torch.cat([read, read[:1].expand((-len(read)) % ROW_BLOCK)])
         tokens = partners.take(read, device)
-        scale = model.head.dropout_scale(len(partners), device)
-        codes = trainer.project(model, tokens.float() if scale is None else tokens, None if scale is None
-                                else scale[read // hw])
-        fpn, cpn = gather_points(tokens.float(), inverse, weight), gather_points(codes, inverse, weight)
+        dtype = trainer.precision  # of the head's products, and of the feature correlations (no gradient)
+        scale = model.head.dropout_scale(len(partners), device, dtype)
+        codes = trainer.project(model, tokens, None if scale is None else scale[read // hw])
+        fpn, cpn = gather_points(tokens.to(dtype), inverse, weight), gather_points(codes, inverse, weight)
         fq, cq, fpn, cpn = (F.normalize(x, dim=-1, eps=1e-10) for x in (fq, cq, fpn, cpn))  # cosines: unit rows
         fp, fn = fpn[:bq], fpn[bq:].reshape(bq, r * g * g, -1)
         cp, cn = cpn[:bq], cpn[bq:].reshape(bq, r * g * g, -1)
         with torch.no_grad():  # the feature correlations do not depend on the head
-            fd_self = center_points(fq @ fq.transpose(1, 2), lc.pointwise)
-            fd_knn = center_points(fq @ fp.transpose(1, 2), lc.pointwise)
-            fd_random = center_points((fq @ fn.transpose(1, 2)).unflatten(2, (r, g * g)), lc.pointwise)
+            fql = fq.to(dtype)
+            fd_self = center_points((fql @ fql.transpose(1, 2)).float(), lc.pointwise)
+            fd_knn = center_points((fql @ fp.transpose(1, 2)).float(), lc.pointwise)
+            fd_random = center_points((fql @ fn.transpose(1, 2)).float().unflatten(2, (r, g * g)), lc.pointwise)
         terms = {
             "loss_self": point_correspondence_term(fd_self, cq @ cq.transpose(1, 2), shifts.self),
             "loss_knn": point_correspondence_term(fd_knn, cq @ cp.transpose(1, 2), shifts.knn),

@@ -34,7 +34,7 @@ import torch.nn.functional as F
 VIEWS_PER_IMAGE = 5
 EXACT_KNN_MAX_VIEWS = 100_000  # above: two-stage kNN (image neighbours first), O(images^2) instead of O(views^2)
 CANDIDATE_IMAGES = 32  # two-stage kNN: the nearest images whose views are searched exactly
-KNN_CHUNK_BYTES = 256 << 20  # similarity block computed at once
+KNN_CHUNK_BYTES = 16 << 20  # similarity rows computed at a time: bounds the kNN's memory for any V
 
 
 class MemoryViews:

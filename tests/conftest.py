@@ -20,7 +20,8 @@ from fuss_components.config import FussConfig
 # images with 20 patch codes each, real-data subsets of 6 frames, validation sites of 3-4 images). Every test, and
 # every process a test starts, therefore runs under this permissive site policy; the tests of the defaults
 # (test_disclosure.py, the hostile-job simulator test) pass a policy explicitly or remove the variable.
-TEST_POLICY = {"min_images": 1, "min_validation_images": 1, "min_support_codes": 1, "min_support_images": 1}
+TEST_POLICY = {"min_images": 1, "min_validation_images": 1, "min_support_codes": 1, "min_support_images": 1,
+               "max_code_cosine": 1.0}
 _POLICY_FILE = Path(tempfile.mkdtemp(prefix="fuss_test_policy_")) / "fuss_policy.json"
 _POLICY_FILE.write_text(json.dumps(TEST_POLICY))
 os.environ["FUSS_SITE_POLICY"] = str(_POLICY_FILE)

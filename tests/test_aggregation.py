@@ -18,6 +18,7 @@ import torch
 from fuss_components import aggregation as agg
 from fuss_components.aggregation import (
     AggregationError,
+    change_bound,
     ClientUpdate,
     aggregate,
     average_centroids,
@@ -556,7 +557,7 @@ def _flipped():
     return [_with_head(w=lambda h: -h["w"], b=lambda h: -h["b"])(_evil())]
 
 
-FLIPPED = r"head moved [12]\.\d+ x the global head's norm from it, more than federation\.max_relative_change=1\.5"
+FLIPPED = r"head moved [12]\.\d+ x the global head's norm from it, more than 1\.5 \(federation\.max_relative_change=1\.5\)"
 
 # name -> (hostile updates, number of honest clients beside them, what the reason must say)
 HOSTILE = {
@@ -659,13 +660,51 @@ def test_relative_change_limit_is_configurable_and_works_alone():
     # a single client: nothing to compare with but the global head
     accepted, rejected = screen_updates([flipped], REF, CLUSTERS, DIM)
     assert accepted == [] and "max_relative_change" in rejected[0][1]
-    accepted, rejected = screen_updates([flipped], REF, CLUSTERS, DIM,
-                                        federation=FederationConfig(max_relative_change=2.5))
-    assert accepted == [flipped]
+    loose = FederationConfig(max_relative_change=2.5)
+    accepted, rejected = screen_updates([flipped], REF, CLUSTERS, DIM, federation=loose)
+    assert accepted == [] and "head points away from the global head (cosine -" in rejected[0][1]
+    moved = _with_head(w=lambda h: 2.0 * h["w"], b=lambda h: 2.0 * h["b"])(_evil())  # 1 x its norm, same direction
+    assert screen_updates([moved], REF, CLUSTERS, DIM, federation=loose)[0] == [moved]
     # an all-zero reference has no scale: the relative test is skipped, the other tests still run
     zero = {k: torch.zeros_like(v) for k, v in REF.items()}
     accepted, rejected = screen_updates([flipped, _evil("evil2", num_samples=-1)], zero, CLUSTERS, DIM)
     assert accepted == [flipped] and [s for s, _ in rejected] == ["evil2"]
+
+
+def _drifted(site: str, relative: float, seed: int) -> ClientUpdate:
+    """The global head plus a drift of ``relative`` x its norm, orthogonal to it (how an honest long round moves:
+    docs/reliability.md, long rounds)."""
+    g = torch.Generator().manual_seed(seed)
+    ref = torch.cat([v.flatten() for v in REF.values()])
+    noise = torch.randn(ref.shape, generator=g)
+    noise -= (noise @ ref) / (ref @ ref) * ref
+    flat = ref + relative * ref.norm() * noise / noise.norm()
+    head, start = {}, 0
+    for key, value in REF.items():
+        head[key] = flat[start:start + value.numel()].view_as(value)
+        start += value.numel()
+    return ClientUpdate(site, head, normalize_rows(torch.randn(CLUSTERS, DIM, generator=g)), 5)
+
+
+def test_long_honest_rounds_are_accepted_and_hostile_heads_of_long_rounds_are_not():
+    """The bound grows with sqrt(steps) past federation.relative_change_steps: an honest 5,000-step drift (1.9 x
+    the norm, as measured: 0.027 sqrt(steps)) passes; the same site's flipped or 100x head does not, at any
+    number of steps; a short round keeps the 1.5 bound."""
+    fed = FederationConfig()
+    assert change_bound(fed, 1000) == 1.5 and change_bound(fed, None) == 1.5
+    assert change_bound(fed, 5000) == pytest.approx(1.5 * math.sqrt(5))
+    long_round = _drifted("big", 0.027 * math.sqrt(5000), 3)
+    steps = {"big": 5000, "h1": 50}
+    accepted, rejected = screen_updates([long_round, _honest("h1", 1, 5)], REF, CLUSTERS, DIM, round_steps=steps)
+    assert [u.site for u in accepted] == ["big", "h1"] and rejected == []
+    accepted, rejected = screen_updates([long_round], REF, CLUSTERS, DIM, round_steps={"big": 500})
+    assert accepted == [] and "more than 1.5 (" in rejected[0][1]  # a short round may not drift that far
+    flipped = ClientUpdate("big", {k: -v for k, v in long_round.head.items()}, long_round.centroids, 5)
+    scaled = ClientUpdate("big", {k: 100 * v for k, v in long_round.head.items()}, long_round.centroids, 5)
+    for hostile, why in ((flipped, "points away from the global head"),
+                         (scaled, "for a round of 100000 local steps")):
+        accepted, rejected = screen_updates([hostile], REF, CLUSTERS, DIM, round_steps={"big": 100_000})
+        assert accepted == [] and why in rejected[0][1], rejected
 
 
 def test_median_distance_test_needs_three_clients():

@@ -66,13 +66,36 @@ def test_release_sends_means_of_supported_centroids_and_the_received_rows_otherw
     images = torch.tensor([0, 1, 2, 0, 1, 2, 0, 0, 3, 4, 5, 6])
     centroids = torch.tensor([[1.0, 0.1], [0.1, 1.0], [0.7, 0.7]])
     received = torch.tensor([[0.0, -1.0], [-1.0, 0.0], [0.6, -0.8]])
-    policy = DisclosurePolicy(min_support_codes=3, min_support_images=3)
+    policy = DisclosurePolicy(min_support_codes=3, min_support_images=3, max_code_cosine=1.0)
     sent, release = release_centroids(codes, images, centroids, received, policy)
     assert release.support_codes == [6, 2, 4] and release.support_images == [3, 1, 4]
     assert release.replaced == [1]  # two codes of one image: not an aggregate
     assert torch.allclose(sent[0], torch.tensor([1.0, 0.0])) and torch.allclose(sent[2], torch.tensor([0.8, 0.6]))
     assert torch.equal(sent[1], received[1])
-    assert "replaced by the received centroids: 1 (2 codes / 1 images)" in release.describe(policy)
+    assert "replaced by the received centroids: 1 (2 codes / 1 images" in release.describe(policy)
+
+
+def test_a_mean_of_near_identical_codes_is_not_sent():
+    """Enough codes from enough images, but all nearly the same patch (a static scene over frames): their mean is
+    a near copy of each, so the site sends the received centroid instead; a spread cluster is sent."""
+    gen = torch.Generator().manual_seed(0)
+    axes = torch.eye(16)
+    tight = axes[0] + 0.01 * torch.randn(60, 16, generator=gen)
+    spread = axes[1] + 0.5 * torch.randn(60, 16, generator=gen) * (1 - axes[0])
+    codes = torch.cat([tight, spread])
+    images = torch.arange(120) % 10
+    centroids = axes[:2]
+    received = -axes[:2]
+    policy = DisclosurePolicy(min_support_codes=50, min_support_images=5)
+    sent, release = release_centroids(codes, images, centroids, received, policy)
+    assert release.nearest_code[0] > 0.999 and release.nearest_code[1] < policy.max_code_cosine
+    assert release.replaced == [0]
+    assert torch.equal(sent[0], received[0])
+    assert torch.allclose(sent[1], torch.nn.functional.normalize(
+        torch.nn.functional.normalize(spread, dim=1).sum(0), dim=0))
+    assert "nearest code 1.000" in release.describe(policy)
+    with pytest.raises(ValueError, match="max_code_cosine must be a number in"):
+        DisclosurePolicy(max_code_cosine=1.5)
 
 
 def test_hostile_configuration_sends_no_copy_of_a_patch_code(monkeypatch):

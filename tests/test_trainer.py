@@ -153,6 +153,7 @@ def test_sampled_partner_codes_equal_the_full_map_computation():
 
     # the whole stego loss: the step's terms against correspondence_term on full maps, same draws
     cfg = FussConfig().with_overrides({"train.dim": 5, "train.knn": 2, "train.num_random": 3, "loss.grid": 4,
+                                       "train.precision": "float32",
                                        "train.batch_size": 4, "train.dropout": 0.0})
     knn = torch.stack([(torch.arange(40) + j) % 40 for j in (1, 2)], 1)
     trainer = LocalTrainer(TrainFeatures(feats.half(), [f"i{n // 5}" for n in range(40)], knn), cfg, "s", 3)

@@ -77,8 +77,11 @@ class FussAggregator(Aggregator):
         ref_head, ref_centroids = split_state(to_torch_state(global_model["weights"]))
         num_clusters, dim = (int(n) for n in ref_centroids.shape)
         declared = fl_ctx.get_prop(DECLARED_COUNTS_PROP)  # None: no census (an aggregator used alone)
+        # each site's local steps, from the job's configuration and the count it declared (never from the site)
+        steps = {site: self._cfg.round_steps(int(n)) for site, n in (declared or {}).items()}
         accepted, rejected = screen_updates(list(self._updates.values()), ref_head, num_clusters, dim,
-                                            federation=self._cfg.federation, declared_counts=declared)
+                                            federation=self._cfg.federation, declared_counts=declared,
+                                            round_steps=steps)
         rejected = self._rejected + list(rejected)
         report = {"accepted": sorted(u.site for u in accepted), "rejected": [[s, r] for s, r in rejected]}
         if accepted:  # how far the accepted sites' centroids drifted apart (recorded per round)
