@@ -13,8 +13,8 @@ wide as the features a code can be mapped back to a backbone feature. Two rules 
 * **Every centroid that leaves is a mean** (:func:`release_centroids`): after local training the site assigns a
   seeded sample of its own patch codes (at most ``support_codes``, every position of the sampled views) to the
   trained centroids; a centroid that at least ``min_support_codes`` codes from at least ``min_support_images``
-  distinct images chose is sent as the normalised mean of those codes, unless that mean lies within cosine
-  ``max_code_cosine`` of one of the sampled codes; any other is replaced by the centroid the site received (which
+  distinct images chose is sent as the normalised mean of those codes, unless (where the site sets
+  ``max_code_cosine``) that mean lies within that cosine of one of the sampled codes; any other is replaced by the centroid the site received (which
   the server already knows). Reseeded or untrained rows therefore never leave as raw codes, nor as near copies.
 
 Where a site's policy comes from (:func:`site_policy`): the JSON file named by ``$FUSS_SITE_POLICY``, else
@@ -58,8 +58,10 @@ class DisclosurePolicy:
     min_support_images: int = 5  # m: ... drawn from at least this many distinct images
     support_codes: int = 100_000  # patch codes sampled to count each centroid's support
     # a mean of many near-identical codes (a static scene over consecutive frames) is still close to each of them:
-    # a centroid whose nearest sampled code has at least this cosine is not sent (1.0: no such check)
-    max_code_cosine: float = 0.98
+    # a centroid whose nearest sampled code has at least this cosine is not sent. Off (1.0) by default: honest
+    # centroids of 10,000+ codes lie 0.98-0.998 from their nearest code on camvid; a site that allows hundreds of
+    # clusters should set it (docs/deployment.md 3.3)
+    max_code_cosine: float = 1.0
 
     def __post_init__(self):
         for spec in dataclasses.fields(self):
@@ -167,8 +169,9 @@ class Release:
     def describe(self, policy: DisclosurePolicy) -> str:
         sent = len(self.support_codes) - len(self.replaced)
         text = (f"{sent} of {len(self.support_codes)} centroids sent as means of >= {policy.min_support_codes} "
-                f"patch codes from >= {policy.min_support_images} images, each below cosine "
-                f"{policy.max_code_cosine} of every sampled code")
+                f"patch codes from >= {policy.min_support_images} images")
+        if policy.max_code_cosine < 1.0:
+            text += f", each below cosine {policy.max_code_cosine} of every sampled code"
         if self.replaced:
             detail = ", ".join(f"{i} ({self.support_codes[i]} codes / {self.support_images[i]} images / nearest code "
                                f"{self.nearest_code[i]:.3f})" for i in self.replaced[:LISTED])
