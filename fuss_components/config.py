@@ -301,6 +301,10 @@ class FederationConfig:
     rounds: int = 10  # federated rounds (each: local training at every training site, then aggregation)
     local_epochs: float = 1.0  # local steps per round = ceil(local_epochs * samples / batch_size) ...
     local_steps: int | None = None  # ... unless this is set
+    # Most local steps of a round, whatever a site's size (None: no cap). A 100k-image site would otherwise train
+    # 62,500 steps a round at local_epochs=1 and stall every round; the cap also bounds how far screening lets a
+    # head move (change_bound grows with the steps: at most 1.5 x sqrt(5) = 3.4 here, whatever a site declares).
+    max_local_steps: int | None = 5000
     kmeans_n_init: int = 10  # k-means restarts of "fedcc-kmeans" on the server
     min_clients: int | None = None  # accepted updates a round needs; None = all training clients
     seed: int = 0  # seed of the initial global model, the server's clustering and the partitions
@@ -343,6 +347,8 @@ class FederationConfig:
             raise ConfigError("federation.rounds must be >= 1")
         if self.local_steps is not None and self.local_steps < 1:
             raise ConfigError("federation.local_steps must be >= 1")
+        if self.max_local_steps is not None and self.max_local_steps < 1:
+            raise ConfigError("federation.max_local_steps must be >= 1 (or null: no cap)")
         if self.local_epochs <= 0:
             raise ConfigError("federation.local_epochs must be > 0")
         if self.kmeans_n_init < 1:
@@ -430,15 +436,17 @@ class FussConfig:
 
     def round_steps(self, num_images: int) -> int:
         """Local steps of a round at a site of ``num_images`` training images: ``federation.local_steps``, else
-        ``ceil(local_epochs * views / batch_size)`` (five views an image)."""
+        ``ceil(local_epochs * views / batch_size)`` (five views an image); at most ``federation.max_local_steps``."""
         import math
 
         from .views import VIEWS_PER_IMAGE
 
         fed = self.federation
         if fed.local_steps is not None:
-            return fed.local_steps
-        return max(1, math.ceil(fed.local_epochs * num_images * VIEWS_PER_IMAGE / self.train.batch_size))
+            steps = fed.local_steps
+        else:
+            steps = max(1, math.ceil(fed.local_epochs * num_images * VIEWS_PER_IMAGE / self.train.batch_size))
+        return steps if fed.max_local_steps is None else min(steps, fed.max_local_steps)
 
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -707,6 +707,23 @@ def test_long_honest_rounds_are_accepted_and_hostile_heads_of_long_rounds_are_no
         assert accepted == [] and why in rejected[0][1], rejected
 
 
+def test_round_steps_are_capped_so_a_declared_count_cannot_buy_a_looser_bound():
+    """A site declaring 10^7 images (max_samples) trains, and is screened as, a round of max_local_steps
+    (5,000) steps: the bound stops at 1.5 x sqrt(5), so a 10x scaled head stays rejected."""
+    from fuss_components.config import ConfigError, FussConfig
+
+    cfg = FussConfig()
+    assert cfg.round_steps(300) == 188 and cfg.round_steps(100_000) == 5000 and cfg.round_steps(10**7) == 5000
+    assert cfg.with_overrides({"federation.max_local_steps": None}).round_steps(100_000) == 62_500
+    assert change_bound(cfg.federation, cfg.round_steps(10**7)) == pytest.approx(1.5 * math.sqrt(5))
+    honest = _drifted("big", 0.027 * math.sqrt(5000), 3)
+    scaled = ClientUpdate("big", {k: 10 * v for k, v in honest.head.items()}, honest.centroids, 5)
+    _, rejected = screen_updates([scaled], REF, CLUSTERS, DIM, round_steps={"big": cfg.round_steps(10**7)})
+    assert "for a round of 5000 local steps" in rejected[0][1], rejected
+    with pytest.raises(ConfigError, match="federation.max_local_steps must be >= 1"):
+        cfg.with_overrides({"federation.max_local_steps": 0})
+
+
 def test_median_distance_test_needs_three_clients():
     # five honest heads ~0.05 x the reference's norm away from it, one 1.2 x: under max_relative_change, but
     # ~24 x the median distance
