@@ -573,6 +573,7 @@ class Federation:
         deadline = time.time() + timeout
         last = None
         while True:
+            _raise_if_interrupted()
             meta = self.session().get_job_meta(job_id)
             status = meta.get("status")
             if status != last:
@@ -755,8 +756,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
+_SIGNALS: list[int] = []  # signals received; a KeyboardInterrupt raised inside FLARE's admin API can be swallowed
+
+
 def _interrupt(signum, _frame):
+    _SIGNALS.append(signum)
     raise KeyboardInterrupt(f"signal {signum}")
+
+
+def _raise_if_interrupted() -> None:
+    """Raise again for a signal whose KeyboardInterrupt library code caught (FLARE's session threads do)."""
+    if _SIGNALS:
+        raise KeyboardInterrupt(f"signal {_SIGNALS[-1]}")
 
 
 def run(args: argparse.Namespace, after_job: Callable | None = None) -> dict:
@@ -777,7 +788,8 @@ def run(args: argparse.Namespace, after_job: Callable | None = None) -> dict:
     summary: dict = {"status": "NOT STARTED", "workdir": str(workdir), "mode": args.mode}
     result_dir: Path | None = None
     fed: Federation | None = None
-    old_handlers = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGHUP)}
+    _SIGNALS.clear()
+    old_handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)}
     for sig in old_handlers:
         signal.signal(sig, _interrupt)
     try:
@@ -831,12 +843,16 @@ def run(args: argparse.Namespace, after_job: Callable | None = None) -> dict:
         log(f"{args.mode} kits in {fed.kits[fed.server_name].parent}; server localhost:{fed.fl_port}, "
             f"admin port {fed.admin_port}")
         fed.start({s: d.env() for s, d in site_data.items()})
+        _raise_if_interrupted()
         log(f"server and {len(sites)} sites connected")
         # 4. submit, follow
+        _raise_if_interrupted()
         job_id = fed.submit(job)
+        _raise_if_interrupted()
         summary["job_id"] = job_id
         log(f"submitted {job.name} as job {job_id}")
         meta = fed.wait_for_job(job_id, args.timeout, on_status=lambda s: log(f"job {job_id}: {s}"))
+        _raise_if_interrupted()
         summary["status"] = meta.get("status")
         # 5. results
         result_dir = out_root / job_id
