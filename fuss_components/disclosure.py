@@ -173,8 +173,9 @@ class Release:
         if policy.max_code_cosine < 1.0:
             text += f", each below cosine {policy.max_code_cosine} of every sampled code"
         if self.replaced:
-            detail = ", ".join(f"{i} ({self.support_codes[i]} codes / {self.support_images[i]} images / nearest code "
-                               f"{self.nearest_code[i]:.3f})" for i in self.replaced[:LISTED])
+            detail = ", ".join(f"{i} ({self.support_codes[i]} codes / {self.support_images[i]} images"
+                               + (f" / nearest code {self.nearest_code[i]:.3f})"
+                                  if policy.max_code_cosine < 1.0 else ")") for i in self.replaced[:LISTED])
             more = f" and {len(self.replaced) - LISTED} more" if len(self.replaced) > LISTED else ""
             text += f"; replaced by the received centroids: {detail}{more}"
         return text
@@ -183,10 +184,12 @@ class Release:
 class Support:
     """Each centroid's support, accumulated over chunks of the site's patch codes: which codes choose it (argmax
     cosine, in float64 so that the choice does not depend on a machine's summation order), the sum of their unit
-    vectors, and the distinct images they come from. The sampled unit codes are kept (the policy's
-    ``support_codes`` bounds them) to measure how close each mean lies to a single code."""
+    vectors, and the distinct images they come from. With ``keep_codes`` (a policy with ``max_code_cosine``
+    below 1) the sampled unit codes are kept, at most the policy's ``support_codes``, to measure how close each
+    mean lies to a single code."""
 
-    def __init__(self, centroids: torch.Tensor):
+    def __init__(self, centroids: torch.Tensor, keep_codes: bool = True):
+        self.keep_codes = keep_codes
         self.centroids = F.normalize(centroids.detach().double(), dim=1)
         k = len(centroids)
         self.counts = torch.zeros(k, dtype=torch.long, device=centroids.device)
@@ -201,7 +204,8 @@ class Support:
         self.counts += torch.bincount(assignment, minlength=len(self.counts))
         self.sums.index_add_(0, assignment, unit)
         self.pairs.update(zip(assignment.tolist(), image_ids.tolist()))
-        self.codes.append(unit)
+        if self.keep_codes:
+            self.codes.append(unit)
 
     @torch.no_grad()
     def nearest_code(self, means: torch.Tensor, chunk: int = 8192) -> torch.Tensor:
@@ -219,10 +223,13 @@ class Support:
         for centroid, _ in self.pairs:
             images[centroid] += 1
         means = F.normalize(self.sums, dim=1)
-        nearest = self.nearest_code(means)
         ok = (self.counts >= policy.min_support_codes) & (images >= policy.min_support_images)
-        if policy.max_code_cosine < 1.0:
-            ok &= nearest < policy.max_code_cosine
+        if self.keep_codes:
+            nearest = self.nearest_code(means)
+            if policy.max_code_cosine < 1.0:
+                ok &= nearest < policy.max_code_cosine
+        else:
+            nearest = torch.full((len(means),), math.nan, dtype=torch.float64)
         released = means.to(dtype)
         released[~ok] = received.to(released.device, dtype)[~ok]
         return released, Release(self.counts.tolist(), images.tolist(), torch.nonzero(~ok).flatten().tolist(),
@@ -235,6 +242,6 @@ def release_centroids(codes: torch.Tensor, image_ids: torch.Tensor, centroids: t
     """The centroids a site may send (module docstring): ``codes`` ``(N, D)`` patch codes of the site with the
     index of their image ``image_ids`` ``(N,)``, the trained ``centroids`` and the ``received`` ones ``(C, D)``.
     Each supported centroid becomes the unit mean of its codes' unit vectors; the others the received rows."""
-    support = Support(centroids)
+    support = Support(centroids, keep_codes=policy.max_code_cosine < 1.0)
     support.add(codes, image_ids)
     return support.release(received, policy, centroids.dtype)

@@ -270,7 +270,7 @@ class LocalTrainer:
         # float64, so that which centroid a code chooses does not depend on the summation order of the machine's
         # thread count (the FLARE sites and the in-process runner give the same result)
         head = copy.deepcopy(model.head).double().eval()
-        support = Support(model.centroids)
+        support = Support(model.centroids, keep_codes=self.policy.max_code_cosine < 1.0)
         chunk = 16
         for part, feats in zip(views.split(chunk), self.feats.chunks(views, chunk, self.device)):
             codes = head.project(feats.permute(0, 2, 3, 1).double()).flatten(0, 2)
