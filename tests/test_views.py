@@ -161,14 +161,13 @@ def test_two_stage_knn_finds_most_exact_neighbours():
 def test_training_memory_is_bounded(tmp_path):
     """RSS sampled in a subprocess (from after a warm-up), on synthetic cache files of ViT-S/14's shapes: loading
     into memory grows the process by at most 1.2 x the pool; a budget below the pool streams, loading holds
-    nothing, and training a site six times larger grows the process by far less than its pool (in memory: more
-    than the pool). The step's own working memory (15-170 MB over repeated runs here) is the noise allowed for."""
+    nothing, and training a site six times larger grows the process by far less than its pool. (No lower bound
+    on the in-memory growth: memory the warm-up freed is reused for the pool, 0.59 x of it grew the process once.) The step's own working memory (15-170 MB over repeated runs here) is the noise allowed for."""
     from benchmarks.scale import measure
 
     small = measure(tmp_path / "cache", 384, 16, 100, "memory", steps=(2, 4))
     assert small["storage"] == "memory"
     assert small["peak_rss_after_load_bytes"] - small["baseline_rss_bytes"] <= 1.2 * small["pool_bytes"], small
-    assert small["peak_rss_after_load_bytes"] - small["baseline_rss_bytes"] >= 0.9 * small["pool_bytes"], small
     for images in (100, 600):  # 98 and 590 MB of views; budget 120 MB (one step reads ahead 92 MB)
         result = measure(tmp_path / "cache", 384, 16, images, "auto", steps=(2, 4), budget_gb=0.12)
         assert result["storage"] == "stream", result
