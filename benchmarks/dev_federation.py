@@ -77,7 +77,7 @@ def dev_partition(path: Path) -> Path:
 
 
 def main(args: argparse.Namespace) -> dict:
-    work = Path(args.work)
+    work = Path(args.work).resolve()  # the worker runs in a temporary folder
     work.mkdir(parents=True, exist_ok=True)
     partition = dev_partition(work / "dev_partition.json")
     out = Path(args.out)

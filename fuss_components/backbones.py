@@ -50,14 +50,17 @@ class Backbone:
     patch_size: int
     feature_dim: int
     identity: str  # what makes two backbones produce the same numbers (goes into the cache key)
+    autocast: torch.dtype | None = None  # backbone.autocast: the dtype of the pass's matrix products, None = float32
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
-        """Patch tokens of the selected block after the final norm, prefix (CLS/register) tokens dropped."""
-        (feats,) = self.model.forward_intermediates(
-            images, indices=[self.block], norm=True, stop_early=True, output_fmt="NCHW", intermediates_only=True
-        )
-        return feats
+        """Patch tokens of the selected block after the final norm, prefix (CLS/register) tokens dropped; float32."""
+        dtype = self.autocast or torch.float32
+        with torch.autocast(images.device.type, dtype=dtype, enabled=self.autocast is not None):
+            (feats,) = self.model.forward_intermediates(
+                images, indices=[self.block], norm=True, stop_early=True, output_fmt="NCHW", intermediates_only=True
+            )
+        return feats.float()
 
     def to(self, device: torch.device | str) -> "Backbone":
         self.model.to(device)
@@ -108,7 +111,8 @@ def backbone_identity(cfg: BackboneConfig) -> str:
         if not Path(weights).is_file():
             raise WeightsError(f"backbone weights file not found: {weights}")
         source = "sha256:" + sha256_file(weights)
-    return f"{cfg.name}|{source}|block={cfg.block}"
+    identity = f"{cfg.name}|{source}|block={cfg.block}"
+    return identity if cfg.autocast == "none" else f"{identity}|autocast={cfg.autocast}"  # float32 keys unchanged
 
 
 def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
@@ -130,7 +134,8 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Ba
     block = cfg.block if cfg.block >= 0 else n_blocks + cfg.block
     if not 0 <= block < n_blocks:
         raise WeightsError(f"backbone.block={cfg.block} is out of range for {cfg.name} ({n_blocks} blocks)")
-    backbone = Backbone(model, block, _patch_side(model), model.num_features, backbone_identity(cfg))
+    autocast = None if cfg.autocast == "none" else getattr(torch, cfg.autocast)
+    backbone = Backbone(model, block, _patch_side(model), model.num_features, backbone_identity(cfg), autocast)
     return backbone.to(device)
 
 

@@ -31,6 +31,7 @@ import hashlib
 import io
 import json
 import logging
+import os
 import shutil
 import time
 from functools import cached_property
@@ -207,7 +208,7 @@ class FeatureCache:
         return found
 
     def ensure(self, dataset: SegmentationDataset, ids: Sequence[str], kinds: Sequence[str] = ("train",),
-               backbone: Backbone | None = None, device: str | torch.device = "cpu", batch_images: int = 4,
+               backbone: Backbone | None = None, device: str | torch.device = "cpu", batch_images: int | None = None,
                progress: bool = True, desc: str = "", verify: bool = True) -> dict[str, int]:
         """Extract the features of every id that is not cached yet; returns counts per kind (see
         :meth:`ensure_each`)."""
@@ -215,25 +216,26 @@ class FeatureCache:
                                 desc, verify)
 
     def ensure_each(self, dataset: SegmentationDataset, ids_by_kind: Mapping[str, Sequence[str]],
-                    backbone: Backbone | None = None, device: str | torch.device = "cpu", batch_images: int = 4,
-                    progress: bool = True, desc: str = "", verify: bool = True) -> dict[str, int]:
+                    backbone: Backbone | None = None, device: str | torch.device = "cpu",
+                    batch_images: int | None = None, progress: bool = True, desc: str = "",
+                    verify: bool = True) -> dict[str, int]:
         """:meth:`check` every kind's ids, then extract the features of those not cached yet; returns the count
         extracted per kind.
 
         The backbone is only loaded when something is missing. Images this object already skipped as bad
         (``data.on_bad_image = "skip"``) are not retried; a new process retries them once. ``verify=False``:
         files that exist with a matching sidecar, size and shape count as cached without their sha256, for a
-        caller whose load checks it (``load_train`` with ``rebuild``).
+        caller whose load checks it (``load_train`` with ``rebuild``). ``batch_images``: images a backbone batch
+        (default ``data.extract_batch``); an image's eval and mirror views are computed in one pass.
         """
         self.check(dataset, ids_by_kind, desc)
         todo = {kind: self.missing(kind, self.usable(kind, ids), verify) for kind, ids in ids_by_kind.items()}
         self.check_disk(dataset, todo)
-        for kind, ids in todo.items():
-            if not ids:
-                continue
+        batch_images = batch_images or extraction_batch(self.cfg.data.extract_batch, torch.device(device))
+        for kinds, ids in extraction_passes(todo):
             if backbone is None:
                 backbone = load_backbone(self.cfg.backbone, device)
-            self._extract(dataset, ids, kind, backbone, batch_images, progress, desc)
+            self._extract(dataset, ids, kinds, backbone, batch_images, progress, desc)
         return {kind: len(ids) for kind, ids in todo.items()}
 
     def bytes_needed(self, dataset: SegmentationDataset, kind: str, ids: Sequence[str]) -> int:
@@ -272,60 +274,76 @@ class FeatureCache:
         """``ids`` without the ones skipped as bad (after :meth:`check` / :meth:`ensure`), in their order."""
         return [i for i in ids if i not in self.skipped[kind]]
 
-    def _extract(self, dataset: SegmentationDataset, ids: list[str], kind: str, backbone: Backbone,
+    def _extract(self, dataset: SegmentationDataset, ids: list[str], kinds: tuple[str, ...], backbone: Backbone,
                  batch_images: int, progress: bool, desc: str) -> None:
+        """Extract ``kinds`` (``("train",)``, or whole-image kinds computed in one pass: an image and its mirror image
+        share a batch) of ``ids``. Images are decoded and resized by ``data.extract_workers`` DataLoader workers
+        (pinned memory on a GPU), in batches of ``batch_images`` images; whole images are taken in order of their
+        backbone input size, so that images of one size share batches (COCO-Stuff's sizes vary per image)."""
         data = self.cfg.data
-        if kind == "train" and data.train_size % backbone.patch_size:
+        if kinds == ("train",) and data.train_size % backbone.patch_size:
             raise DataError(f"data.train_size={data.train_size} is not a multiple of the patch size "
                             f"{backbone.patch_size}")
-        out_dir = self.dir(kind)
-        try:
-            out_dir.mkdir(parents=True, exist_ok=True)
-        except OSError as err:
-            raise CacheError(f"cannot create feature cache folder {out_dir}: {err}") from err
-        self._write_info(out_dir, kind)
+        for kind in kinds:
+            out_dir = self.dir(kind)
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as err:
+                raise CacheError(f"cannot create feature cache folder {out_dir}: {err}") from err
+            self._write_info(out_dir, kind)
+        if kinds != ("train",):
+            sizes = {i: self._input_size(dataset, i, backbone.patch_size) for i in ids}
+            ids = sorted(ids, key=lambda i: sizes[i])  # stable: the dataset's order within one size
         device = next(backbone.model.parameters()).device
+        workers = extraction_workers(data.extract_workers, device)
+        inputs = _ExtractionInputs(dataset, ids, kinds, data, backbone.patch_size)
+        loader = torch.utils.data.DataLoader(inputs, batch_size=None, num_workers=workers,
+                                             pin_memory=device.type == "cuda",
+                                             prefetch_factor=2 * batch_images if workers else None)
+        per_image = VIEWS_PER_IMAGE if kinds == ("train",) else len(kinds)
         start = time.perf_counter()
         pending_ids: list[str] = []
         pending: list[torch.Tensor] = []
+        label = "+".join(kinds)
         # closed on any exit, so that an error is printed on its own line
-        bar = tqdm(total=len(ids), desc=f"extract {kind} {desc}".strip(), unit="img", disable=not progress)
+        bar = tqdm(total=len(ids), desc=f"extract {label} {desc}".strip(), unit="img", disable=not progress)
 
         def flush() -> None:
-            feats = backbone.features(torch.cat(pending).to(device)).to("cpu", torch.float16)
-            per_image = feats.split(VIEWS_PER_IMAGE) if kind == "train" else feats.split(1)
-            for image_id, f in zip(pending_ids, per_image):
-                if kind != "train":
-                    f = f[0].flip(-1) if kind == "mirror" else f[0]  # mirrored back: aligned with the image
-                self._save(self.path(kind, image_id), f.numpy())
+            feats = backbone.features(torch.cat(pending).to(device, non_blocking=True)).to("cpu", torch.float16)
+            for image_id, f in zip(pending_ids, feats.split(per_image)):
+                if kinds == ("train",):
+                    self._save(self.path("train", image_id), f.numpy())
+                    continue
+                for kind, view in zip(kinds, f):
+                    view = view.flip(-1) if kind == "mirror" else view  # mirrored back: aligned with the image
+                    self._save(self.path(kind, image_id), view.numpy())
             bar.update(len(pending_ids))
             pending_ids.clear()
             pending.clear()
 
         with bar:
-            for image_id in ids:
+            batches = iter(loader)
+            while True:
                 try:
-                    image = dataset.load_image(image_id)
-                    if kind == "train":
-                        views = five_crop_views(image, data.crop_ratio, data.train_size)
-                    else:
-                        views = eval_view(image, data.eval_short_side, backbone.patch_size)[None]
-                        if kind == "mirror":
-                            views = views.flip(-1)
-                except DataError as err:
+                    item = next(batches, None)
+                except Exception:  # not a bad image (e.g. out of memory in a worker): keep what was read
+                    if pending:
+                        flush()
+                    raise
+                if item is None:
+                    break
+                image_id, views, err = item
+                if err is not None:
                     if data.on_bad_image == "skip":
-                        log.warning("%s: skipping image %s: %s (data.on_bad_image='skip')", desc or kind, image_id,
+                        log.warning("%s: skipping image %s: %s (data.on_bad_image='skip')", desc or label, image_id,
                                     err)
-                        self.skipped[kind][image_id] = str(err)
+                        for kind in kinds:
+                            self.skipped[kind][image_id] = str(err)
                         bar.update(1)
                         continue
                     if pending:  # keep the images read before the failing one: a rerun resumes right at it
                         flush()
                     raise DataError(f"{err} (data.on_bad_image='fail'; 'skip' leaves such images out)") from err
-                except Exception:
-                    if pending:
-                        flush()
-                    raise
                 # whole-image views of different sizes cannot share a batch
                 if pending and (len(pending_ids) >= batch_images or views.shape[-2:] != pending[0].shape[-2:]):
                     flush()
@@ -333,7 +351,16 @@ class FeatureCache:
                 pending.append(views)
             if pending:
                 flush()
-        log.info("extracted %d %s images in %.1f s into %s", len(ids), kind, time.perf_counter() - start, out_dir)
+        log.info("extracted %d %s images in %.1f s into %s", len(ids), label, time.perf_counter() - start,
+                 self.root)
+
+    def _input_size(self, dataset: SegmentationDataset, image_id: str, patch: int) -> tuple[int, int]:
+        """The backbone input size of a whole image, from its file header."""
+        try:
+            width, height = dataset.image_size(image_id)
+        except DataError:
+            return (0, 0)  # read (and reported) with the image itself
+        return eval_size(height, width, self.cfg.data.eval_short_side, patch)
 
     def _write_info(self, out_dir: Path, kind: str) -> None:
         info = {"format": CACHE_FORMAT, "kind": kind, "backbone": self._identity, "dataset": self.dataset_name,
@@ -538,3 +565,55 @@ def _atomic_write(path: Path, data: bytes) -> None:
     except OSError as err:
         what = "disk full" if err.errno == errno.ENOSPC else err.strerror or type(err).__name__
         raise CacheError(f"cannot write feature cache file {path}: {what} ({err})") from err
+
+
+def extraction_workers(configured: int | None, device: torch.device) -> int:
+    """``data.extract_workers``; None: none on the CPU (the backbone needs every core), on a GPU up to 4 processes
+    that decode and resize while the device computes."""
+    if configured is not None:
+        return configured
+    return 0 if device.type == "cpu" else max(0, min(4, (os.cpu_count() or 1) - 1))
+
+
+def extraction_batch(configured: int | None, device: torch.device) -> int:
+    """``data.extract_batch``; None: 4 images a batch on the CPU, 16 on a GPU."""
+    return configured or (4 if device.type == "cpu" else 16)
+
+
+def extraction_passes(todo: Mapping[str, Sequence[str]]) -> list[tuple[tuple[str, ...], list[str]]]:
+    """The backbone passes that extract ``todo`` ({kind: ids}): ``train`` alone; the whole-image kinds grouped by
+    image, so that an image missing both its ``eval`` and ``mirror`` features is read once and both views share a
+    batch."""
+    passes = [(("train",), list(todo["train"]))] if todo.get("train") else []
+    groups: dict[tuple[str, ...], list[str]] = {}
+    wanted = {kind: set(todo.get(kind, ())) for kind in WHOLE_IMAGE_KINDS}
+    seen = set()
+    for kind in WHOLE_IMAGE_KINDS:
+        for image_id in todo.get(kind, ()):
+            if image_id not in seen:
+                seen.add(image_id)
+                groups.setdefault(tuple(k for k in WHOLE_IMAGE_KINDS if image_id in wanted[k]), []).append(image_id)
+    return passes + list(groups.items())
+
+
+class _ExtractionInputs(torch.utils.data.Dataset):
+    """The backbone inputs of each image, made in DataLoader workers: ``(id, views, None)``, or ``(id, None,
+    error)`` for an image that cannot be read (the caller applies ``data.on_bad_image``). ``views``: the five
+    training crops, or per whole-image kind the image (``eval``) and/or its mirror image (``mirror``)."""
+
+    def __init__(self, dataset: SegmentationDataset, ids: Sequence[str], kinds: tuple[str, ...], data, patch: int):
+        self.dataset, self.ids, self.kinds, self.data, self.patch = dataset, list(ids), kinds, data, patch
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __getitem__(self, index: int):
+        image_id = self.ids[index]
+        try:
+            image = self.dataset.load_image(image_id)
+        except DataError as err:
+            return image_id, None, err
+        if self.kinds == ("train",):
+            return image_id, five_crop_views(image, self.data.crop_ratio, self.data.train_size), None
+        view = eval_view(image, self.data.eval_short_side, self.patch)
+        return image_id, torch.stack([view.flip(-1) if kind == "mirror" else view for kind in self.kinds]), None

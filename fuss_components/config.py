@@ -25,6 +25,9 @@ class ConfigError(ValueError):
     """A configuration value is unknown, of the wrong type or impossible; the message names the key."""
 
 
+AUTOCAST_DTYPES = ("none", "bfloat16", "float16")
+
+
 @dataclass
 class BackboneConfig:
     """Frozen self-supervised ViT that turns images into dense patch features."""
@@ -38,10 +41,16 @@ class BackboneConfig:
     # 7 (the 8th block) by default: the shared weights' last blocks are saliency-biased (shared/docs/assets.md), and
     # on the camvid development split block 7 beat block 8 (raw k-means and trained head; docs/results.md, 8).
     block: int = 7
+    # Mixed precision of the backbone pass at extraction and prediction: "none" (float32), "bfloat16" or "float16"
+    # (autocast; on a GPU about 2 x the images/s). Part of the cache key: features of another precision are
+    # extracted again, never mixed. "none" by default: the recorded results use float32 features.
+    autocast: str = "none"
 
     def validate(self) -> None:
         if self.sha256 is not None and len(self.sha256) != 64:
             raise ConfigError("backbone.sha256 must be 64 hex digits")
+        if self.autocast not in AUTOCAST_DTYPES:
+            raise ConfigError(f"backbone.autocast must be one of {AUTOCAST_DTYPES}, got {self.autocast!r}")
 
 
 BAD_IMAGE_POLICIES = ("fail", "skip")
@@ -68,8 +77,17 @@ class DataConfig:
     # it as `skipped_images` ({site: {id: reason}}): in the log, in the JSON line of `fuss extract`, `fuss train`
     # and `fuss evaluate`, and in the metrics.json of the latter two. Not part of the cache key.
     on_bad_image: str = "fail"
+    # Images a backbone batch at extraction; None: 4 on the CPU, 16 on a GPU. Not part of the cache key.
+    extract_batch: int | None = None
+    # DataLoader worker processes that decode and resize images while the backbone computes; None: 0 on the CPU
+    # (the backbone uses every core), up to 4 on a GPU. Not part of the cache key.
+    extract_workers: int | None = None
 
     def validate(self) -> None:
+        if self.extract_batch is not None and self.extract_batch < 1:
+            raise ConfigError("data.extract_batch must be >= 1 (or null for the device's default)")
+        if self.extract_workers is not None and self.extract_workers < 0:
+            raise ConfigError("data.extract_workers must be >= 0 (or null for the device's default)")
         if self.train_size <= 0 or self.eval_short_side <= 0:
             raise ConfigError("data.train_size and data.eval_short_side must be positive")
         if not 0.0 < self.crop_ratio <= 1.0:
@@ -306,6 +324,11 @@ class FederationConfig:
     # head move (change_bound grows with the steps: at most 1.5 x sqrt(5) = 3.4 here, whatever a site declares).
     max_local_steps: int | None = 5000
     kmeans_n_init: int = 10  # k-means restarts of "fedcc-kmeans" on the server
+    # GPU memory (GiB) the job asks of each site, as FLARE's resource_spec (one GPU a site): FLARE then starts the
+    # job only where a site's GPUResourceManager (local/resources.json) has such a GPU free, and gives the site's
+    # job process that GPU (CUDA_VISIBLE_DEVICES). None: no resource_spec, the job runs on whatever a site has.
+    # What a site needs: docs/deployment.md, "A site's GPU".
+    site_gpu_memory_gb: float | None = None
     min_clients: int | None = None  # accepted updates a round needs; None = all training clients
     seed: int = 0  # seed of the initial global model, the server's clustering and the partitions
     # Robust aggregation of the head (fuss_components.aggregation): "none" = FedAvg (Eq. 8); "median" /
@@ -353,6 +376,8 @@ class FederationConfig:
             raise ConfigError("federation.local_epochs must be > 0")
         if self.kmeans_n_init < 1:
             raise ConfigError("federation.kmeans_n_init must be >= 1")
+        if self.site_gpu_memory_gb is not None and not self.site_gpu_memory_gb > 0:
+            raise ConfigError("federation.site_gpu_memory_gb must be > 0 (or null: no GPU asked of the sites)")
         if self.min_clients is not None and self.min_clients < 1:
             raise ConfigError("federation.min_clients must be >= 1")
         if self.robust not in ROBUST_MODES:

@@ -32,8 +32,15 @@ def predict_logits(model: Segmenter, feats: torch.Tensor, size: tuple[int, int],
     (the mirrored image's features, mirrored back) the mean of both views' scores (``data.eval_flip``)."""
     with torch.no_grad():
         views = feats[None] if mirror is None else torch.stack([feats, mirror])
-        logits = model.cluster_logits(views.float()).mean(0, keepdim=True)
+        logits = model.cluster_logits(views.to(model_device(model)).float()).mean(0, keepdim=True)
         return F.interpolate(logits, size=size, mode="bilinear", align_corners=False)[0]
+
+
+def model_device(model: Segmenter) -> torch.device:
+    """Where a segmenter's parameters live (the CPU for one without tensors): its inputs are moved there."""
+    for tensor in (*getattr(model, "parameters", list)(), *getattr(model, "buffers", list)()):
+        return tensor.device
+    return torch.device("cpu")
 
 
 @torch.no_grad()
@@ -67,11 +74,11 @@ def evaluate_model(model: Segmenter, dataset: SegmentationDataset, ids: Sequence
     refined = ConfusionMatrix(num_clusters, dataset.num_classes, dataset.ignore_index) if crf else None
     for image_id in tqdm(ids, desc="evaluate", unit="img", disable=not progress):
         label = dataset.load_label(image_id)
-        logits = cached_logits(model, cache, image_id, label.shape)
-        plain.update(logits.argmax(0).numpy(), label)
-        if refined is not None:
+        logits = cached_logits(model, cache, image_id, label.shape)  # on the model's device
+        plain.update(logits.argmax(0).cpu().numpy(), label)
+        if refined is not None:  # the CRF runs on the CPU
             image = np.asarray(dataset.load_image(image_id))
-            refined.update(dense_crf(image, (logits * CRF_LOGIT_SCALE).numpy()).argmax(0), label)
+            refined.update(dense_crf(image, (logits * CRF_LOGIT_SCALE).cpu().numpy()).argmax(0), label)
     result = plain.compute()
     result["num_images"] = len(ids)
     if refined is not None:
@@ -80,7 +87,7 @@ def evaluate_model(model: Segmenter, dataset: SegmentationDataset, ids: Sequence
         assignment = np.asarray(result["assignment"])
         for image_id in ids[:num_overlays]:
             label = dataset.load_label(image_id)
-            pred = cached_logits(model, cache, image_id, label.shape).argmax(0).numpy()
+            pred = cached_logits(model, cache, image_id, label.shape).argmax(0).cpu().numpy()
             mapped = np.where(assignment[pred] >= 0, assignment[pred], dataset.ignore_index).astype(np.uint8)
             save_overlay(Path(overlay_dir) / f"{image_id}.png", np.asarray(dataset.load_image(image_id)), mapped,
                          label)

@@ -109,22 +109,23 @@ def principal_mask_proposals(feats: torch.Tensor, threshold: float = 0.4, covera
     return masks.reshape(h, w)
 
 
-def masks_to_pseudo_labels(masks: torch.Tensor, predictions: torch.Tensor, num_classes: int) -> torch.Tensor:
+def masks_to_pseudo_labels(masks: torch.Tensor, predictions: torch.Tensor, num_classes: int,
+                           num_masks: int | None = None) -> torch.Tensor:
     """E-step: every mask of ``masks`` ``(B, h, w)`` gets the majority class of ``predictions`` ``(B, h, w)``
-    inside it (ties: the lowest class id); positions outside every mask stay ``IGNORE``. Returns ``(B, h, w)``."""
+    inside it (ties: the lowest class id); positions outside every mask stay ``IGNORE``. Returns ``(B, h, w)``.
+    ``num_masks``: a bound on the mask ids (PriMaPs' ``max_masks``); given, nothing is read back from the device."""
     batch = masks.shape[0]
-    num_masks = int(masks.max().item()) + 1 if masks.numel() else 0
-    labels = torch.full_like(masks, IGNORE)
+    if num_masks is None:
+        num_masks = int(masks.max().item()) + 1 if masks.numel() else 0
     if num_masks <= 0:
-        return labels
+        return torch.full_like(masks, IGNORE)
     covered = masks >= 0
     image = torch.arange(batch, device=masks.device).view(-1, 1, 1).expand_as(masks)
     slot = image * num_masks + masks.clamp(min=0)  # one slot per (image, mask)
     votes = torch.zeros(batch * num_masks * num_classes, dtype=torch.long, device=masks.device)
-    votes.index_add_(0, (slot * num_classes + predictions)[covered], torch.ones_like(predictions[covered]))
+    votes.index_add_(0, (slot * num_classes + predictions).flatten(), covered.flatten().long())  # uncovered: 0
     mask_class = votes.view(batch * num_masks, num_classes).argmax(dim=1)
-    labels[covered] = mask_class[slot[covered]]
-    return labels
+    return torch.where(covered, mask_class[slot], torch.full_like(masks, IGNORE))
 
 
 def class_confidence_weights(probs: torch.Tensor, gamma: float) -> torch.Tensor:
@@ -154,7 +155,8 @@ def spherical_kmeans(points: torch.Tensor, centres: torch.Tensor, iterations: in
     for _ in range(iterations):
         assignment = (x @ c.T).argmax(dim=1)
         sums = torch.zeros_like(c).index_add_(0, assignment, x)
-        counts = torch.bincount(assignment, minlength=len(c))
+        counts = torch.zeros(len(c), dtype=torch.long, device=c.device).index_add_(
+            0, assignment, torch.ones_like(assignment))  # not bincount: its output size needs a host sync
         c = torch.where((counts > 0)[:, None], F.normalize(sums, dim=1), c)
     return c
 
@@ -223,11 +225,11 @@ def proxy_anchor_contrastive_loss(anchor_codes: torch.Tensor, codes: torch.Tenso
     """
     num_positive = positive.sum(dim=1)
     keep = num_positive > 0
-    if not keep.any():
-        return anchor_codes.sum() * 0.0
-    # only anchors with a positive: their contrast set is never empty, so the masked log-sum-exp stays finite
-    logits = F.normalize(anchor_codes[keep], dim=1) @ F.normalize(codes, dim=1).T / temperature
-    contrast = (positive | negative)[keep]
+    logits = F.normalize(anchor_codes, dim=1) @ F.normalize(codes, dim=1).T / temperature
+    # an anchor without a positive contrasts with everything (kept finite) and is weighted 0: no branch on the
+    # masks' values, which would cost a host sync every step on a GPU
+    contrast = (positive | negative) | ~keep[:, None]
     log_denominator = torch.logsumexp(logits.masked_fill(~contrast, float("-inf")), dim=1, keepdim=True)
-    log_prob = (logits - log_denominator).masked_fill(~positive[keep], 0.0)
-    return (-log_prob.sum(dim=1) / num_positive[keep]).mean()
+    log_prob = (logits - log_denominator).masked_fill(~positive, 0.0)
+    per_anchor = -log_prob.sum(dim=1) / num_positive.clamp(min=1)
+    return (per_anchor * keep).sum() / keep.sum().clamp(min=1)

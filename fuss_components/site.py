@@ -306,7 +306,7 @@ class Site:
         self.check_policy()
         model = build_model(self.cfg, self.num_clusters)
         model.load_state_dict(global_state)
-        return self.evaluate(model.eval(), crf=crf, overlay_dir=overlay_dir, num_overlays=num_overlays,
+        return self.evaluate(model.to(self.device).eval(), crf=crf, overlay_dir=overlay_dir, num_overlays=num_overlays,
                              progress=progress)
 
     def evaluate(self, model, crf: bool = False, overlay_dir: str | Path | None = None, num_overlays: int = 0,

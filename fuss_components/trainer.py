@@ -63,6 +63,11 @@ def resolve_precision(name: str, device: torch.device) -> torch.dtype:
     return torch.bfloat16 if cpu_has_bf16() else torch.float32
 
 
+def to_host(tensor: torch.Tensor) -> torch.Tensor:
+    """A tensor copied to the CPU: what leaves the training device, once a round (the state, the metrics)."""
+    return tensor.detach().to("cpu")
+
+
 def stable_seed(*parts: object) -> int:
     """A seed that is the same in every process for the same parts (Python's hash() is salted)."""
     return zlib.crc32("|".join(map(str, parts)).encode()) & 0x7FFFFFFF
@@ -251,9 +256,9 @@ class LocalTrainer:
         if objective.refits_centroids and tc.centroids == "kmeans":
             self.refit_centroids(model, stable_seed(seed, "refit"))
         release = self.release_centroids(model, global_state[CENTROIDS_KEY], stable_seed(seed, "release"))
-        state = {k: v.detach().to("cpu").clone() for k, v in model.state_dict().items()}
+        state = {k: to_host(v).clone() for k, v in model.state_dict().items()}
         self.previous_state = state
-        metrics = {k: float(v) / steps for k, v in totals.items()}
+        metrics = {k: float(to_host(v)) / steps for k, v in totals.items()}  # the round's one read of them
         metrics.update(steps=float(steps), clusters_reseeded=float(objective.reseeded),
                        clusters_used=float(self.clusters_used(model)),
                        centroids_replaced=float(len(release.replaced)), seconds=time.perf_counter() - started)
@@ -349,7 +354,8 @@ class _CentroidLossStep:
         self.optimizer.zero_grad(set_to_none=True)
         closs.backward()
         self.optimizer.step()
-        self.usage += torch.bincount(assignment.flatten(), minlength=self.trainer.num_clusters)
+        flat = assignment.flatten()  # counted with index_add_: bincount's output size would need a host sync
+        self.usage.index_add_(0, flat, torch.ones_like(flat))
         if self.tc.reseed_dead_every and (step + 1) % self.tc.reseed_dead_every == 0:
             self.reseeded += _reseed_dead(model, self.optimizer, self.usage, code_q.detach(), best)
             self.usage.zero_()
@@ -388,13 +394,17 @@ class _StegoStep(_CentroidLossStep):
         cq = gather_points(batch.code_tokens.reshape(-1, batch.code_tokens.shape[-1]), index, weight)
         # partners: the head on the distinct tokens the points read, with each map's dropout
         partners = batch.partners
-        index, weight = bilinear_corners(torch.cat([coords_p, coords_n]).to(device), h, w)
-        index = index + (torch.arange(len(partners), device=device) * hw)[:, None, None]
+        # the token positions are computed where the partners' tokens are (the host for a pool in RAM), so that
+        # reading them needs no copy back from the GPU
+        where = partners.index_device(device)
+        index, weight = bilinear_corners(torch.cat([coords_p, coords_n]).to(where), h, w)
+        index = index + (torch.arange(len(partners), device=where) * hw)[:, None, None]
         read, inverse = torch.unique(index, return_inverse=True)
         # padded to a multiple of ROW_BLOCK rows (repeats of a read token, which no point uses): the matrix
         # products then see a few shapes only, and the CPU's kernels (oneDNN) are built once, not every step
         read = torch.cat([read, read[:1].expand((-len(read)) % ROW_BLOCK)])
         tokens = partners.take(read, device)
+        read, inverse, weight = (x.to(device, non_blocking=True) for x in (read, inverse, weight))
         dtype = trainer.precision  # of the head's products, and of the feature correlations (no gradient)
         scale = model.head.dropout_scale(len(partners), device, dtype)
         codes = trainer.project(model, tokens, None if scale is None else scale[read // hw])
@@ -522,7 +532,7 @@ class _PrimapsStep:
         with torch.no_grad():
             predictions = cosine_to_prototypes(code_q, model.centroids).argmax(dim=1)
         self.labels = masks_to_pseudo_labels(self.trainer.mask_proposals_of(q, feats_q), predictions,
-                                             self.trainer.num_clusters)
+                                             self.trainer.num_clusters, pc.max_masks)
         logits = cosine_to_prototypes(code_q, self.fast.detach()) / pc.temperature
         loss = confidence_focal_loss(logits, self.labels, pc.focal_gamma)
         return loss, {"loss_focal": loss, "pseudo_labelled": (self.labels >= 0).float().mean()}

@@ -148,6 +148,10 @@ class ViewRows:
     def __len__(self) -> int:
         return len(self.views)
 
+    def index_device(self, device: torch.device | str) -> torch.device:
+        """Where positions into these rows are best computed: where :meth:`take` reads them."""
+        return self.store.device if self.maps is None else torch.device(device)
+
     def take(self, flat: torch.Tensor, device: torch.device | str) -> torch.Tensor:
         """Tokens ``(U, D')`` float16 at positions ``flat``, on ``device``."""
         if self.maps is None:

@@ -666,3 +666,107 @@ def test_build_knn_never_includes_self(monkeypatch):
 def test_build_knn_needs_two_views():
     with pytest.raises(DataError, match="2 views"):
         build_knn(torch.randn(1, 4, 2, 2), 3)
+
+
+# ---------------------------------------------------------------------------- extraction passes and batches
+
+class RecordingBackbone(CountingBackbone):
+    """CountingBackbone that also records each batch's input shape."""
+
+    def __init__(self, inner: Backbone):
+        super().__init__(inner)
+        self.shapes: list[tuple[int, ...]] = []
+
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        self.shapes.append(tuple(images.shape))
+        return super().features(images)
+
+
+def test_an_images_eval_and_mirror_views_share_one_backbone_pass(tiny_cfg, ds, ids):
+    cache = FeatureCache(tiny_cfg, "tiny")
+    backbone = RecordingBackbone(load_backbone(tiny_cfg.backbone))
+    assert cache.ensure(ds, ids, cache.eval_kinds, backbone=backbone, progress=False, batch_images=4) == \
+        {"eval": 6, "mirror": 6}
+    # 6 images, each read once, in batches of 4 + 2 images of 2 views each (two passes of one kind each: 4 calls)
+    assert [s[0] for s in backbone.shapes] == [8, 4] and backbone.images == 12
+    only_mirror = FeatureCache(tiny_cfg, "tiny")
+    for image_id in ids[:3]:
+        only_mirror.path("mirror", image_id).unlink()
+    backbone = RecordingBackbone(load_backbone(tiny_cfg.backbone))
+    assert only_mirror.ensure(ds, ids, cache.eval_kinds, backbone=backbone, progress=False) == {"eval": 0, "mirror": 3}
+    assert backbone.images == 3  # the missing mirror views only
+    reference = load_backbone(tiny_cfg.backbone)
+    for image_id in ids[:3]:
+        view = eval_view(ds.load_image(image_id), tiny_cfg.data.eval_short_side, 14)[None]
+        mirrored = reference.features(view.flip(-1))[0].flip(-1).half()
+        assert torch.allclose(only_mirror.load_mirror(image_id).float(), mirrored.float(), atol=2e-3)
+
+
+def test_whole_images_of_one_size_share_batches(tiny_cfg, tmp_path):
+    root = make_tiny_dataset(tmp_path / "data", sites={"s1": 6})
+    ds = open_dataset("tiny", root)
+    ids = ds.ids()
+    from PIL import Image
+
+    for image_id in ids[1::2]:  # every other image twice as wide: sizes alternate in the dataset's order
+        sample = ds.sample(image_id)
+        Image.open(sample.image_path).resize((2 * TINY_W, TINY_H)).save(sample.image_path, quality=95)
+        Image.open(sample.label_path).resize((2 * TINY_W, TINY_H), Image.NEAREST).save(sample.label_path)
+    backbone = RecordingBackbone(load_backbone(tiny_cfg.backbone))
+    cfg = tiny_cfg.with_overrides({"data.eval_flip": False})
+    FeatureCache(cfg, "tiny").ensure(ds, ids, ["eval"], backbone=backbone, progress=False, batch_images=4)
+    assert [s[0] for s in backbone.shapes] == [3, 3]  # without sorting by size: six batches of one image
+    assert len({s[-1] for s in backbone.shapes}) == 2
+
+
+def test_dataloader_workers_write_the_same_features(tiny_cfg, tmp_path, ds, ids):
+    serial = FeatureCache(tiny_cfg, "tiny")
+    serial.ensure(ds, ids, ["train", "eval"], progress=False)
+    workers = FeatureCache(tiny_config(tiny_cfg.data.root, tmp_path / "other",
+                                       **{"data.extract_workers": 2, "data.extract_batch": 3}), "tiny")
+    workers.ensure(ds, ids, ["train", "eval"], progress=False)
+    for kind in ("train", "eval"):
+        for image_id in ids:
+            assert np.array_equal(np.load(serial.path(kind, image_id)), np.load(workers.path(kind, image_id)))
+
+
+def test_a_bad_image_read_by_a_worker_is_skipped_or_named(tiny_cfg, tmp_path):
+    root = make_tiny_dataset(tmp_path / "data", sites={"s1": 5})
+    ds = open_dataset("tiny", root)
+    ids = ds.ids()
+    bad = Path(ds.sample(ids[2]).image_path)
+    bad.write_bytes(bad.read_bytes()[:-300])  # header reads, data does not: caught by the worker's read
+    cfg = tiny_config(root, tmp_path / "cache", **{"data.extract_workers": 1})
+    with pytest.raises(DataError) as err:
+        FeatureCache(cfg, "tiny").ensure(ds, ids, ["train"], progress=False, batch_images=4)
+    assert str(bad) in str(err.value)
+    skipping = FeatureCache(cfg.with_overrides({"data.on_bad_image": "skip"}), "tiny")
+    skipping.ensure(ds, ids, ["train"], progress=False)
+    assert list(skipping.skipped["train"]) == [ids[2]] and str(bad) in skipping.skipped["train"][ids[2]]
+    assert npy_files(skipping.dir("train")) == sorted(f"{i}.npy" for i in ids if i != ids[2])
+
+
+def test_extraction_defaults_follow_the_device():
+    cpu, gpu = torch.device("cpu"), torch.device("cuda")
+    assert cache_mod.extraction_workers(None, cpu) == 0 and cache_mod.extraction_workers(3, cpu) == 3
+    assert cache_mod.extraction_workers(None, gpu) == max(0, min(4, (os.cpu_count() or 1) - 1))
+    assert (cache_mod.extraction_batch(None, cpu), cache_mod.extraction_batch(None, gpu)) == (4, 16)
+    assert cache_mod.extraction_batch(7, gpu) == 7
+    passes = cache_mod.extraction_passes({"train": ["a"], "eval": ["a", "b"], "mirror": ["b", "c"]})
+    assert passes == [(("train",), ["a"]), (("eval",), ["a"]), (("eval", "mirror"), ["b"]), (("mirror",), ["c"])]
+
+
+def test_backbone_autocast_is_part_of_the_cache_key_and_close_to_float32(tiny_cfg, ds, ids):
+    half = tiny_cfg.with_overrides({"backbone.autocast": "bfloat16"})
+    full_cache, half_cache = FeatureCache(tiny_cfg, "tiny"), FeatureCache(half, "tiny")
+    assert full_cache.key("train") != half_cache.key("train")
+    assert FeatureCache(tiny_cfg.with_overrides({"backbone.autocast": "none"}), "tiny").key("train") == \
+        full_cache.key("train")
+    full_cache.ensure(ds, ids[:2], ["train"], progress=False)
+    half_cache.ensure(ds, ids[:2], ["train"], progress=False)
+    for image_id in ids[:2]:
+        a = np.load(full_cache.path("train", image_id)).astype(np.float32)
+        b = np.load(half_cache.path("train", image_id)).astype(np.float32)
+        assert not np.array_equal(a, b)  # really computed in bfloat16
+        cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+        assert cosine.min() > 0.98

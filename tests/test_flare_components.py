@@ -765,6 +765,46 @@ def test_committed_simulator_workspace_policy_is_what_site_policy_writes(tmp_pat
         "project_admin": "none", "org_admin": "none", "lead": "none", "member": "none"}
 
 
+def test_site_policy_hands_a_sites_gpus_to_flare_and_keeps_the_kits_other_components(tmp_path):
+    from fuss_flare.site_policy import GPU_RESOURCE_CONSUMER, GPU_RESOURCE_MANAGER, install, main as policy_main
+
+    local = tmp_path / "kit" / "local"
+    local.mkdir(parents=True)
+    launcher = {"id": "process_launcher", "path": "nvflare.app_common.job_launcher.client_process_launcher."
+                                                  "ClientProcessJobLauncher", "args": {}}
+    kit_manager = {"id": "resource_manager", "path": GPU_RESOURCE_MANAGER,
+                   "args": {"num_of_gpus": 0, "mem_per_gpu_in_GiB": 0}}
+    (local / "resources.json.default").write_text(json.dumps({"components": [kit_manager, launcher]}))
+    install(tmp_path / "kit", gpus=(2, 39.49))
+    components = {c["id"]: c for c in _read_json(local / "resources.json")["components"]}
+    assert components["resource_manager"] == {"id": "resource_manager", "path": GPU_RESOURCE_MANAGER, "args": {
+        "num_of_gpus": 2, "mem_per_gpu_in_GiB": 39.5, "expiration_period": 300}}
+    assert components["resource_consumer"]["path"] == GPU_RESOURCE_CONSUMER
+    assert components["process_launcher"] == launcher and len(components) == 3  # replaced, not added twice
+    assert policy_main([str(tmp_path / "kit"), "--gpus", "1", "--gpu-memory", "16"]) == 0
+    manager = {c["id"]: c for c in _read_json(local / "resources.json")["components"]}["resource_manager"]
+    assert (manager["args"]["num_of_gpus"], manager["args"]["mem_per_gpu_in_GiB"]) == (1, 16.0)
+    # a site without GPUs (this machine, or --gpus 0) keeps what its kit configures
+    cpu_site = tmp_path / "cpu" / "local"
+    cpu_site.mkdir(parents=True)
+    (cpu_site / "resources.json.default").write_text(json.dumps({"components": [kit_manager, launcher]}))
+    assert policy_main([str(tmp_path / "cpu"), "--gpus", "0"]) == 0
+    assert _read_json(cpu_site / "resources.json")["components"] == [kit_manager, launcher]
+
+
+def test_export_asks_each_named_site_for_a_gpu_through_flares_resource_spec(tmp_path, capsys):
+    out = tmp_path / "jobs"
+    assert main(["export", "--preset", "camvid", "--set", "federation.site_gpu_memory_gb=12",
+                 "--out", str(out)]) == 0
+    meta = _read_json(out / "fuss_camvid" / "meta.json")
+    assert meta["resource_spec"] == {site: {"num_of_gpus": 1, "mem_per_gpu_in_GiB": 12.0}
+                                     for site in DEPLOY["camvid"]}
+    assert _read_json(REPO / "jobs" / "fuss_camvid" / "meta.json")["resource_spec"] == {}  # the default asks none
+    assert main(["export", "--preset", "camvid", "--set", "federation.site_gpu_memory_gb=12", "--deploy-all",
+                 "--out", str(tmp_path / "all")]) != 0
+    assert "--deploy-all" in capsys.readouterr().err
+
+
 def test_export_command_line_variants(tmp_path, capsys):
     out = tmp_path / "jobs"
     assert main(["export", "--preset", "camvid", "--rounds", "3", "--local-steps", "20", "--aggregator",

@@ -67,6 +67,9 @@ class FussExecutor(Executor):
 
             self._site = Site(load_site_config(fl_ctx, self.config_file), fl_ctx.get_identity_name(),
                               policy=load_site_policy(fl_ctx))
+            # FLARE's GPUResourceConsumer (or the simulator's -gpu, or the site) chose the visible GPU
+            self.log_info(fl_ctx, f"FUSS site {self._site.name}: device {self._site.device} "
+                                  f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")
         return self._site
 
     def execute(self, task_name: str, shareable: Shareable, fl_ctx: FLContext, abort_signal: Signal) -> Shareable:

@@ -142,6 +142,13 @@ def export(job, cfg: FussConfig, out_dir: str | Path, sites: tuple[list[str], li
         meta["deploy_map"] = {app: ["server", *names] for app in meta["deploy_map"]}
     if privacy_scope:
         meta["scope"] = privacy_scope
+    if cfg.federation.site_gpu_memory_gb is not None:
+        if not sites:
+            raise ConfigError("federation.site_gpu_memory_gb asks each site for a GPU by name (FLARE's "
+                              "resource_spec), so the job must name its sites: leave out --deploy-all")
+        meta["resource_spec"] = {flare_client_name(s): {"num_of_gpus": 1,
+                                                        "mem_per_gpu_in_GiB": cfg.federation.site_gpu_memory_gb}
+                                 for s in sites[0] + sites[1]}
     (target / "meta.json").write_text(json.dumps(meta, indent=4) + "\n")
     return target
 

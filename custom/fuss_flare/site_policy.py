@@ -12,8 +12,15 @@ Custom code (FLARE's BYOC: a job folder with a ``custom/`` folder) is governed b
 ``local/authorization.json``; :data:`HOSPITAL_AUTHORIZATION` grants it to nobody, so a job that ships a
 ``fuss_flare/filters.py`` of its own is refused by the site before any of its code is imported.
 
+GPUs: FLARE hands a site's GPUs to jobs through the ``GPUResourceManager`` in ``local/resources.json``; a job whose
+``meta.json`` asks for one (``resource_spec``, from ``federation.site_gpu_memory_gb``) starts only where it is
+free, and the ``GPUResourceConsumer`` gives the job's process that GPU (``CUDA_VISIBLE_DEVICES``). This tool writes
+both, with the GPUs this machine has (or ``--gpus`` / ``--gpu-memory``); a site without a GPU keeps what its kit
+configures.
+
     python -m fuss_flare.site_policy simulator_workspace          # the simulator's workspace (its local/)
     python -m fuss_flare.site_policy <kit> --no-byoc              # a provisioned site's startup kit
+    python -m fuss_flare.site_policy <kit> --gpus 2 --gpu-memory 40
 """
 
 from __future__ import annotations
@@ -58,12 +65,38 @@ HOSPITAL_AUTHORIZATION = {
 }
 
 
-def install(participant: str | Path, byoc: bool = True) -> list[Path]:
+GPU_RESOURCE_MANAGER = "nvflare.app_common.resource_managers.gpu_resource_manager.GPUResourceManager"
+GPU_RESOURCE_CONSUMER = "nvflare.app_common.resource_consumers.gpu_resource_consumer.GPUResourceConsumer"
+
+
+def host_gpus() -> tuple[int, float]:
+    """(number of GPUs, GiB of the smallest) on this machine; (0, 0.0) without CUDA."""
+    try:
+        import torch
+
+        count = torch.cuda.device_count()
+        if not count:
+            return 0, 0.0
+        return count, min(torch.cuda.get_device_properties(i).total_memory for i in range(count)) / (1 << 30)
+    except Exception:  # no torch with CUDA, no driver
+        return 0, 0.0
+
+
+def gpu_components(num_gpus: int, memory_gib: float) -> list[dict]:
+    """The ``resources.json`` components that hand ``num_gpus`` GPUs of ``memory_gib`` GiB each to jobs."""
+    return [{"id": "resource_manager", "path": GPU_RESOURCE_MANAGER,
+             "args": {"num_of_gpus": num_gpus, "mem_per_gpu_in_GiB": round(memory_gib, 1),
+                      "expiration_period": 300}},
+            {"id": "resource_consumer", "path": GPU_RESOURCE_CONSUMER, "args": {}}]
+
+
+def install(participant: str | Path, byoc: bool = True, gpus: tuple[int, float] | None = None) -> list[Path]:
     """Write the FUSS class allow list into ``<participant>/local/resources.json`` (keeping what the kit's
     ``resources.json`` or ``resources.json.default`` already configures), the default disclosure policy into
     ``local/fuss_policy.json`` unless the participant has one (``fuss_components.disclosure``: the site edits its
     bounds there), and with ``byoc=False`` the no-custom-code authorization policy into
-    ``local/authorization.json`` and no streaming of the site's logs to the server. Returns the files written."""
+    ``local/authorization.json`` and no streaming of the site's logs to the server, and with ``gpus`` = (count,
+    GiB) > 0 FLARE's GPU resource manager and consumer for them (replacing the kit's). Returns the files written."""
     from fuss_components.disclosure import POLICY_FILE, DisclosurePolicy
 
     local = Path(participant) / "local"
@@ -75,6 +108,10 @@ def install(participant: str | Path, byoc: bool = True) -> list[Path]:
     resources["class_list_enforcement_mode"] = "enforce"  # "warn" would build unlisted classes anyway
     if not byoc:
         resources["allow_log_streaming"] = False  # site logs (tracebacks, paths) stay on the site
+    if gpus and gpus[0] > 0:
+        kept = [c for c in resources.get("components", []) if c.get("id") not in ("resource_manager",
+                                                                                  "resource_consumer")]
+        resources["components"] = gpu_components(*gpus) + kept
     target.write_text(json.dumps(resources, indent=2) + "\n")
     written = [target]
     disclosure = local / POLICY_FILE
@@ -92,9 +129,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m fuss_flare.site_policy", description=__doc__.split("\n\n")[0])
     parser.add_argument("participants", nargs="+", help="startup kit or simulator workspace folders")
     parser.add_argument("--no-byoc", action="store_true", help="also forbid custom code to every role")
+    parser.add_argument("--gpus", type=int, default=None,
+                        help="GPUs FLARE may hand to jobs (default: the GPUs of this machine; 0: leave the kit's)")
+    parser.add_argument("--gpu-memory", type=float, default=None, help="GiB of each GPU (default: measured)")
     args = parser.parse_args(argv)
+    count, memory = host_gpus()
+    gpus = (count if args.gpus is None else args.gpus, memory if args.gpu_memory is None else args.gpu_memory)
+    if gpus[0] > 0 and not gpus[1] > 0:
+        parser.error("--gpus needs --gpu-memory on a machine whose GPUs cannot be measured")
     for folder in args.participants:
-        for path in install(folder, byoc=not args.no_byoc):
+        for path in install(folder, byoc=not args.no_byoc, gpus=gpus):
             print(f"wrote {path}")
     return 0
 
