@@ -15,9 +15,10 @@ projection at extraction would give the same numbers up to one float16 rounding 
 ``full`` is the unprojected baseline of the same run.
 
 Results: ``docs/results/channels.json`` (per variant and seed: dev mIoU of every round and the final; the bytes
-per image of each width).
+per image of each width; with ``--steps`` the seconds of a training step at each width, for ViT-S/14's and
+ViT-B/8's shapes).
 
-    python -m benchmarks.channels --seeds 0 1 2
+    python -m benchmarks.channels --seeds 0 1 2 --steps
 """
 
 from __future__ import annotations
@@ -74,12 +75,63 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--work", default="runs/channels")
     parser.add_argument("--out", default=str(RESULTS / "channels.json"))
+    parser.add_argument("--steps", action="store_true", help="also time a training step at every width (synthetic "
+                                                             "features of ViT-S/14's and ViT-B/8's shapes)")
     return parser
 
 
 def bytes_per_image(channels: int, grid: int = 16, views: int = 5) -> int:
     """float16 bytes of one image's cached training views (ViT-S/14 at 224 px: a 16 x 16 grid)."""
     return views * channels * grid * grid * 2
+
+
+# backbone: (D', tokens a side at 224 px, widths timed; None = all D')
+STEP_SHAPES = {"vit_small_patch14_dinov2": (384, 16, (None, 192, 144)),
+               "vit_base_patch8_224": (768, 28, (None, 384, 288))}
+
+
+def step_seconds(name: str, side: int, width: int | None, images: int = 60, steps: tuple[int, int] = (5, 25),
+                 repeats: int = 3) -> float:
+    """Seconds of one training step (default config, ``train.precision`` auto) on synthetic cached features of
+    ``width`` channels (None: the backbone's own), as ``benchmarks.speed`` times it: the difference of two round
+    lengths, median of ``repeats``."""
+    import torch
+
+    from fuss_components.backbones import feature_dim
+    from fuss_components.site import init_global_state
+    from fuss_components.trainer import LocalTrainer
+    from fuss_components.views import MemoryViews, TrainFeatures
+
+    cfg = FussConfig.from_dict({"backbone": {"name": name, "project_dim": width}, "federation": {"rounds": 1},
+                                "train": {"num_clusters": 27}})
+    torch.manual_seed(0)
+    views = images * 5
+    pool = MemoryViews.empty(views, feature_dim(cfg.backbone), side, side)
+    pool.tokens.copy_(torch.randn(pool.tokens.shape).half())
+    trainer = LocalTrainer(TrainFeatures(pool, [f"i{v // 5}" for v in range(views)], torch.randint(views, (views, 7))),
+                           cfg, "bench", 27)
+    state = init_global_state(cfg, 27)
+
+    def length(count: int) -> float:
+        started = time.perf_counter()
+        trainer.train(state, 0, steps=count)
+        return time.perf_counter() - started
+
+    length(3)
+    return statistics.median((length(steps[1]) - length(steps[0])) / (steps[1] - steps[0]) for _ in range(repeats))
+
+
+def measure_steps() -> dict:
+    """Step seconds and cache bytes an image for every width of :data:`STEP_SHAPES`, in one run."""
+    out = {}
+    for name, (full, side, widths) in STEP_SHAPES.items():
+        for width in widths:
+            channels = width or full
+            out[f"{name}/{channels}"] = {"channels": channels, "step_seconds": step_seconds(name, side, width),
+                                         "train_bytes_per_image": bytes_per_image(channels, side)}
+            print(f"{name} {channels} channels: {1000 * out[f'{name}/{channels}']['step_seconds']:.1f} ms a step",
+                  flush=True)
+    return out
 
 
 def main(args: argparse.Namespace) -> dict:
@@ -90,6 +142,9 @@ def main(args: argparse.Namespace) -> dict:
     report = json.loads(out.read_text()) if out.is_file() else {"runs": {}}
     report["train_bytes_per_image"] = {"full": bytes_per_image(384),
                                        **{name: bytes_per_image(k) for name, k in WIDTHS.items() if k}}
+    if args.steps:
+        report["steps"] = measure_steps()
+        atomic_write_json(out, report)
     for variant in args.variants:
         for seed in args.seeds:
             key = f"{variant}/seed{seed}"

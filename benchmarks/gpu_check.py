@@ -4,8 +4,9 @@ a view) on synthetic 480 x 360 images written here.
 
 Measured, on ``--device`` (``cuda`` on a GPU machine; ``cpu`` runs the same script as a rehearsal):
 
-* extraction: images/s of the site cache (five training views an image), with the GPU's utilisation sampled by
-  ``nvidia-smi`` while it runs (where present);
+* extraction: images/s of the site cache (five training views an image), in float32 and with
+  ``backbone.autocast = "bfloat16"``, with the GPU's utilisation sampled by ``nvidia-smi`` while it runs (where
+  present) and the peak GPU memory of each part;
 * training: steps/s of the real ``LocalTrainer`` (the difference of two rounds of different lengths, so the
   round's fixed part is excluded), in the configured precision;
 * evaluation: images/s of ``Site.validate`` (whole-image features extracted, then scored);
@@ -155,19 +156,25 @@ def main(args: argparse.Namespace) -> dict:
         report["card"] = torch.cuda.get_device_name(0)
         report["gpu_memory_gb"] = torch.cuda.get_device_properties(0).total_memory / 2**30
 
+    for key, variant in (("extraction", cfg), ("extraction_bf16_autocast",
+                                                  cfg.with_overrides({"backbone.autocast": "bfloat16"}))):
+        site = Site(variant, "s1")
+        reset_peak(args.device)
+        with Utilisation() as util:
+            started = time.perf_counter()
+            site.prepare(progress=False)
+            sync(args.device)
+            seconds = time.perf_counter() - started
+        report[key] = {"images": args.images, "seconds": seconds, "images_per_second": args.images / seconds,
+                       "batch_images": variant.data.extract_batch, "gpu_utilisation_percent": util.summary(),
+                       **peak(args.device)}
+        print(f"{key}: {args.images / seconds:.1f} images/s", flush=True)
     site = Site(cfg, "s1")
-    with Utilisation() as util:
-        started = time.perf_counter()
-        site.prepare(progress=False)
-        sync(args.device)
-        seconds = time.perf_counter() - started
-    report["extraction"] = {"images": args.images, "seconds": seconds, "images_per_second": args.images / seconds,
-                            "gpu_utilisation_percent": util.summary()}
-    print(f"extraction: {args.images / seconds:.1f} images/s", flush=True)
 
     trainer = site.trainer
     state = init_global_state(cfg)
     trainer.train(state, 0, steps=2)  # warm-up: kernels, allocator
+    reset_peak(args.device)
     rounds = {}
     with Utilisation() as util:
         for steps in args.steps:
@@ -180,11 +187,11 @@ def main(args: argparse.Namespace) -> dict:
     step = (rounds[long] - rounds[short]) / (long - short)
     report["training"] = {"round_seconds": {str(k): v for k, v in rounds.items()}, "seconds_per_step": step,
                           "steps_per_second": 1 / step, "gpu_utilisation_percent": util.summary()}
-    if args.device.startswith("cuda"):
-        report["training"]["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+    report["training"].update(peak(args.device))  # with the site's views on the GPU when they fit
     print(f"training: {1 / step:.2f} steps/s", flush=True)
 
     val = Site(cfg, "val")
+    reset_peak(args.device)
     with Utilisation() as util:
         started = time.perf_counter()
         metrics = val.validate(result.state)
@@ -192,7 +199,7 @@ def main(args: argparse.Namespace) -> dict:
         seconds = time.perf_counter() - started
     report["evaluation"] = {"images": args.validation_images, "seconds": seconds,
                             "images_per_second": args.validation_images / seconds, "miou": metrics["miou"],
-                            "gpu_utilisation_percent": util.summary()}
+                            "gpu_utilisation_percent": util.summary(), **peak(args.device)}
     print(f"evaluation (extraction included): {args.validation_images / seconds:.1f} images/s", flush=True)
 
     if not args.no_simulator:
@@ -203,6 +210,16 @@ def main(args: argparse.Namespace) -> dict:
     if not args.work:
         shutil.rmtree(work, ignore_errors=True)
     return report
+
+
+def reset_peak(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats()
+
+
+def peak(device: str) -> dict:
+    """The GPU memory the measured part allocated at most (what a site's ``site_gpu_memory_gb`` must cover)."""
+    return {"peak_gpu_memory_gb": torch.cuda.max_memory_allocated() / 2**30} if device.startswith("cuda") else {}
 
 
 def _permissive_policy(work: Path) -> Path:

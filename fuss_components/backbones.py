@@ -19,7 +19,7 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
-from .config import BackboneConfig
+from .config import BackboneConfig, ConfigError
 from .paths import DEFAULT_WEIGHTS_FILE, backbone_weights
 
 log = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class Backbone:
     feature_dim: int
     identity: str  # what makes two backbones produce the same numbers (goes into the cache key)
     autocast: torch.dtype | None = None  # backbone.autocast: the dtype of the pass's matrix products, None = float32
+    projection: torch.Tensor | None = None  # (D' of the ViT, feature_dim): backbone.project_dim, None = identity
 
     @torch.no_grad()
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -60,7 +61,10 @@ class Backbone:
             (feats,) = self.model.forward_intermediates(
                 images, indices=[self.block], norm=True, stop_early=True, output_fmt="NCHW", intermediates_only=True
             )
-        return feats.float()
+        feats = feats.float()
+        if self.projection is not None:
+            feats = torch.einsum("bchw,ck->bkhw", feats, self.projection.to(feats.device))
+        return feats
 
     def to(self, device: torch.device | str) -> "Backbone":
         self.model.to(device)
@@ -68,8 +72,30 @@ class Backbone:
 
 
 def feature_dim(cfg: BackboneConfig) -> int:
-    """Channel count D' of the features, without loading any weights."""
-    return _architecture(cfg.name).num_features
+    """Channel count D' of the features (``backbone.project_dim`` when set), without loading any weights."""
+    full = _architecture(cfg.name).num_features
+    if cfg.project_dim is None:
+        return full
+    if cfg.project_dim >= full:
+        raise ConfigError(f"backbone.project_dim={cfg.project_dim} must be below the {full} channels of "
+                          f"{cfg.name} (null keeps them all)")
+    return cfg.project_dim
+
+
+@lru_cache(maxsize=8)
+def _projection(full: int, dim: int, seed: int) -> torch.Tensor:
+    """The (full, dim) matrix with orthonormal columns of ``backbone.project_dim``: a function of its arguments only
+    (drawn in float64 from its own generator), so every site of a federation computes the same one."""
+    gaussian = torch.randn(full, dim, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    basis, upper = torch.linalg.qr(gaussian)
+    return (basis * torch.sign(torch.diagonal(upper))).float()  # signs fixed: the same whatever LAPACK's convention
+
+
+def projection_matrix(cfg: BackboneConfig) -> torch.Tensor | None:
+    """The projection of ``backbone.project_dim`` (None without one)."""
+    if cfg.project_dim is None:
+        return None
+    return _projection(_architecture(cfg.name).num_features, feature_dim(cfg), cfg.project_seed)
 
 
 def patch_size(cfg: BackboneConfig) -> int:
@@ -111,8 +137,12 @@ def backbone_identity(cfg: BackboneConfig) -> str:
         if not Path(weights).is_file():
             raise WeightsError(f"backbone weights file not found: {weights}")
         source = "sha256:" + sha256_file(weights)
-    identity = f"{cfg.name}|{source}|block={cfg.block}"
-    return identity if cfg.autocast == "none" else f"{identity}|autocast={cfg.autocast}"  # float32 keys unchanged
+    identity = f"{cfg.name}|{source}|block={cfg.block}"  # the keys of float32, all-channel caches stay as they were
+    if cfg.autocast != "none":
+        identity += f"|autocast={cfg.autocast}"
+    if cfg.project_dim is not None:
+        identity += f"|project={cfg.project_dim},seed={cfg.project_seed}"
+    return identity
 
 
 def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Backbone:
@@ -135,7 +165,8 @@ def load_backbone(cfg: BackboneConfig, device: str | torch.device = "cpu") -> Ba
     if not 0 <= block < n_blocks:
         raise WeightsError(f"backbone.block={cfg.block} is out of range for {cfg.name} ({n_blocks} blocks)")
     autocast = None if cfg.autocast == "none" else getattr(torch, cfg.autocast)
-    backbone = Backbone(model, block, _patch_side(model), model.num_features, backbone_identity(cfg), autocast)
+    backbone = Backbone(model, block, _patch_side(model), feature_dim(cfg), backbone_identity(cfg), autocast,
+                        projection_matrix(cfg))
     return backbone.to(device)
 
 

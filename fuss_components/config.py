@@ -45,10 +45,20 @@ class BackboneConfig:
     # (autocast; on a GPU about 2 x the images/s). Part of the cache key: features of another precision are
     # extracted again, never mixed. "none" by default: the recorded results use float32 features.
     autocast: str = "none"
+    # Channels the features keep: None = all D' of the backbone; k < D' = a random projection to k channels, by a
+    # (D', k) matrix with orthonormal columns drawn from `project_seed`: the same at every site, as the federation's
+    # head must read the same channels everywhere (a per-site PCA would not). Applied where the backbone runs
+    # (extraction, prediction, exported models); part of the cache key. k / D' of the cache's disk and of the
+    # head's first layer; 192 of ViT-S/14's 384 cost nothing measurable on camvid's development split
+    # (docs/results.md, section 11).
+    project_dim: int | None = None
+    project_seed: int = 0  # seed of the projection matrix of project_dim (the job's, so the same at every site)
 
     def validate(self) -> None:
         if self.sha256 is not None and len(self.sha256) != 64:
             raise ConfigError("backbone.sha256 must be 64 hex digits")
+        if self.project_dim is not None and self.project_dim < 1:
+            raise ConfigError("backbone.project_dim must be >= 1 (or null: all of the backbone's channels)")
         if self.autocast not in AUTOCAST_DTYPES:
             raise ConfigError(f"backbone.autocast must be one of {AUTOCAST_DTYPES}, got {self.autocast!r}")
 

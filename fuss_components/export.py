@@ -75,6 +75,9 @@ class SegmenterModule(nn.Module):
         self.norm = vit.norm
         self.pos_embed = _PositionEmbedding(vit)
         self.head = copy.deepcopy(head)
+        # backbone.project_dim: the channels the head reads (an empty matrix when it reads them all)
+        self.projected = backbone.projection is not None
+        self.register_buffer("projection", backbone.projection.clone() if self.projected else torch.zeros(0, 0))
         self.register_buffer("mean", torch.tensor(IMAGENET_MEAN).view(3, 1, 1))
         self.register_buffer("std", torch.tensor(IMAGENET_STD).view(3, 1, 1))
         # normalised once here; predict normalises the same tensor the same way at every call
@@ -119,6 +122,8 @@ class SegmenterModule(nn.Module):
             views = 2
         tokens = self.norm_pre(self.pos_embed(self.patch_embed(pixels)))
         tokens = self.norm(self.blocks(tokens))[:, self.num_prefix_tokens:]
+        if self.projected:
+            tokens = tokens @ self.projection
         feats = tokens.reshape(views, view_h // self.patch, view_w // self.patch, -1).permute(0, 3, 1, 2)
         if self.eval_flip:
             feats = torch.stack([feats[0], feats[1].flip(-1)])  # the mirror view's features, mirrored back

@@ -126,6 +126,16 @@ class SiteData:
         return {SITE_CONFIG_ENV: str(self.config_file)}
 
 
+def site_environments(site_data: dict[str, "SiteData"], gpus: str | None) -> dict[str, dict[str, str]]:
+    """Each site's start environment; with ``gpus`` (``"0,1"``) the sites get those GPUs in turn, one each, as
+    ``CUDA_VISIBLE_DEVICES`` (several sites on one machine, each on its own GPU)."""
+    ids = [g.strip() for g in gpus.split(",") if g.strip()] if gpus else []
+    envs = {}
+    for i, (name, data) in enumerate(site_data.items()):
+        envs[name] = data.env() | ({"CUDA_VISIBLE_DEVICES": ids[i % len(ids)]} if ids else {})
+    return envs
+
+
 def subsample(ids: list[str], count: int | None) -> list[str]:
     """``count`` ids spread evenly over ``ids`` (all of them when count is None or larger)."""
     ids = sorted(ids)
@@ -748,6 +758,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--privacy-scope", default="", help="privacy scope the job asks for")
     p.add_argument("--cache-dir", help="feature cache shared by the sites (default: one per site in the run "
                                        "folder, or $FUSS_CACHE_DIR)")
+    p.add_argument("--gpus", help="GPU ids the sites get in turn, one each (CUDA_VISIBLE_DEVICES), e.g. 0,1,2,3")
     p.add_argument("--workdir", help="run folder (default: a new folder under the system temp dir)")
     p.add_argument("--out", default="runs/poc", help="where the downloaded results go (default runs/poc)")
     p.add_argument("--keep", action="store_true", help="keep the run folder (kits, logs) after stopping")
@@ -842,7 +853,7 @@ def run(args: argparse.Namespace, after_job: Callable | None = None) -> dict:
             fed.install_privacy_policy(Path(args.privacy_json))
         log(f"{args.mode} kits in {fed.kits[fed.server_name].parent}; server localhost:{fed.fl_port}, "
             f"admin port {fed.admin_port}")
-        fed.start({s: d.env() for s, d in site_data.items()})
+        fed.start(site_environments(site_data, args.gpus))
         _raise_if_interrupted()
         log(f"server and {len(sites)} sites connected")
         # 4. submit, follow

@@ -269,3 +269,27 @@ def test_shared_weights_wrong_sha256(shared):
     with pytest.raises(WeightsError) as err:
         load_backbone(BackboneConfig(name="vit_small_patch14_dinov2", weights=str(weights), sha256=wrong))
     assert wrong in str(err.value) and SHARED_SHA256 in str(err.value)
+
+
+def test_projected_features_are_the_features_times_one_shared_orthonormal_matrix(images):
+    from dataclasses import replace
+
+    from fuss_components.backbones import projection_matrix
+    from fuss_components.config import ConfigError
+
+    full = load_backbone(tiny_cfg())
+    cfg = replace(tiny_cfg(), project_dim=12, project_seed=3)
+    projected = load_backbone(cfg)
+    assert feature_dim(cfg) == projected.feature_dim == 12 and feature_dim(tiny_cfg()) == 32
+    matrix = projection_matrix(cfg)
+    assert matrix.shape == (32, 12)
+    assert torch.allclose(matrix.T @ matrix, torch.eye(12), atol=1e-6)  # orthonormal columns
+    # a function of (D', k, seed) only: what every site of a federation computes, and another seed differs
+    assert torch.equal(matrix, projection_matrix(replace(cfg)))
+    assert not torch.allclose(matrix, projection_matrix(replace(cfg, project_seed=4)))
+    expected = torch.einsum("bchw,ck->bkhw", full.features(images), matrix)
+    assert torch.allclose(projected.features(images), expected, atol=1e-5)
+    assert backbone_identity(cfg) != backbone_identity(tiny_cfg())  # a cache key of its own
+    assert backbone_identity(cfg) != backbone_identity(replace(cfg, project_seed=4))
+    with pytest.raises(ConfigError, match="project_dim=32 must be below the 32 channels"):
+        feature_dim(replace(cfg, project_dim=32))

@@ -770,3 +770,19 @@ def test_backbone_autocast_is_part_of_the_cache_key_and_close_to_float32(tiny_cf
         assert not np.array_equal(a, b)  # really computed in bfloat16
         cosine = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
         assert cosine.min() > 0.98
+
+
+def test_a_projected_cache_stores_fewer_channels_and_trains(tiny_cfg, ds, ids):
+    from fuss_components.site import Site, init_global_state, resolve_partition
+
+    cfg = tiny_cfg.with_overrides({"backbone.project_dim": 16})
+    cache = FeatureCache(cfg, "tiny")
+    assert cache.key("train") != FeatureCache(tiny_cfg, "tiny").key("train")
+    cache.ensure(ds, ids[:2], ["train", "eval"], progress=False)
+    assert np.load(cache.path("train", ids[0])).shape == (5, 16, 2, 2)
+    assert cache.bytes_needed(ds, "train", ids) == 6 * (5 * 16 * 2 * 2 * 2 + 228)  # half of 32 channels' bytes
+    site = Site(cfg, "s1", resolve_partition(cfg))
+    result = site.train(init_global_state(cfg), 0)
+    assert result.state["head.linear.weight"].shape[1] == 16
+    scores = Site(cfg, "s3", resolve_partition(cfg)).validate(result.state)  # evaluation reads projected features
+    assert 0.0 <= scores["miou"] <= 1.0 and scores["num_images"] == len(ds.ids(site="s3"))

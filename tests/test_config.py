@@ -330,7 +330,7 @@ def test_field_comments_join_the_lines_above_a_field_and_its_own_comment():
 def test_every_key_has_a_description_and_a_row_with_its_default():
     reference = render_reference()
     rows = [line.split("`")[1] for line in reference.splitlines() if line.startswith("| `")]
-    assert sorted(rows) == sorted(_dotted_keys(FussConfig().to_dict())) and len(rows) == 94
+    assert sorted(rows) == sorted(_dotted_keys(FussConfig().to_dict())) and len(rows) == 96
     for prefix, cls in _sections(FussConfig):
         comments, hints = field_comments(cls), typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):

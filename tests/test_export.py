@@ -437,3 +437,17 @@ def test_export_speed_benchmark_runs_on_two_images(tiny_model, tiny_images, tmp_
         assert figures["ratio_vs_predict_eager"] == pytest.approx(
             figures["seconds_per_image"] / result["predict_eager_seconds_per_image"])
     assert list((tmp_path / "work").iterdir()) == []  # the temporary folder is gone
+
+
+def test_exported_labels_equal_predict_with_projected_features(tiny_data_root, tiny_images, tmp_path):
+    """backbone.project_dim travels in the model's config: predict and the exported module both project."""
+    cfg = tiny_config(tiny_data_root, tmp_path / "cache", **{"backbone.project_dim": 16})
+    state = init_global_state(cfg)
+    assert state["head.linear.weight"].shape[1] == 16  # the head reads the projected channels
+    state["centroids"] = state["centroids"] + 0.3 * torch.randn(state["centroids"].shape,
+                                                                generator=torch.Generator().manual_seed(1))
+    model = save_model(tmp_path / "fuss_model.pt", state, cfg)
+    assert main(["export", "--model", str(model), "--format", "torchscript", "--out", str(tmp_path / "deploy")]) == 0
+    segmenter = torch.jit.load(str(tmp_path / "deploy" / MODULE_FILE))
+    masks = _predict_masks(model, tiny_images, tmp_path / "pred")
+    assert _agreement(segmenter, sorted(tiny_images.iterdir()), masks) >= MIN_AGREEMENT

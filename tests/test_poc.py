@@ -137,6 +137,15 @@ def test_every_site_of_a_project_is_its_own_org():
     assert (server["fed_learn_port"], server["admin_port"]) == (8100, 8101)
 
 
+def test_sites_on_one_machine_each_get_their_own_gpu(tmp_path):
+    sites = {name: fuss_poc.SiteData(name, tmp_path, tmp_path, tmp_path / "p.json", tmp_path / f"{name}.json")
+             for name in ("a", "b", "c")}
+    envs = fuss_poc.site_environments(sites, "0, 1")
+    assert [envs[n]["CUDA_VISIBLE_DEVICES"] for n in sites] == ["0", "1", "0"]
+    assert envs["b"][fuss_poc.SITE_CONFIG_ENV] == str(tmp_path / "b.json")
+    assert all("CUDA_VISIBLE_DEVICES" not in env for env in fuss_poc.site_environments(sites, None).values())
+
+
 # ---------------------------------------------------------------------------------------------- provisioned kits
 
 
