@@ -158,7 +158,7 @@ class SegmentationDataset:
         try:
             with Image.open(path) as im:
                 im.load()
-                return im.convert("RGB")
+                return to_rgb(im, path)
         except FileNotFoundError:
             raise DataError(f"image file missing: {path}") from None
         except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as exc:
@@ -388,6 +388,28 @@ def is_dicom_file(path: Path) -> bool:
             return f.read(len(DICOM_MAGIC)) == DICOM_MAGIC
     except OSError:
         return False
+
+
+HIGH_DEPTH_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I", "F")  # PIL's 16-bit, 32-bit integer and float greys
+
+
+def to_rgb(im: Image.Image, path: Path | str) -> Image.Image:
+    """An opened image as 8-bit RGB, the backbone's input. 8-bit images (any PIL mode: grey, palette, RGBA, CMYK,
+    and 16-bit-a-channel colour PNGs, which PIL reads at 8 bits) convert as PIL converts them. 16-bit, 32-bit and
+    floating-point grey images (X-ray, microscopy exports) map their own min..max onto 0..255 as DICOM images
+    without a window do (:func:`dicom_to_rgb`); PIL's own conversion would clip them to 255 and the backbone would
+    see a white (or, for floats in [0, 1], a black) frame. A constant high-depth image is a ``DataError`` naming
+    the file: nothing in it can be segmented."""
+    if im.mode not in HIGH_DEPTH_MODES:
+        return im.convert("RGB")
+    values = np.asarray(im, dtype=np.float64)
+    finite = values[np.isfinite(values)]
+    if finite.size == 0 or finite.min() == finite.max():
+        what = "no finite value" if finite.size == 0 else f"the constant value {finite.min():g}"
+        raise DataError(f"image {path} (mode {im.mode}) holds {what}: nothing to segment")
+    grey = _scale_to_uint8(np.nan_to_num(values, nan=finite.min(), posinf=finite.max(), neginf=finite.min()),
+                           (float(finite.min()), float(finite.max())))
+    return Image.fromarray(np.repeat(grey[:, :, None], 3, axis=2), "RGB")
 
 
 def dicom_to_rgb(path: Path) -> Image.Image:

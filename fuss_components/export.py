@@ -49,10 +49,11 @@ MODULE_FILES = {"torchscript": MODULE_FILE, "onnx": ONNX_FILE}
 CARD_FILE = "fuss_segmenter.json"
 ONNX_INPUT, ONNX_OUTPUT = "image", "labels"
 ONNX_OPSET = 18  # the first opset whose Resize has antialias, which the in-graph resize needs
-INPUT_SPEC = "uint8 tensor (H, W, 3), RGB, any size (resized inside the module as `fuss predict` does)"
+EIGHT_BIT = "16-bit or float grey images mapped to 0..255 by their own min..max first, as `fuss predict` does"
+INPUT_SPEC = f"uint8 tensor (H, W, 3), RGB, any size (resized inside the module as `fuss predict` does); {EIGHT_BIT}"
 OUTPUT_SPEC = "int64 tensor (H, W): the cluster id of every pixel"
 ONNX_INPUT_SPEC = (f"'{ONNX_INPUT}': uint8 array (H, W, 3), RGB, dynamic H and W (resized inside the graph as "
-                   "`fuss predict` does)")
+                   f"`fuss predict` does); {EIGHT_BIT}")
 ONNX_OUTPUT_SPEC = f"'{ONNX_OUTPUT}': int64 array (H, W): the cluster id of every pixel"
 RESIZE_RULE = ("short side -> eval_short_side, aspect kept, each side rounded (half to even) to a multiple of the "
                "patch size and at least one patch; bilinear with antialias on the normalised float image")

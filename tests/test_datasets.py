@@ -473,3 +473,73 @@ def test_cocostuff_bad_fine_id_names_file(tmp_path):
     with pytest.raises(DataError) as exc:
         ds.load_label("000000000103")
     assert str(path) in str(exc.value) and "[200]" in str(exc.value)
+
+
+# ---------------------------------------------------------------------------- bit depth
+
+def test_high_bit_depth_and_float_images_map_their_own_range_to_8_bits(tmp_path):
+    from fuss_components.datasets import to_rgb
+
+    rng = np.random.default_rng(0)
+    grey8 = rng.integers(0, 256, (12, 20)).astype(np.uint8)
+    grey8[0, 0], grey8[0, 1] = 0, 255  # full range: the mapping then gives back exactly these values
+    cases = {"png16.png": grey8.astype(np.uint16) * 257, "tif16.tif": grey8.astype(np.uint16) * 257,
+             "float.tif": grey8.astype(np.float32) / 255.0, "int32.tif": grey8.astype(np.int32) * 1000 - 50_000}
+    for name, array in cases.items():
+        Image.fromarray(array).save(tmp_path / name)
+        with Image.open(tmp_path / name) as im:
+            assert im.mode in ("I;16", "F", "I")
+            rgb = np.asarray(to_rgb(im, tmp_path / name))
+        assert rgb.dtype == np.uint8 and rgb.shape == (12, 20, 3), name
+        assert np.array_equal(rgb[..., 0], grey8) and np.array_equal(rgb[..., 1], grey8), name
+        # what PIL alone does: 16-bit values clipped to white, floats in [0, 1] nearly black
+        with Image.open(tmp_path / name) as im:
+            clipped = np.asarray(im.convert("RGB"))
+        assert not np.array_equal(clipped[..., 0], grey8), name
+    # a 16-bit narrow range (12-bit detector in a 16-bit file) is stretched, not left dark
+    Image.fromarray((grey8.astype(np.uint16) * 16)).save(tmp_path / "twelve.png")
+    with Image.open(tmp_path / "twelve.png") as im:
+        assert np.array_equal(np.asarray(to_rgb(im, "twelve.png"))[..., 2], grey8)
+    # 8-bit images convert as before
+    Image.fromarray(grey8).save(tmp_path / "eight.png")
+    with Image.open(tmp_path / "eight.png") as im:
+        assert np.array_equal(np.asarray(to_rgb(im, "eight.png"))[..., 0], grey8)
+    # a constant high-depth image is an error naming the file
+    Image.fromarray(np.full((8, 8), 1000, np.uint16)).save(tmp_path / "flat.png")
+    with Image.open(tmp_path / "flat.png") as im, pytest.raises(DataError, match=r"flat\.png .*constant value 1000"):
+        to_rgb(im, tmp_path / "flat.png")
+
+
+@pytest.mark.realdata
+def test_a_camvid_frame_saved_at_16_bits_or_as_floats_is_segmented_as_its_8_bit_original(shared, tmp_path):
+    """`fuss predict` (the real backbone; a model with spread random centroids) on one camvid frame as 8-bit grey
+    PNG and as 16-bit PNG, 16-bit TIFF and float32 TIFF holding the same grey values: the masks are equal (0
+    differing pixels allowed, since the conversion gives back the 8-bit values exactly)."""
+    import torch
+
+    from fuss_components.cli import main as fuss
+    from fuss_components.config import FussConfig
+    from fuss_components.runner import save_model
+    from fuss_components.site import init_global_state
+
+    frame = sorted((shared / "data" / "camvid" / "images").rglob("*.*"))[0]
+    grey = np.asarray(Image.open(frame).convert("L")).astype(np.float64)
+    grey8 = np.rint((grey - grey.min()) / (grey.max() - grey.min()) * 255).astype(np.uint8)  # full 0..255
+    folder = tmp_path / "images"
+    folder.mkdir()
+    Image.fromarray(grey8).save(folder / "eight.png")
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(folder / "sixteen.png")
+    Image.fromarray(grey8.astype(np.uint16) * 257).save(folder / "sixteen_tiff.tif")
+    Image.fromarray(grey8.astype(np.float32) / 255).save(folder / "float.tif")
+    cfg = FussConfig().with_overrides({"data.eval_flip": False})
+    state = init_global_state(cfg)
+    state["centroids"] = state["centroids"] + 0.5 * torch.randn(state["centroids"].shape,
+                                                                generator=torch.Generator().manual_seed(1))
+    model = save_model(tmp_path / "model.pt", state, cfg)
+    assert fuss(["predict", "--model", str(model), "--images", str(folder), "--out", str(tmp_path / "out")]) == 0
+    masks = {p.name: np.asarray(Image.open(p)) for p in (tmp_path / "out" / "masks").glob("*.png")}
+    assert len(masks) == 4, sorted(masks)
+    reference = masks.pop("eight.png")
+    assert len(np.unique(reference)) >= 3  # a real segmentation, not one cluster
+    for name, mask in masks.items():
+        assert np.array_equal(mask, reference), name
