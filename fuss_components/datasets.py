@@ -12,8 +12,9 @@ Layouts:
 
 * folder (``FolderDataset``): ``<root>/meta.json`` (``classes``, ``ignore_index``, ``items[]`` with ``id``,
   ``split``, ``site`` and optional descriptive fields), ``images/<split>/<id>.jpg``, ``labels/<split>/<id>.png``.
-  A key that is not in :data:`META_KEYS` (top level) or :data:`ITEM_KEYS` (an item) is refused, naming the
-  closest known key: a misspelt key would otherwise be ignored.
+  A key that is not in :data:`META_KEYS` (top level) or :data:`ITEM_KEYS` (an item) is descriptive: kept (an
+  item's in ``Sample.extra``), ignored and listed once in a warning; but one that is one edit away from a known
+  key (``clases``, ``spilt``) is refused naming that key, since a misspelt key would otherwise be ignored.
 * plain image folder (``ImageFolderDataset``): any folder without ``meta.json``; every image file below it
   (recursively, DICOM included) is one unlabeled training image of one site named after the folder. Such a dataset
   has ``has_labels = False``: extraction, training, site partitions and prediction work, while everything that
@@ -29,6 +30,7 @@ Layouts:
 from __future__ import annotations
 
 import json
+import logging
 import os
 import warnings
 from collections.abc import Sequence
@@ -39,6 +41,8 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from .config import did_you_mean
+
+log = logging.getLogger(__name__)
 
 __all__ = [
     "DataError",
@@ -303,12 +307,28 @@ ITEM_KEYS = frozenset({"id", "split", "site", "sequence", "frame", "width", "hei
                        "orig_size"})
 
 
-def _unknown_meta_key(where: str, keys: dict, known: frozenset[str]) -> None:
-    """``DataError`` for the first key of ``keys`` that is not ``known``, with the closest known keys."""
+def one_edit_apart(a: str, b: str) -> bool:
+    """Whether ``a`` becomes ``b`` by one insertion, deletion, substitution or swap of two neighbouring letters."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+                                  and a[diff[1]] == b[diff[0]])
+    short, long = sorted((a, b), key=len)
+    return any(long[:i] + long[i + 1:] == short for i in range(len(long)))
+
+
+def _unknown_meta_keys(where: str, keys: dict, known: frozenset[str]) -> list[str]:
+    """The keys of ``keys`` that are not ``known``: descriptive extras, returned to be kept and ignored; but a key
+    one edit away from a known one is a typo of a key that matters, and a ``DataError`` names the known one."""
     unknown = sorted(set(keys) - known)
-    if unknown:
-        hint = did_you_mean(unknown[0], known) or f"known keys: {', '.join(sorted(known))}"
-        raise DataError(f"{where}: unknown key {unknown[0]!r} ({hint})")
+    for key in unknown:
+        close = [k for k in sorted(known) if key.lower() == k or one_edit_apart(key.lower(), k)]
+        if close:
+            raise DataError(f"{where}: unknown key {key!r} (did you mean {' or '.join(map(repr, close))}?); a "
+                            f"descriptive key of your own needs a name further from the known ones")
+    return unknown
 
 
 class FolderDataset(SegmentationDataset):
@@ -331,7 +351,7 @@ class FolderDataset(SegmentationDataset):
             raise DataError(f"cannot read {meta_path}: {exc}") from None
         if not isinstance(meta, dict):
             raise DataError(f"{meta_path}: expected a JSON object")
-        _unknown_meta_key(str(meta_path), meta, META_KEYS)
+        extras = {"top level": _unknown_meta_keys(str(meta_path), meta, META_KEYS), "items": set()}
         classes = meta.get("classes")
         if not isinstance(classes, list) or not classes or not all(isinstance(c, str) for c in classes):
             raise DataError(f"{meta_path}: 'classes' must be a non-empty list of names")
@@ -353,7 +373,8 @@ class FolderDataset(SegmentationDataset):
         samples = []
         for n, it in enumerate(items):
             if isinstance(it, dict):
-                _unknown_meta_key(f"{meta_path}: items[{n}] (id {it.get('id')!r})", it, ITEM_KEYS)
+                extras["items"].update(_unknown_meta_keys(f"{meta_path}: items[{n}] (id {it.get('id')!r})", it,
+                                                          ITEM_KEYS))
             if not isinstance(it, dict) or not all(isinstance(it.get(k), str) and it.get(k) for k in
                                                    ("id", "split", "site")):
                 raise DataError(f"{meta_path}: items[{n}] needs non-empty string fields id, split and site")
@@ -368,6 +389,11 @@ class FolderDataset(SegmentationDataset):
             self._set_samples(samples)
         except DataError as exc:
             raise DataError(f"{meta_path}: {exc}") from None
+        #: the descriptive keys of this meta.json that FUSS does not read (kept: items' in ``Sample.extra``)
+        self.extra_keys = {where: sorted(keys) for where, keys in extras.items() if keys}
+        if self.extra_keys:
+            log.warning("%s: keys FUSS does not read, kept and ignored: %s", meta_path,
+                        "; ".join(f"{where}: {', '.join(keys)}" for where, keys in self.extra_keys.items()))
 
 
 # ====================================================================== plain image folder

@@ -247,14 +247,14 @@ def test_bad_meta_json(tmp_path):
 
 
 @pytest.mark.parametrize("where, key, hint", [
-    ("top", "clases", "did you mean 'classes' or 'num_classes'?)"),
-    ("top", "ignore_idx", "did you mean 'ignore_index'?)"),
-    ("top", "colours", "known keys: classes, count, fed_split_note, "),
-    ("item", "spilt", "did you mean 'split' or 'site'?)"),
+    ("top", "clases", "did you mean 'classes'?)"),
+    ("top", "Items", "did you mean 'items'?)"),
+    ("top", "ignore_indx", "did you mean 'ignore_index'?)"),
+    ("item", "spilt", "did you mean 'split'?)"),
     ("item", "widht", "did you mean 'width'?)"),
-    ("item", "patient", "known keys: fed_split, frame, height, id, orig_size, "),
+    ("item", "sites", "did you mean 'site'?)"),
 ])
-def test_unknown_meta_json_key_is_refused_with_the_closest_known_key(tmp_path, where, key, hint):
+def test_a_meta_json_key_one_edit_from_a_known_one_is_refused_naming_it(tmp_path, where, key, hint):
     root = make_folder_dataset(tmp_path)
     meta_path = root / "meta.json"
     meta = json.loads(meta_path.read_text())
@@ -264,6 +264,26 @@ def test_unknown_meta_json_key_is_refused_with_the_closest_known_key(tmp_path, w
     with pytest.raises(DataError) as err:
         FolderDataset(root)
     assert str(err.value).startswith(f"{place}: unknown key {key!r} ({hint}")
+
+
+def test_descriptive_meta_json_keys_of_a_new_dataset_are_kept_ignored_and_listed_once(tmp_path, caplog):
+    root = make_folder_dataset(tmp_path)
+    meta_path = root / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["acquisition_protocol"] = "chest PA"
+    meta["ignore_idx"] = 3  # two edits from ignore_index: a descriptive key, so not read (the default stays)
+    for n, item in enumerate(meta["items"]):
+        item.update({"patient_id": f"p{n % 3}", "scanner": "X200", "acquired": "2026-01-02"})
+    meta_path.write_text(json.dumps(meta))
+    with caplog.at_level("WARNING", logger="fuss_components.datasets"):
+        ds = FolderDataset(root)
+    assert ds.ignore_index == 255 and len(ds) == len(meta["items"])
+    assert ds.extra_keys == {"top level": ["acquisition_protocol", "ignore_idx"],
+                             "items": ["acquired", "patient_id", "scanner"]}
+    assert ds.sample(meta["items"][4]["id"]).extra["patient_id"] == "p1"  # kept with the item
+    warnings = [r.getMessage() for r in caplog.records if "kept and ignored" in r.getMessage()]
+    assert warnings == [f"{meta_path}: keys FUSS does not read, kept and ignored: top level: acquisition_protocol, "
+                        "ignore_idx; items: acquired, patient_id, scanner"]
 
 
 def test_shared_descriptive_meta_keys_are_accepted(tmp_path):
