@@ -109,6 +109,34 @@ def _run_job(fed, job: Path, dest: Path, timeout: float = 300, during=None) -> t
     return job_id, meta, result
 
 
+def _watch_stats(fed, job_id: str, snapshots: list, timeout: float = 240.0) -> None:
+    """``show_stats`` of the server and the clients, twice a second, until the job finishes."""
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (fed.session().get_job_meta(job_id).get("status") or "").startswith("FINISHED"):
+            return
+        try:
+            snapshots.append((fed.session().show_stats(job_id, "server"), fed.session().show_stats(job_id, "client")))
+        except Exception:  # the job is not running yet (or any more)
+            pass
+        time.sleep(0.5)
+
+
+def _groups(tree, name: str) -> list[dict]:
+    """Every value stored under key ``name`` anywhere in a nested reply."""
+    found = []
+    if isinstance(tree, dict):
+        for key, value in tree.items():
+            if key == name and isinstance(value, dict):
+                found.append(value)
+            else:
+                found.extend(_groups(value, name))
+    elif isinstance(tree, list):
+        for value in tree:
+            found.extend(_groups(value, name))
+    return found
+
+
 def _server_log(result: Path) -> str:
     """The server's log of a job, from the downloaded job (the server moves it to its job store at the end)."""
     return "".join(p.read_text(errors="replace") for p in sorted(result.rglob("workspace/log.txt")))
@@ -181,11 +209,26 @@ def test_job_with_site_policy_and_centroid_privacy(hospitals, hospital_data, tmp
     fed, clip, sigma = hospitals, 0.5, 0.5
     job = _job(hospital_data, tmp_path, "tiny_private", "--record-updates", "--centroid-clip", str(clip),
                "--centroid-noise", str(sigma))
-    job_id, meta, result = _run_job(fed, job, tmp_path / "result")
+    snapshots: list[tuple[dict, dict]] = []
+    job_id, meta, result = _run_job(fed, job, tmp_path / "result", during=lambda j: _watch_stats(fed, j, snapshots))
     assert meta["status"] == "FINISHED:COMPLETED", _server_log(result)[-4000:]
     app = _app_server(result)
     metrics = json.loads((app / "metrics.json").read_text())
     assert [r["accepted"] for r in metrics["rounds"]] == [HOSPITALS, HOSPITALS]
+
+    # the admin console while it ran: show_stats <job> server / client (FLARE's InfoCollector)
+    server = [s for snap, _ in snapshots for s in _groups(snap, "FussRecorder") if s.get("rounds_done")]
+    assert server, f"no show_stats snapshot after a finished round: {snapshots[-1:]}"
+    first = server[0]
+    assert first["last_round"]["accepted"] == HOSPITALS and first["last_round"]["rejected"] == {}
+    assert first["sites"] == {"hospital-a": "training site, 6 training images",
+                              "hospital-b": "training site, 5 training images",
+                              "hospital-c": "training and validation site, 4 training images"}
+    assert any(s.get("val_miou") is not None for s in server)
+    clients = [c for _, snap in snapshots for c in _groups(snap, "FussExecutor") if "metrics" in c]
+    assert {c["site"] for c in clients} >= set(HOSPITALS)
+    trained = [c for c in clients if c["role"].startswith("training") and c["round"] == 0]
+    assert trained and all(c["device"] == "cpu" and {"loss_self", "seconds"} <= set(c["metrics"]) for c in trained)
     assert metrics["rounds"][-1]["validation"]["hospital-c"]["num_images"] == 3
     for rec in metrics["rounds"]:
         for entry in rec["train"].values():

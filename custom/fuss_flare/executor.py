@@ -29,6 +29,7 @@ from nvflare.apis.utils.fl_context_utils import add_job_audit_event
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
+from nvflare.widgets.info_collector import InfoCollector
 
 from fuss_flare import (
     CONFIG_FILE,
@@ -55,11 +56,26 @@ class FussExecutor(Executor):
         self.config_file = config_file
         self.threads = threads
         self._site = None
+        self._last: dict = {}  # the last task's round and metrics, for the admin console's show_stats
 
     def handle_event(self, event_type: str, fl_ctx: FLContext):
         if event_type == EventType.START_RUN:
             fobs.register(TensorDecomposer)
             _limit_threads(self.threads or _fair_share(fl_ctx))
+        elif event_type == InfoCollector.EVENT_TYPE_GET_STATS:  # show_stats <job> client
+            collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR)
+            if collector is not None:
+                collector.add_info("FussExecutor", self.stats())
+
+    def stats(self) -> dict:
+        """The site's role, images and device, and its last round's metrics (losses, seconds, validation)."""
+        site = self._site
+        if site is None:
+            return {"state": "not started"}
+        role = " and ".join(r for r, on in (("training", site.is_training_site),
+                                            ("validation", site.is_validation_site)) if on)
+        return {"site": site.name, "role": role, "train_images": len(site.train_ids),
+                "validation_images": len(site.validation_ids), "device": str(site.device), **self._last}
 
     def site(self, fl_ctx: FLContext):
         if self._site is None:
@@ -88,6 +104,7 @@ class FussExecutor(Executor):
             round_idx = int(shareable.get_header(AppConstants.CURRENT_ROUND) or 0)
             if task_name == TASK_VALIDATE:
                 scores = self._validate(site, global_state, round_idx, fl_ctx)
+                self._last = {"round": round_idx, "metrics": scores}
                 return DXO(DataKind.METRICS, data=scores, meta={META_SITE: name}).to_shareable()
             if task_name != TASK_TRAIN:
                 self.log_error(fl_ctx, f"FUSS site {name}: unknown task {task_name!r}")
@@ -104,6 +121,7 @@ class FussExecutor(Executor):
                 for key, value in result.metrics.items():
                     metrics[key] = float(value)
                     self._stream(f"train/{key}", value, round_idx, fl_ctx)
+            self._last = {"round": round_idx, "metrics": dict(metrics)}  # the finished task's
             meta = {META_NUM_SAMPLES: num_samples, META_SITE: name, MetaKey.INITIAL_METRICS: metrics}
             return DXO(DataKind.WEIGHTS, data=state, meta=meta).to_shareable()
         except DisclosureError as err:  # the job asked for more than this site discloses: said once per task

@@ -37,6 +37,7 @@ from nvflare.apis.utils.analytix_utils import create_analytic_dxo, send_analytic
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.app_event_type import AppEventType
 from nvflare.fuel.utils import fobs
+from nvflare.widgets.info_collector import InfoCollector
 from nvflare.widgets.widget import Widget
 
 from fuss_components.export import CARD_FILE, FORMATS as EXPORT_FORMATS, export_model
@@ -115,9 +116,36 @@ class FussRecorder(Widget):
             FINAL_VALIDATION: self._final_validation,
             JOB_FAILED: self._failed,
             EventType.END_RUN: self._end,
+            InfoCollector.EVENT_TYPE_GET_STATS: self._report_stats,
         }.get(event_type)
         if handler is not None:
             handler(fl_ctx)
+
+    def _report_stats(self, fl_ctx: FLContext) -> None:
+        """The admin console's ``show_stats <job> server`` (FLARE's InfoCollector): group ``FussRecorder``."""
+        collector = fl_ctx.get_prop(InfoCollector.CTX_KEY_STATS_COLLECTOR)
+        if collector is not None:
+            collector.add_info("FussRecorder", self.stats())
+
+    def stats(self) -> dict:
+        """Where the run stands: the round in progress and the sites that answered it, the last finished round's
+        accepted and rejected updates (with the reasons), the last validation and the best round."""
+        done = self._history["rounds"]
+        validated = next((r for r in reversed(done) if "val_miou" in r), None) or self._history.get("initial") or {}
+        out = {"sites": {name: " and ".join(r for r in ("training", "validation") if role.get(f"is_{r}_site"))
+                               + f" site, {int(role.get('num_samples', 0))} training images"
+                         for name, role in self._history["sites"].items()},
+               "rounds_done": len(done),
+               "round_in_progress": self._record["round"] if self._record is not None else None,
+               "answered_this_round": sorted(self._record["train"]) if self._record is not None else [],
+               "val_miou": validated.get("val_miou"), "val_pixel_acc": validated.get("val_pixel_acc"),
+               "validated_round": validated.get("round", "initial" if validated else None),
+               "best": self._history.get("best")}
+        if done:
+            last = done[-1]
+            out["last_round"] = {"round": last["round"], "accepted": last.get("accepted", []),
+                                 "rejected": {site: reason for site, reason in last.get("rejected", [])}}
+        return out
 
     # ------------------------------------------------------------------ events
     def _start(self, fl_ctx: FLContext) -> None:
