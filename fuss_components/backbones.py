@@ -7,7 +7,6 @@ Any timm ViT of the DINO / DINOv2 families works (e.g. ``vit_small_patch8_224.di
 
 from __future__ import annotations
 
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -19,6 +18,7 @@ import torch
 from timm.models import register_model
 from timm.models.vision_transformer import VisionTransformer, checkpoint_filter_fn
 
+from . import files
 from .config import BackboneConfig, ConfigError
 from .paths import DEFAULT_WEIGHTS_FILE, backbone_weights
 
@@ -113,7 +113,7 @@ def _architecture(name: str) -> VisionTransformer:
     return timm.create_model(name, pretrained=False, num_classes=0)
 
 
-def sha256_file(path: str | Path) -> str:
+def weights_sha256(path: str | Path) -> str:
     """Hex sha256 of a file, memoised on (path, size, mtime) because weights files are large."""
     stat = os.stat(path)
     return _sha256_cached(str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
@@ -121,11 +121,7 @@ def sha256_file(path: str | Path) -> str:
 
 @lru_cache(maxsize=32)
 def _sha256_cached(path: str, size: int, mtime_ns: int) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
+    return files.sha256_file(path)
 
 
 def backbone_identity(cfg: BackboneConfig) -> str:
@@ -136,7 +132,7 @@ def backbone_identity(cfg: BackboneConfig) -> str:
     else:
         if not Path(weights).is_file():
             raise WeightsError(f"backbone weights file not found: {weights}")
-        source = "sha256:" + sha256_file(weights)
+        source = "sha256:" + weights_sha256(weights)
     identity = f"{cfg.name}|{source}|block={cfg.block}"  # the keys of float32, all-channel caches stay as they were
     if cfg.autocast != "none":
         identity += f"|autocast={cfg.autocast}"
@@ -174,7 +170,7 @@ def _load_weights_file(model: torch.nn.Module, path: Path, sha256: str | None) -
     if not path.is_file():
         raise WeightsError(f"backbone weights file not found: {path}")
     if sha256 is not None:
-        actual = sha256_file(path)
+        actual = weights_sha256(path)
         if actual != sha256.lower():
             raise WeightsError(f"sha256 mismatch for {path}: expected {sha256}, got {actual}")
     try:

@@ -46,7 +46,7 @@ from tqdm.auto import tqdm
 from .backbones import Backbone, backbone_identity, feature_dim, load_backbone, patch_size
 from .config import FussConfig
 from .datasets import DataError, SegmentationDataset
-from .files import atomic_write_bytes
+from .files import atomic_write_bytes, sha256_file
 from .paths import cache_dir
 from .transforms import eval_size, eval_view, five_crop_views
 from .views import VIEWS_PER_IMAGE, FileViews, MemoryViews, TrainFeatures, descriptors, knn_from_descriptors
@@ -150,7 +150,7 @@ class FeatureCache:
         if size != expected["size"]:
             return f"size {size} bytes, expected {expected['size']}"
         if verify and not self._is_verified(path):
-            digest = _sha256_file(path)
+            digest = sha256_file(path)
             if digest != expected["sha256"]:
                 return f"sha256 {digest[:12]}..., expected {expected['sha256'][:12]}..."
             self._mark_verified(path)
@@ -547,14 +547,6 @@ def _read_checksum(path: Path) -> dict | None:
     if not isinstance(blob, dict) or not isinstance(blob.get("sha256"), str) or not isinstance(blob.get("size"), int):
         return {}
     return blob
-
-
-def _sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        while block := handle.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, data: bytes) -> None:

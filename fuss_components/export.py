@@ -23,7 +23,6 @@ already has the backbone size (then the resize is the identity).
 from __future__ import annotations
 
 import copy
-import hashlib
 import logging
 import warnings
 from pathlib import Path
@@ -34,9 +33,9 @@ import torch.nn.functional as F
 from timm.layers import resample_abs_pos_embed
 from torch import nn
 
-from .backbones import RANDOM_WEIGHTS, TIMM_WEIGHTS, Backbone, backbone_caveat, load_backbone, sha256_file
+from .backbones import RANDOM_WEIGHTS, TIMM_WEIGHTS, Backbone, backbone_caveat, load_backbone, weights_sha256
 from .config import FussConfig
-from .files import atomic_write, atomic_write_bytes, atomic_write_json
+from .files import atomic_write, atomic_write_bytes, atomic_write_json, sha256_file
 from .paths import backbone_weights
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
@@ -198,14 +197,6 @@ class _PositionEmbedding(nn.Module):
         return self.pos_drop(x)
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 22), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
-
-
 def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None, list[str] | None]:
     """(model state, saved config or None, saved cluster names or None) of a ``fuss_model.pt`` / ``model.pt`` /
     ``FL_global_model.pt``; a missing or unreadable file raises an error that names it."""
@@ -347,9 +338,9 @@ def export_model(model_path: str | Path, out_dir: str | Path, cfg: FussConfig | 
                           "patch_size": backbone.patch_size,
                           "resize": RESIZE_RULE, "crf": False},
         "backbone": {"name": cfg.backbone.name, "block": backbone.block, "weights": weights,
-                     "weights_sha256": sha256_file(weights_file) if weights_file else None},
+                     "weights_sha256": weights_sha256(weights_file) if weights_file else None},
         "caveat": backbone_caveat(cfg.backbone, backbone.block),
-        "source_model": {"path": str(model_path), "sha256": _sha256(model_path)},
+        "source_model": {"path": str(model_path), "sha256": sha256_file(model_path)},
         "torch_version": torch.__version__,
         "config": cfg.to_dict(),
     }

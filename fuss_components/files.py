@@ -7,6 +7,7 @@ truncated. On any error the temporary file is removed and the error is raised un
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
@@ -56,3 +57,12 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     import torch  # only the writers of checkpoints need it
 
     return atomic_write(path, lambda handle: torch.save(obj, handle))
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    """Hex sha256 of a file, read in chunks (weights, cache files and model files alike)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        while block := handle.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()

@@ -53,7 +53,7 @@ SITE_INFO_METRICS = ("is_training_site", "is_validation_site", "num_samples")
 # A train result's metrics: its training metrics and, on a validation site, those of the received model.
 TRAIN_RESULT_METRICS = TRAIN_METRICS + tuple(m for m in VALIDATION_METRICS if m not in TRAIN_METRICS)
 
-# The three results a site returns, named as the FLARE tasks that ask for them (fuss_flare's TASK_*).
+# The three results a site returns, named as the FLARE tasks that ask for them (fuss_flare's TASK_* are these).
 TRAIN_RESULT, VALIDATE_RESULT, SITE_INFO_RESULT = "train", "validate", "site_info"
 RESULT_METRICS = {VALIDATE_RESULT: VALIDATION_METRICS, SITE_INFO_RESULT: SITE_INFO_METRICS}
 

@@ -13,7 +13,7 @@ What ``run`` does (each step is a function of this module, used by ``tests/test_
    restricted to its images; the image and label files are symbolic links into the shared dataset, nothing is
    copied), its own partition entry (a manifest holding only that site), and a site configuration
    ``fuss_site.json`` (``data.root``, ``partition``, ``cache_dir``) that the FLARE client script reads through
-   ``$FUSS_SITE_CONFIG`` (``custom/fuss_flare/client.py``). The job itself carries no site paths.
+   ``$FUSS_SITE_CONFIG`` (``fuss_flare.load_site_config``). The job itself carries no site paths.
 2. *Kits.* ``nvflare poc prepare -i project.yml`` (mode ``poc``) or ``nvflare provision -p project.yml`` (mode
    ``prod``, from ``poc/project.yml``, the hospital federation) with free ports picked for this run; then every
    kit is pointed at ``localhost`` (the server's ``target`` becomes ``localhost:<port>``, which makes FLARE bind

@@ -2,7 +2,7 @@
 """Effect of the centroid privacy filter on mIoU: one in-process federation per noise level.
 
     python poc/privacy_sweep.py --sigmas 0,0.1,0.3,1,3 --clip 1 --rounds 3 --local-steps 50 \
-        --out docs/results/privacy_sweep.json
+        --out runs/privacy_sweep/privacy_sweep.json   # the default; the recorded table: docs/deployment.md 5.4
 
 Each run is ``fuss_components.runner.run_federated`` (the same sites, trainer, screening and aggregation code as
 the FLARE job; ``fuss train --mode federated``) with every training site's centroids passed through

@@ -15,7 +15,7 @@ from fuss_components.backbones import (
     backbone_identity,
     feature_dim,
     load_backbone,
-    sha256_file,
+    weights_sha256,
 )
 from fuss_components.config import BackboneConfig
 
@@ -164,7 +164,7 @@ def test_pth_with_module_prefix(tmp_path, images):
 def test_sha256_checked(tmp_path, images):
     path = tmp_path / "tiny.safetensors"
     save_file(tiny_state(7), str(path))
-    actual = sha256_file(path)
+    actual = weights_sha256(path)
     assert len(actual) == 64
     wrong = "0" * 64
     with pytest.raises(WeightsError) as err:
@@ -196,7 +196,7 @@ def test_backbone_identity(tmp_path):
     id_a = backbone_identity(tiny_cfg(a))
     assert id_a == backbone_identity(tiny_cfg(a))  # stable
     assert id_a == load_backbone(tiny_cfg(a)).identity
-    assert sha256_file(a) in id_a
+    assert weights_sha256(a) in id_a
     assert backbone_identity(tiny_cfg(a, block=0)) != id_a  # block
     assert backbone_identity(tiny_cfg(b)) != id_a  # other file content
     assert backbone_identity(tiny_cfg()) != id_a  # random weights

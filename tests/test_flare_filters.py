@@ -103,7 +103,7 @@ def filter_lines(lines, name="FussResultFilter"):
 
 def test_the_names_wire_checks_are_flares_and_fuss_flares():
     assert (wire.META_INITIAL_METRICS, wire.META_FILTER_HISTORY) == (MetaKey.INITIAL_METRICS, MetaKey.FILTER_HISTORY)
-    assert (wire.META_NUM_SAMPLES, wire.META_SITE) == (META_NUM_SAMPLES, META_SITE)
+    assert (wire.META_NUM_SAMPLES, wire.META_SITE) == ("num_samples", "site")  # what the aggregator reads
     assert [wire.TRAIN_RESULT, wire.VALIDATE_RESULT, wire.SITE_INFO_RESULT] == ALL_TASKS
 
 

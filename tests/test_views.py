@@ -100,7 +100,7 @@ def test_each_cache_file_is_hashed_once_per_process(tiny_cfg, monkeypatch):
     # file contents only (cache keys are hashes of short strings)
     monkeypatch.setattr("fuss_components.cache.hashlib.sha256",
                         lambda data=b"": (len(data) > 1024 and hashed.append(1)) or real(data))
-    monkeypatch.setattr("fuss_components.cache._sha256_file", lambda path: hashed.append(path) or "x")
+    monkeypatch.setattr("fuss_components.cache.sha256_file", lambda path: hashed.append(path) or "x")
     site.validate(init_global_state(tiny_cfg))  # the second round's validation
     assert hashed == []
     train = _site(tiny_cfg)  # a new process's site: nothing verified yet

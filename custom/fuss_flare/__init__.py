@@ -22,18 +22,16 @@ Wire format (keyed on the server by FLARE's authenticated client name):
 * ``site_info``: site -> server: its role and number of training images, as metrics.
 """
 
-TASK_TRAIN = "train"
-TASK_VALIDATE = "validate"
-TASK_SITE_INFO = "site_info"
+from fuss_components.wire import META_NUM_SAMPLES, META_SITE  # noqa: E402  the wire contract, defined once
+from fuss_components.wire import SITE_INFO_RESULT as TASK_SITE_INFO  # noqa: E402
+from fuss_components.wire import TRAIN_RESULT as TASK_TRAIN  # noqa: E402
+from fuss_components.wire import VALIDATE_RESULT as TASK_VALIDATE  # noqa: E402
+
 ALL_TASKS = [TASK_TRAIN, TASK_VALIDATE, TASK_SITE_INFO]
 
 CONFIG_FILE = "fuss_config.json"
 SITE_CONFIG_ENV = "FUSS_SITE_CONFIG"  # a site's own overrides (JSON of dotted keys), e.g. its data root
 SITE_PLACEHOLDER = "{site}"  # in a value of those overrides: the site's FLARE client name
-
-# Declared metadata of a site's result.
-META_NUM_SAMPLES = "num_samples"
-META_SITE = "site"
 
 # Server-side FLContext properties and events between the FUSS components (FLARE's public event mechanism).
 SITE_CENSUS = "fuss.site_census"  # fired by the controller after site_info
