@@ -25,15 +25,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
-import subprocess
-import sys
-import tempfile
 import time
 from pathlib import Path
 
-from benchmarks.dev_federation import REPO, RESULTS, dev_partition
+from benchmarks.dev_federation import REPO, RESULTS, RUN_AND_REPORT, dev_partition, run_worker
 from fuss_components.config import FussConfig
 from fuss_components.files import atomic_write_json
 
@@ -62,10 +58,7 @@ if width:
     knn_path = cache_mod.FeatureCache.knn_path
     cache_mod.FeatureCache.knn_path = lambda self, ids, k: knn_path(self, ids, k).with_suffix(f".k{width}.npy")
     site_mod.feature_dim = backbones.feature_dim = lambda cfg: width  # the cache's own shape checks keep D'
-result = run_federated(FussConfig.load(cfg_file), out, progress=False)
-print(json.dumps({"rounds": [r["miou"] for r in result["rounds"]], "final": result["miou"],
-                  "seconds": result["seconds"]}))
-"""
+""" + RUN_AND_REPORT
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -155,14 +148,7 @@ def main(args: argparse.Namespace) -> dict:
                                                "train.feature_storage": "memory"})
             cfg_file = work / f"{variant}_seed{seed}.json"
             cfg_file.write_text(json.dumps(cfg.to_dict()))
-            started = time.perf_counter()
-            proc = subprocess.run([sys.executable, "-c", WORKER, str(cfg_file), str(work / key),
-                                   str(WIDTHS[variant] or 0)], capture_output=True, text=True,
-                                  env=dict(os.environ, PYTHONPATH=str(REPO)), cwd=tempfile.gettempdir())
-            if proc.returncode != 0:
-                raise RuntimeError(f"{key} failed:\n{proc.stderr[-3000:]}")
-            run = json.loads(proc.stdout.strip().splitlines()[-1])
-            run["wall_seconds"] = time.perf_counter() - started
+            run = run_worker(WORKER, [str(cfg_file), str(work / key), str(WIDTHS[variant] or 0)], REPO, key)
             report["runs"][key] = run
             print(f"{key}: final dev mIoU {100 * run['final']:.2f} ({run['wall_seconds']:.0f} s)", flush=True)
             report["summary"] = summary(report["runs"])

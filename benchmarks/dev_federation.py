@@ -38,6 +38,27 @@ RESULTS = REPO / "docs" / "results"
 SITES = ("0001TP", "0006R0", "0016E5")
 VARIANTS = ("before", "float32", "bfloat16", "no-release")
 
+# the end of every worker: one federation, its dev mIoU per round as the last line of stdout
+RUN_AND_REPORT = r"""
+result = run_federated(FussConfig.load(cfg_file), out, progress=False)
+print(json.dumps({"rounds": [r["miou"] for r in result["rounds"]], "final": result["miou"],
+                  "seconds": result["seconds"]}))
+"""
+
+
+def run_worker(worker: str, args: list[str], pythonpath: Path, key: str) -> dict:
+    """Run ``worker`` (Python source) in a fresh interpreter with ``pythonpath`` first; its last line's JSON."""
+    env = dict(os.environ, PYTHONPATH=str(pythonpath))
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", worker, *args], capture_output=True, text=True, env=env,
+                          cwd=tempfile.gettempdir())
+    if proc.returncode != 0:
+        raise RuntimeError(f"{key} failed:\n{proc.stderr[-3000:]}")
+    run = json.loads(proc.stdout.strip().splitlines()[-1])
+    run["wall_seconds"] = time.perf_counter() - started
+    return run
+
+
 WORKER = r"""
 import json, sys
 from fuss_components.config import FussConfig
@@ -47,10 +68,7 @@ if no_release:
     from fuss_components.disclosure import Release
     from fuss_components.trainer import LocalTrainer
     LocalTrainer.release_centroids = lambda self, model, received, seed: Release([], [], [])
-result = run_federated(FussConfig.load(cfg_file), out, progress=False)
-print(json.dumps({"rounds": [r["miou"] for r in result["rounds"]], "final": result["miou"],
-                  "seconds": result["seconds"]}))
-"""
+""" + RUN_AND_REPORT
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -104,15 +122,8 @@ def main(args: argparse.Namespace) -> dict:
                         subprocess.run(["git", "-C", str(REPO), "worktree", "add", "--detach", str(tree),
                                         args.before], check=True, capture_output=True)
                 cfg_file.write_text(json.dumps(data))
-                env = dict(os.environ, PYTHONPATH=str(tree if variant == "before" else REPO))
-                started = time.perf_counter()
-                proc = subprocess.run([sys.executable, "-c", WORKER, str(cfg_file), str(work / key),
-                                       "1" if variant == "no-release" else "0"], capture_output=True, text=True,
-                                      env=env, cwd=tempfile.gettempdir())
-                if proc.returncode != 0:
-                    raise RuntimeError(f"{key} failed:\n{proc.stderr[-3000:]}")
-                run = json.loads(proc.stdout.strip().splitlines()[-1])
-                run["wall_seconds"] = time.perf_counter() - started
+                run = run_worker(WORKER, [str(cfg_file), str(work / key), "1" if variant == "no-release" else "0"],
+                                 tree if variant == "before" else REPO, key)
                 report["runs"][key] = run
                 print(f"{key}: final dev mIoU {100 * run['final']:.2f} ({run['wall_seconds']:.0f} s)", flush=True)
                 report["summary"] = summary(report["runs"])
