@@ -82,6 +82,7 @@ class FeatureCache:
         self.memo_bytes = 1 << 30
         self._memo: dict[tuple[str, str], torch.Tensor] = {}
         self._memo_used = 0
+        self._input_sizes: dict[str, tuple[int, int]] = {}  # whole-image backbone input sizes, by id
 
     def key(self, kind: str) -> str:
         if kind == "train":
@@ -250,8 +251,7 @@ class FeatureCache:
             return len(ids) * (VIEWS_PER_IMAGE * dim * side * side * 2 + header)
         total = 0
         for image_id in ids:
-            width, height = dataset.image_size(image_id)
-            h, w = eval_size(height, width, self.cfg.data.eval_short_side, patch)
+            h, w = self._input_size(dataset, image_id, patch)
             total += dim * (h // patch) * (w // patch) * 2 + header
         return total
 
@@ -355,12 +355,15 @@ class FeatureCache:
                  self.root)
 
     def _input_size(self, dataset: SegmentationDataset, image_id: str, patch: int) -> tuple[int, int]:
-        """The backbone input size of a whole image, from its file header."""
-        try:
-            width, height = dataset.image_size(image_id)
-        except DataError:
-            return (0, 0)  # read (and reported) with the image itself
-        return eval_size(height, width, self.cfg.data.eval_short_side, patch)
+        """The backbone input size of a whole image, from its file header, read once per process (the disk check
+        and the batching by size both need it, for eval and mirror alike)."""
+        if image_id not in self._input_sizes:
+            try:
+                width, height = dataset.image_size(image_id)
+            except DataError:
+                return (0, 0)  # read (and reported) with the image itself
+            self._input_sizes[image_id] = eval_size(height, width, self.cfg.data.eval_short_side, patch)
+        return self._input_sizes[image_id]
 
     def _write_info(self, out_dir: Path, kind: str) -> None:
         info = {"format": CACHE_FORMAT, "kind": kind, "backbone": self._identity, "dataset": self.dataset_name,
@@ -562,9 +565,10 @@ def _atomic_write(path: Path, data: bytes) -> None:
 def extraction_workers(configured: int | None, device: torch.device) -> int:
     """``data.extract_workers``; None: none on the CPU (the backbone needs every core), on a GPU up to 4 processes
     that decode and resize while the device computes."""
+    cores = os.cpu_count() or 1
     if configured is not None:
-        return configured
-    return 0 if device.type == "cpu" else max(0, min(4, (os.cpu_count() or 1) - 1))
+        return min(configured, cores)  # a job's value never starts more processes than the site has cores
+    return 0 if device.type == "cpu" else max(0, min(4, cores - 1))
 
 
 def extraction_batch(configured: int | None, device: torch.device) -> int:

@@ -90,7 +90,7 @@ class DataConfig:
     # Images a backbone batch at extraction; None: 4 on the CPU, 16 on a GPU. Not part of the cache key.
     extract_batch: int | None = None
     # DataLoader worker processes that decode and resize images while the backbone computes; None: 0 on the CPU
-    # (the backbone uses every core), up to 4 on a GPU. Not part of the cache key.
+    # (the backbone uses every core), up to 4 on a GPU; never more than the site's cores. Not part of the cache key.
     extract_workers: int | None = None
 
     def validate(self) -> None:

@@ -748,7 +748,8 @@ def test_a_bad_image_read_by_a_worker_is_skipped_or_named(tiny_cfg, tmp_path):
 
 def test_extraction_defaults_follow_the_device():
     cpu, gpu = torch.device("cpu"), torch.device("cuda")
-    assert cache_mod.extraction_workers(None, cpu) == 0 and cache_mod.extraction_workers(3, cpu) == 3
+    assert cache_mod.extraction_workers(None, cpu) == 0 and cache_mod.extraction_workers(1, cpu) == 1
+    assert cache_mod.extraction_workers(10_000, cpu) == (os.cpu_count() or 1)  # a hostile job's value is capped
     assert cache_mod.extraction_workers(None, gpu) == max(0, min(4, (os.cpu_count() or 1) - 1))
     assert (cache_mod.extraction_batch(None, cpu), cache_mod.extraction_batch(None, gpu)) == (4, 16)
     assert cache_mod.extraction_batch(7, gpu) == 7
