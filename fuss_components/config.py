@@ -520,6 +520,16 @@ class FussConfig:
         return FussConfig.from_dict(data)
 
 
+def config_value(cfg: FussConfig, dotted: str) -> Any:
+    """The value of one dotted key of ``cfg`` (``"data.root"``); ConfigError naming the key when there is none."""
+    node: Any = cfg
+    for part in dotted.split("."):
+        if not dataclasses.is_dataclass(node) or part not in {f.name for f in dataclasses.fields(node)}:
+            raise ConfigError(_unknown_key(dotted, _dotted_keys(cfg.to_dict())))
+        node = getattr(node, part)
+    return node
+
+
 def parse_override(text: str) -> tuple[str, Any]:
     """One ``--set KEY=VALUE`` item -> ``(dotted key, value)``. The value is read as JSON when it is JSON
     (``3``, ``true``, ``null``, ``[1, 2]``), else kept as a string, so bare strings need no quotes

@@ -37,6 +37,8 @@ import torch.nn.functional as F
 from .views import VIEWS_PER_IMAGE
 
 POLICY_ENV = "FUSS_SITE_POLICY"
+# where a site's data, partition, cache and weights are: a hospital's kit owns them (site_policy --no-byoc)
+SITE_OWNED_KEYS = ("data.root", "data.dataset", "partition", "cache_dir", "backbone.weights", "backbone.sha256")
 POLICY_FILE = "fuss_policy.json"  # in a FLARE participant's local/ folder
 LISTED = 20  # replaced centroids named one by one in an audit line
 
@@ -62,11 +64,19 @@ class DisclosurePolicy:
     # centroids of 10,000+ codes lie 0.98-0.998 from their nearest code on camvid; a site that allows hundreds of
     # clusters should set it (docs/deployment.md 3.3)
     max_code_cosine: float = 1.0
+    # configuration keys that are the site's, not the job's (site_config): a hospital kit owns SITE_OWNED_KEYS
+    site_owned: tuple[str, ...] = ()
 
     def __post_init__(self):
         for spec in dataclasses.fields(self):
             value = getattr(self, spec.name)
-            if spec.name == "max_code_cosine":
+            if spec.name == "site_owned":
+                if isinstance(value, list):
+                    object.__setattr__(self, "site_owned", value := tuple(value))
+                if not isinstance(value, tuple) or not all(isinstance(k, str) and k for k in value):
+                    raise ValueError(f"disclosure policy: site_owned must be a list of configuration keys, "
+                                     f"got {value!r}")
+            elif spec.name == "max_code_cosine":
                 if type(value) not in (int, float) or not 0.0 < value <= 1.0:
                     raise ValueError(f"disclosure policy: {spec.name} must be a number in (0, 1], got {value!r}")
             elif type(value) is not int or value < 1:
@@ -96,8 +106,8 @@ class DisclosurePolicy:
     def keys(cls) -> tuple[str, ...]:
         return tuple(f.name for f in dataclasses.fields(cls))
 
-    def to_dict(self) -> dict[str, int | float]:
-        return dataclasses.asdict(self)
+    def to_dict(self) -> dict[str, int | float | list[str]]:
+        return {**dataclasses.asdict(self), "site_owned": list(self.site_owned)}
 
 
 def site_policy(local_dir: str | Path | None = None) -> DisclosurePolicy:
@@ -108,6 +118,31 @@ def site_policy(local_dir: str | Path | None = None) -> DisclosurePolicy:
     if local_dir is not None and (Path(local_dir) / POLICY_FILE).is_file():
         return DisclosurePolicy.load(Path(local_dir) / POLICY_FILE)
     return DisclosurePolicy()
+
+
+def site_config(job_cfg, site_overrides: dict, policy: DisclosurePolicy, site: str):
+    """The configuration a site runs: the job's ``job_cfg`` with the site's own ``site_overrides`` (dotted keys),
+    and the lines its audit log gets. A key of ``policy.site_owned`` never takes the job's value: where the site
+    sets it, the job's differing value is ignored (one audit line each); where the site does not, a job that
+    sets it away from the default is refused (:class:`DisclosureError` naming the keys), so a job can neither
+    point a site at another data folder, partition, cache or weights file, nor fill in one the site forgot."""
+    from .config import FussConfig, config_value
+
+    notes, problems = [], []
+    defaults = FussConfig()
+    for key in policy.site_owned:
+        job_value, default = config_value(job_cfg, key), config_value(defaults, key)
+        if key in site_overrides:
+            if job_value != default and job_value != site_overrides[key]:
+                notes.append(f"site {site!r} ignores the job's {key}={job_value!r}: the site owns it and uses "
+                             f"{site_overrides[key]!r}")
+        elif job_value != default:
+            problems.append(f"{key}={job_value!r}")
+    if problems:
+        raise DisclosureError(f"site {site!r} refuses the job: it sets {', '.join(problems)}, which the site owns "
+                              f"(site_owned in ${POLICY_ENV} or <kit>/local/{POLICY_FILE}) and has not set in its "
+                              f"own configuration ($FUSS_SITE_CONFIG)")
+    return job_cfg.with_overrides(site_overrides) if site_overrides else job_cfg, notes
 
 
 def images_read(cfg, num_images: int) -> int:

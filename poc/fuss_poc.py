@@ -211,7 +211,7 @@ def make_site_data(partition, site: str, dataset_dir: Path, folder: Path, cache_
                     num_classes=partition.num_classes, clients={name: train_ids} if train_ids else {},
                     validation={name: val_ids} if val_ids else {}, meta={"site": site, "flare_name": name})
     part_file = own.save(folder / "partition.json")
-    site_cfg = {"data.root": str(folder / "data"), "partition": str(part_file),
+    site_cfg = {"data.root": str(folder / "data"), "data.dataset": ds_name, "partition": str(part_file),
                 "cache_dir": str(cache_dir or folder / "fuss_cache")}
     site_cfg.update(overrides or {})
     cfg_file = folder / "fuss_site.json"

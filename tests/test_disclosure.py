@@ -196,3 +196,50 @@ def test_policy_comes_from_the_site_never_the_job(tmp_path, monkeypatch):
     env_file.write_text(json.dumps({"min_images": 0}))
     with pytest.raises(ValueError, match="min_images must be an integer >= 1"):
         disclosure.site_policy(local)
+
+
+# ---------------------------------------------------------------------------------------------- site-owned keys
+
+HOSPITAL = DisclosurePolicy(site_owned=disclosure.SITE_OWNED_KEYS)
+SITE_OWN = {"data.root": "/hospital/data", "data.dataset": "chest", "partition": "site", "cache_dir": "/scratch"}
+
+
+def test_a_job_cannot_point_a_hospital_at_another_folder():
+    """The job's values of keys the site owns and sets are ignored, each named once for the audit log."""
+    job = FussConfig().with_overrides({"data.root": "/mnt/other_hospital", "data.dataset": "camvid",
+                                       "partition": "/mnt/other_hospital/partition.json", "train.dim": 64})
+    cfg, notes = disclosure.site_config(job, SITE_OWN, HOSPITAL, "hospital-a")
+    assert (cfg.data.root, cfg.data.dataset, cfg.partition, cfg.cache_dir) == ("/hospital/data", "chest", "site",
+                                                                              "/scratch")
+    assert cfg.train.dim == 64  # what is not the site's stays the job's
+    assert len(notes) == 2, notes  # data.dataset: the job's is the default, nothing to say
+    assert "ignores the job's data.root='/mnt/other_hospital'" in notes[0] and "'/hospital/data'" in notes[0]
+    assert "partition='/mnt/other_hospital/partition.json'" in notes[1]
+
+
+def test_a_job_cannot_fill_in_what_a_hospital_left_unset():
+    job = FussConfig().with_overrides({"backbone.weights": "/mnt/job/weights.pth", "cache_dir": "/mnt/job/cache"})
+    with pytest.raises(DisclosureError) as err:
+        disclosure.site_config(job, {"data.root": "/hospital/data"}, HOSPITAL, "hospital-a")
+    text = str(err.value)
+    assert "site 'hospital-a' refuses the job" in text
+    assert "backbone.weights='/mnt/job/weights.pth'" in text and "cache_dir='/mnt/job/cache'" in text
+    # a job leaving them at their defaults runs, with the site's values
+    cfg, notes = disclosure.site_config(FussConfig(), {"data.root": "/hospital/data"}, HOSPITAL, "hospital-a")
+    assert cfg.data.root == "/hospital/data" and cfg.backbone.weights is None and notes == []
+
+
+def test_a_site_that_owns_nothing_runs_the_jobs_values():
+    job = FussConfig().with_overrides({"data.root": "/data", "backbone.weights": "/w.pth"})
+    cfg, notes = disclosure.site_config(job, {"cache_dir": "/scratch"}, DisclosurePolicy(), "s1")
+    assert (cfg.data.root, cfg.backbone.weights, cfg.cache_dir, notes) == ("/data", "/w.pth", "/scratch", [])
+
+
+def test_site_owned_keys_round_trip_and_are_checked(tmp_path):
+    path = tmp_path / "fuss_policy.json"
+    path.write_text(json.dumps(HOSPITAL.to_dict()))
+    assert DisclosurePolicy.load(path) == HOSPITAL and HOSPITAL.site_owned == disclosure.SITE_OWNED_KEYS
+    with pytest.raises(ValueError, match="site_owned must be a list of configuration keys"):
+        DisclosurePolicy.from_dict({"site_owned": "data.root"})
+    with pytest.raises(Exception, match="data.rot"):  # a typo'd key is named when the site's policy is applied
+        disclosure.site_config(FussConfig(), {}, DisclosurePolicy(site_owned=("data.rot",)), "s1")

@@ -763,6 +763,11 @@ def test_committed_simulator_workspace_policy_is_what_site_policy_writes(tmp_pat
     assert policy == HOSPITAL_AUTHORIZATION
     assert {role: rights.get("byoc", "none") for role, rights in policy["permissions"].items()} == {
         "project_admin": "none", "org_admin": "none", "lead": "none", "member": "none"}
+    # ... and its data, partition, cache and weights keys are its own (a job's values never replace them)
+    from fuss_components.disclosure import SITE_OWNED_KEYS
+
+    assert _read_json(local / "fuss_policy.json")["site_owned"] == list(SITE_OWNED_KEYS)
+    assert _read_json(local_ws / "fuss_policy.json").get("site_owned", []) == []  # not the simulator's
 
 
 def test_site_policy_hands_a_sites_gpus_to_flare_and_keeps_the_kits_other_components(tmp_path):

@@ -30,7 +30,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from conftest import make_tiny_dataset, tiny_config
+from conftest import TEST_POLICY, make_tiny_dataset, tiny_config
 from fuss_components.config import FussConfig
 from fuss_components.partition import Partition
 
@@ -66,7 +66,9 @@ def hospital_data(tmp_path_factory):
                      validation={"hospital-c": ids["hospital-c"][4:]})
     manifest = part.save(tmp / "partition.json")
     cache = tmp / "cache"
-    sites = {h: fuss_poc.make_site_data(part, h, root / "tiny", tmp / "sites" / h, cache) for h in HOSPITALS}
+    # the backbone is a hospital's own choice too (site_owned): here the tiny ViT the job's configuration names
+    sites = {h: fuss_poc.make_site_data(part, h, root / "tiny", tmp / "sites" / h, cache,
+                                        overrides={"backbone.weights": "random"}) for h in HOSPITALS}
     # the job: the tiny configuration, with no site path in it (each site has its own)
     cfg = tiny_config(root, cache, partition=str(manifest)).with_overrides({"data.root": None, "cache_dir": None})
     return {"cfg": cfg, "sites": sites, "partition": part, "tmp": tmp}
@@ -82,13 +84,22 @@ def hospitals(tmp_path_factory, hospital_data):
     try:
         fed.prepare()
         fed.install_privacy_policy(fuss_poc.PRIVACY_EXAMPLE)
-        fed.start({h: d.env() for h, d in hospital_data["sites"].items()})
+        fed.start({h: _hospital_env(fed, h, hospital_data) for h in HOSPITALS})
         TIMINGS["provision+start"] = time.perf_counter() - started
         yield fed
     finally:
         fed.stop()
         if TIMINGS:
             print("\nPOC wall seconds:", {k: round(v, 1) for k, v in TIMINGS.items()})
+
+
+def _hospital_env(fed, site: str, hospital_data) -> dict[str, str]:
+    """A hospital's start environment: its FUSS site configuration, and its kit's own disclosure policy (written
+    by ``site_policy --no-byoc``: the keys it owns) with the test bounds that let the tiny sites train."""
+    kit_policy = json.loads((fed.kits[site] / "local" / "fuss_policy.json").read_text())
+    policy = hospital_data["tmp"] / f"{site}_policy.json"
+    policy.write_text(json.dumps({**TEST_POLICY, "site_owned": kit_policy["site_owned"]}))
+    return {**hospital_data["sites"][site].env(), "FUSS_SITE_POLICY": str(policy)}
 
 
 def _job(hospital_data, tmp: Path, name: str, *extra: str, **overrides) -> Path:
@@ -304,7 +315,7 @@ def test_site_started_with_a_wrong_data_path_fails_the_job_naming_the_site(hospi
     bad_root = tmp_path / "no_such_data_root"
     bad_cfg = tmp_path / "fuss_site_bad.json"
     bad_cfg.write_text(json.dumps({**json.loads(good.config_file.read_text()), "data.root": str(bad_root)}))
-    fed.restart_site(site, {fuss_poc.SITE_CONFIG_ENV: str(bad_cfg)})
+    fed.restart_site(site, {**_hospital_env(fed, site, hospital_data), fuss_poc.SITE_CONFIG_ENV: str(bad_cfg)})
     try:
         job = _job(hospital_data, tmp_path, "tiny_wrong_path")
         job_id, meta, result = _run_job(fed, job, tmp_path / "result", timeout=240)
@@ -317,7 +328,7 @@ def test_site_started_with_a_wrong_data_path_fails_the_job_naming_the_site(hospi
         metrics = json.loads((_app_server(result) / "metrics.json").read_text())
         assert site in metrics["error"] or "fewer than min_clients" in metrics["error"]
     finally:
-        fed.restart_site(site, good.env())
+        fed.restart_site(site, _hospital_env(fed, site, hospital_data))
 
 
 # ---------------------------------------------------------------------------------------------- hostile jobs
@@ -415,6 +426,26 @@ def test_hostile_job_config_cannot_bypass_the_site_policy(hospitals, hospital_da
     assert not list(result.rglob("FL_global_model.pt")) or not list(result.rglob("received"))
 
 
+def test_job_pointing_a_hospital_at_another_dataset_folder_is_ignored_and_audited(hospitals, hospital_data,
+                                                                                  tmp_path):
+    """A job that names another data root (all hospitals' images) and dataset folder: every hospital owns those keys
+    (its kit's fuss_policy.json, written by site_policy --no-byoc), so each trains on its own folder, and its
+    audit log names the job's ignored values."""
+    fed = hospitals
+    other = hospital_data["tmp"] / "shared"  # the consortium's whole dataset, every hospital's images
+    job = _job(hospital_data, tmp_path, "tiny_other_folder", **{"federation.rounds": 1, "data.root": str(other),
+                                                                "data.dataset": "hospital-a-images"})
+    job_id, meta, result = _run_job(fed, job, tmp_path / "result", timeout=240)
+    assert meta["status"] == "FINISHED:COMPLETED", _server_log(result)[-4000:]
+    metrics = json.loads((_app_server(result) / "metrics.json").read_text())
+    declared = {site: entry["num_samples"] for site, entry in metrics["rounds"][0]["train"].items()}
+    assert declared == {site: len(d.train_ids) for site, d in hospital_data["sites"].items()}, metrics
+    for site in HOSPITALS:
+        text = "\n".join(fuss_poc.audit_lines(result / "audit" / site / job_id, "ignores the job's"))
+        assert f"data.root={str(other)!r}" in text and "data.dataset='hospital-a-images'" in text, text
+        assert str(hospital_data["sites"][site].data_root) in text
+
+
 def _kill_after_first_round(fed, site: str, job_id: str, timeout: float = 120) -> None:
     """Wait until the server recorded round 0, then kill every process of ``site`` at once."""
     metrics = fed.server_job_dir(job_id) / "app_server" / "metrics.json"
@@ -448,7 +479,7 @@ def test_killed_site_lets_the_job_finish_with_the_others_when_min_clients_allows
         assert (_app_server(result) / "fuss_model.pt").is_file()
         assert f"Client {site} is deemed disconnected" in _server_log(result)
     finally:
-        fed.restart_site(site, hospital_data["sites"][site].env())
+        fed.restart_site(site, _hospital_env(fed, site, hospital_data))
 
 
 @pytest.mark.slow

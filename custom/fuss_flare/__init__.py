@@ -68,34 +68,39 @@ def load_job_config(fl_ctx, config_file: str = CONFIG_FILE):
     return FussConfig.load(app_file(fl_ctx, config_file))
 
 
-def load_site_config(fl_ctx, config_file: str = CONFIG_FILE):
+def load_site_config(fl_ctx, config_file: str = CONFIG_FILE, notes: list | None = None):
     """The job's ``FussConfig`` as this site runs it: with the overrides of the JSON file named by
     ``$FUSS_SITE_CONFIG`` (dotted keys, e.g. ``{"data.root": "/data/fuss", "cache_dir": "/scratch/fuss"}``).
 
     ``{site}`` in a string value is replaced by this site's FLARE client name, so one file can serve several
     sites that share an environment (the simulator's sites): ``{"data.root": "/data", "data.dataset": "{site}",
-    "partition": "site"}`` gives the site ``site-1`` the image folder ``/data/site-1``."""
+    "partition": "site"}`` gives the site ``site-1`` the image folder ``/data/site-1``. The keys the site's
+    policy owns (``site_owned``; ``fuss_components.disclosure.site_config``) never take the job's value: the
+    job's ignored values are appended to ``notes`` (for the audit log); a job that sets one the site has not
+    set raises ``DisclosureError``."""
     import json
     import os
     from pathlib import Path
 
     from fuss_components.config import ConfigError
+    from fuss_components.disclosure import site_config
 
     cfg = load_job_config(fl_ctx, config_file)
+    site = fl_ctx.get_identity_name()
     overrides_file = os.environ.get(SITE_CONFIG_ENV)
-    if not overrides_file:
-        return cfg
-    overrides = json.loads(Path(overrides_file).read_text())
+    overrides = json.loads(Path(overrides_file).read_text()) if overrides_file else {}
     if not isinstance(overrides, dict):
         raise ConfigError(f"{overrides_file} (${SITE_CONFIG_ENV}) must hold a JSON object of dotted keys")
-    site = fl_ctx.get_identity_name()
     for key, value in overrides.items():
         if isinstance(value, str) and SITE_PLACEHOLDER in value:
             if not site:
                 raise ConfigError(f"{overrides_file}: {key} uses {SITE_PLACEHOLDER}, but the FLARE context names "
                                   f"no site")
             overrides[key] = value.replace(SITE_PLACEHOLDER, site)
-    return cfg.with_overrides(overrides)
+    cfg, ignored = site_config(cfg, overrides, load_site_policy(fl_ctx), site)
+    if notes is not None:
+        notes.extend(ignored)
+    return cfg
 
 
 def load_site_policy(fl_ctx):

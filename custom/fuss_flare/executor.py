@@ -81,8 +81,12 @@ class FussExecutor(Executor):
         if self._site is None:
             from fuss_components.site import Site
 
-            self._site = Site(load_site_config(fl_ctx, self.config_file), fl_ctx.get_identity_name(),
-                              policy=load_site_policy(fl_ctx))
+            ignored: list[str] = []  # the job's values of keys this site owns
+            cfg = load_site_config(fl_ctx, self.config_file, notes=ignored)
+            for line in ignored:
+                self.log_warning(fl_ctx, f"FussExecutor: {line}")
+                add_job_audit_event(fl_ctx=fl_ctx, msg=f"FussExecutor: {line}")
+            self._site = Site(cfg, fl_ctx.get_identity_name(), policy=load_site_policy(fl_ctx))
             # FLARE's GPUResourceConsumer (or the simulator's -gpu, or the site) chose the visible GPU
             self.log_info(fl_ctx, f"FUSS site {self._site.name}: device {self._site.device} "
                                   f"(CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', 'unset')})")

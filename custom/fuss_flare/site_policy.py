@@ -10,7 +10,10 @@ around ``FussAnalyticsForwarder``'s policy.
 
 Custom code (FLARE's BYOC: a job folder with a ``custom/`` folder) is governed by the site's
 ``local/authorization.json``; :data:`HOSPITAL_AUTHORIZATION` grants it to nobody, so a job that ships a
-``fuss_flare/filters.py`` of its own is refused by the site before any of its code is imported.
+``fuss_flare/filters.py`` of its own is refused by the site before any of its code is imported. Such a kit's
+``local/fuss_policy.json`` also owns the keys that say where the site's data, partition, cache and weights are
+(``site_owned``: a job's value for them is ignored where the site sets its own in ``$FUSS_SITE_CONFIG``, and
+refused where it does not; ``fuss_components.disclosure.site_config``).
 
 GPUs: FLARE hands a site's GPUs to jobs through the ``GPUResourceManager`` in ``local/resources.json``; a job whose
 ``meta.json`` asks for one (``resource_spec``, from ``federation.site_gpu_memory_gb``) starts only where it is
@@ -94,10 +97,11 @@ def install(participant: str | Path, byoc: bool = True, gpus: tuple[int, float] 
     """Write the FUSS class allow list into ``<participant>/local/resources.json`` (keeping what the kit's
     ``resources.json`` or ``resources.json.default`` already configures), the default disclosure policy into
     ``local/fuss_policy.json`` unless the participant has one (``fuss_components.disclosure``: the site edits its
-    bounds there), and with ``byoc=False`` the no-custom-code authorization policy into
-    ``local/authorization.json`` and no streaming of the site's logs to the server, and with ``gpus`` = (count,
-    GiB) > 0 FLARE's GPU resource manager and consumer for them (replacing the kit's). Returns the files written."""
-    from fuss_components.disclosure import POLICY_FILE, DisclosurePolicy
+    bounds there; with ``byoc=False`` it owns ``SITE_OWNED_KEYS``), with ``byoc=False`` the no-custom-code
+    authorization policy into ``local/authorization.json`` and no streaming of the site's logs to the server, and
+    with ``gpus`` = (count, GiB) > 0 FLARE's GPU resource manager and consumer for them (replacing the kit's).
+    Returns the files written."""
+    from fuss_components.disclosure import POLICY_FILE, SITE_OWNED_KEYS, DisclosurePolicy
 
     local = Path(participant) / "local"
     local.mkdir(parents=True, exist_ok=True)
@@ -116,7 +120,9 @@ def install(participant: str | Path, byoc: bool = True, gpus: tuple[int, float] 
     written = [target]
     disclosure = local / POLICY_FILE
     if not disclosure.is_file():  # the site's own bounds are never overwritten
-        disclosure.write_text(json.dumps(DisclosurePolicy().to_dict(), indent=2) + "\n")
+        # a hospital's data, partition, cache and weights are its own, never a job's
+        policy = DisclosurePolicy() if byoc else DisclosurePolicy(site_owned=SITE_OWNED_KEYS)
+        disclosure.write_text(json.dumps(policy.to_dict(), indent=2) + "\n")
         written.append(disclosure)
     if not byoc:
         policy = local / "authorization.json"
