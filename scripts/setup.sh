@@ -10,7 +10,7 @@ if [ ! -x .venv/bin/python ]; then
 fi
 .venv/bin/python -m pip install -q --upgrade pip 2>&1 | grep -v "is ignored" || true
 # pydensecrf2 builds from source (about 45 s, needs gcc); torch/torchvision are pinned in pyproject.toml
-.venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,bench,onnx]' 2>&1 | grep -v "is ignored" || true
+.venv/bin/python -m pip install -q -c constraints.txt -e '.[dev,bench,onnx,tracking]' 2>&1 | grep -v "is ignored" || true
 .venv/bin/python -c "import fuss_components, fuss_flare, nvflare, torch, timm, pydensecrf.densecrf, pydicom, matplotlib, \
 onnx, onnxscript, onnxruntime" \
   || { echo "setup failed: the packages above do not import" >&2; exit 1; }

@@ -187,7 +187,7 @@ def test_the_layer_calls_flare_constructors_and_methods_with_arguments_they_acce
     assert not problems
     # the calls that matter most were among those checked
     assert {"FussController.super", "FussModelPersistor.super", "FussController.broadcast_and_wait",
-            "FussAggregator.fire_event", "Task", "DXO", "create_analytic_dxo", "FedJob"} <= checked, sorted(checked)
+            "FussAggregator.fire_event", "Task", "DXO", "create_analytic_dxo", "FussJob.super", "FussRecipe.super"} <= checked, sorted(checked)
 
 
 def test_the_layer_overrides_flare_methods_with_their_signatures():

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -123,7 +124,8 @@ def runs(tiny_data_root, flare_cache, tmp_path_factory) -> dict:
             cfg = tiny_config(tiny_data_root, flare_cache, **{"partition": "site", "federation.aggregator": aggregator})
             tmp = tmp_path_factory.mktemp(f"sim_{aggregator}")
             # the fedavg run also has the server export the final model (the job option; about 2 s)
-            export = ["--export-format", "torchscript"] if aggregator == "fedavg" else []
+            # and the fedcc-maximin run streams to MLflow too (a SQLite store in the server's job folder)
+            export = {"fedavg": ["--export-format", "torchscript"], "fedcc-maximin": ["--mlflow"]}.get(aggregator, [])
             job = export_job(cfg, tmp, f"tiny_{aggregator.replace('-', '_')}", "--record-updates", *export)
             cache[aggregator] = (cfg, simulate(job, tmp / "ws"))
         return cache[aggregator]
@@ -179,6 +181,35 @@ def _check_rule(aggregator: str, cfg: FussConfig, updates, global_centroids: tor
 @pytest.mark.parametrize("aggregator", ["fedavg", "fedcc-kmeans", "fedcc-maximin"])
 def test_simulator_job_end_to_end(runs, aggregator):
     cfg, sim = runs(aggregator)
+    check_tiny_run(cfg, sim, aggregator, exported=aggregator == "fedavg")
+
+
+def test_recipe_executes_in_flares_sim_env_as_the_exported_job(tiny_data_root, flare_cache, tmp_path):
+    """The FLARE 2.9 recipe path, as hello-pt runs: ``FussRecipe(cfg).execute(SimEnv(...))``; the run passes
+    every check of the exported job's run above, and its export is the folder ``fuss job export`` writes."""
+    from nvflare.recipe.sim_env import SimEnv
+
+    from fuss_flare.job import FussRecipe
+
+    cfg = tiny_config(tiny_data_root, flare_cache, **{"partition": "site", "federation.aggregator": "fedcc-kmeans"})
+    recipe = FussRecipe(cfg, "tiny_recipe", record_updates=True)
+    assert recipe.site_names == ["s1", "s2", "s3"]
+    started = time.perf_counter()
+    recipe.execute(SimEnv(clients=recipe.site_names, workspace_root=str(tmp_path / "ws")))
+    sim = Sim(0, "", tmp_path / "ws" / "tiny_recipe", time.perf_counter() - started)
+    TIMINGS["tiny_recipe"] = sim.seconds
+    check_tiny_run(cfg, sim, "fedcc-kmeans", exported=False)
+
+    recipe.export(str(tmp_path / "recipe_export"))
+    cli = export_job(cfg, tmp_path / "cli", "tiny_recipe", "--record-updates")
+    exported = tmp_path / "recipe_export" / "tiny_recipe"
+    files = sorted(p.relative_to(cli) for p in cli.rglob("*") if p.is_file())
+    assert files == sorted(p.relative_to(exported) for p in exported.rglob("*") if p.is_file())
+    assert all((cli / f).read_bytes() == (exported / f).read_bytes() for f in files)
+
+
+def check_tiny_run(cfg: FussConfig, sim: Sim, aggregator: str, exported: bool) -> None:
+    """Everything one 2-round run of the tiny federation (sites s1, s2 train; s3 validates) must show."""
     assert sim.rc == 0, sim.log[-4000:]
 
     # model files: FLARE's persistor checkpoint and the runner-format final model, clean torch checkpoints
@@ -217,7 +248,7 @@ def test_simulator_job_end_to_end(runs, aggregator):
         assert rec["val_miou"] == pytest.approx(val["miou"])
     assert m["best"]["miou"] == pytest.approx(max(r["val_miou"] for r in m["rounds"]))
     assert m["final"]["round"] == 1 and m["final"]["val_miou"] == pytest.approx(m["rounds"][1]["val_miou"])
-    if aggregator == "fedavg":  # the server's export of the final model: the file runs and is recorded
+    if exported:  # the server's export of the final model: the file runs and is recorded
         assert m["final"]["export"]["format"] == "torchscript"
         segmenter = torch.jit.load(sim.app / "fuss_segmenter.pt")
         labels = segmenter(torch.zeros(40, 56, 3, dtype=torch.uint8))
@@ -254,6 +285,37 @@ def test_simulator_job_end_to_end(runs, aggregator):
     assert {"val/miou", "val/pixel_acc"} <= tags["s3"]
     server = next(v for k, v in tags.items() if k not in ("s1", "s2", "s3"))
     assert {"global/val_miou", "global/val_pixel_acc", "wire/s1_bytes", "global/drift_site_matched_mean"} <= server
+
+
+def test_run_metrics_arrive_in_mlflow(runs, monkeypatch):
+    """``fuss job export --mlflow``: FLARE's MLflowReceiver writes, beside TensorBoard, one MLflow run per
+    site into a local SQLite store (no server, no network): each training site's losses and the validation
+    site's scores of every round's global model; nothing beyond the declared tags."""
+    mlflow = pytest.importorskip("mlflow")
+    from fuss_components.wire import ANALYTICS_TAGS
+
+    _, sim = runs("fedcc-maximin")
+    assert sim.rc == 0, sim.log[-4000:]
+    (store,) = list(sim.ws.rglob("mlflow.db"))
+    monkeypatch.chdir(sim.ws)
+    mlflow.set_tracking_uri(f"sqlite:///{store}")
+    experiment = mlflow.get_experiment_by_name("tiny_fedcc_maximin")
+    found = mlflow.search_runs(experiment_ids=[experiment.experiment_id], output_format="list")
+    client = mlflow.tracking.MlflowClient()
+    by_site = {}
+    for run in found:
+        site = (run.info.run_name or "").split("-")[0]  # FLARE names a site's run "<site>-<job>-..."
+        by_site[site] = {key: [m.value for m in client.get_metric_history(run.info.run_id, key)]
+                         for key in run.data.metrics}
+    assert set(by_site) == {"s1", "s2", "s3"}, {r.info.run_name: r.data.tags for r in found}
+    rounds = sim.metrics["rounds"]
+    # the validation site's mIoU of every round's global model, as metrics.json has them
+    assert by_site["s3"]["val/miou"] == pytest.approx([r["val_miou"] for r in rounds])
+    for site in ("s1", "s2"):
+        assert {"train/loss_self", "train/loss_centroids"} <= set(by_site[site])
+        assert len(by_site[site]["train/loss_self"]) == len(rounds)
+    for site in ("s1", "s2", "s3"):  # a site's run holds only the tags its forwarder lets through
+        assert set(by_site[site]) <= set(ANALYTICS_TAGS), by_site[site].keys()
 
 
 def test_parity_with_in_process_runner(runs, tmp_path):

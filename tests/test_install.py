@@ -30,7 +30,7 @@ def _requirement_names(requirements) -> set[str]:
 def test_every_dependency_of_the_project_is_pinned():
     requires = metadata.requires("fuss-components")
     names = _requirement_names(r for r in requires if "extra ==" not in r or
-                               any(f'extra == "{e}"' in r for e in ("dev", "bench", "onnx")))
+                               any(f'extra == "{e}"' in r for e in ("dev", "bench", "onnx", "tracking")))
     assert names and names <= set(_pins()), sorted(names - set(_pins()))
 
 

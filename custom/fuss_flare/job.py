@@ -30,6 +30,9 @@ from pathlib import Path
 from fuss_components.config import AGGREGATORS, OBJECTIVES, ConfigError, FussConfig, parse_override
 from fuss_components.partition import PRESETS, preset_site_names
 from fuss_components.site import flare_client_name
+from nvflare.job_config.api import FedJob
+from nvflare.recipe.spec import ExecEnv, Recipe
+
 from fuss_flare import ALL_TASKS, CONFIG_FILE
 
 REPO_JOBS = Path(__file__).resolve().parents[2] / "jobs"
@@ -56,7 +59,10 @@ def build_job(
     privacy_delta: float = 1e-5,
     server_params: dict | None = None,
     export_format: str | None = None,
-):
+    privacy_scope: str = "",
+    deploy_all: bool = False,
+    mlflow_uri: str | None = None,
+) -> "FussJob":
     """A FedJob running ``cfg`` (rounds, aggregator, FedProx / MOON, E/C/W switches all come from ``cfg``).
 
     ``sites``: the partition's (training sites, validation-only sites) when known at export time: every round
@@ -66,13 +72,15 @@ def build_job(
     centroid row to norm C, add N(0, (sigma C)^2)) after ``FussResultFilter``. ``server_params``: top-level FLARE
     settings of the server app, e.g. ``{"dead_client_grace_period": 0, "dead_client_check_lead_time": 5}``.
     ``export_format``: "torchscript" / "onnx" makes the server export the final model at the end of the run
-    (``FussRecorder``); None: no export.
+    (``FussRecorder``); None: no export. ``privacy_scope``: the scope of the sites' ``privacy.json`` the job asks
+    for (``meta.json`` ``scope``). ``deploy_all``: ``deploy_map`` ``@ALL`` instead of the partition's site names. ``mlflow_uri``: also
+    stream every scalar the sites send (their declared tags: losses, validation scores) to MLflow through
+    FLARE's ``MLflowReceiver``: ``""`` for a SQLite store in the job's result folder (``mlflow.db``), else the
+    tracking URI of the site's or consortium's MLflow server; None: TensorBoard only.
     """
     from nvflare.job_config.defs import FilterType
     from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
     from nvflare.app_opt.tracking.tb.tb_receiver import TBAnalyticsReceiver
-    from nvflare.job_config.api import FedJob
-
     from fuss_flare.aggregator import FussAggregator
     from fuss_flare.controller import FussController
     from fuss_flare.executor import FussExecutor
@@ -91,7 +99,8 @@ def build_job(
         if start_round >= fed.rounds:
             raise ConfigError(f"{resume_from} already holds round {start_round - 1}; set --rounds above "
                               f"{start_round} to continue")
-    job = FedJob(name=name, min_clients=fed.min_clients or len(train_sites) or 1)
+    job = FussJob(cfg, name=name, min_clients=fed.min_clients or len(train_sites) or 1,
+                  sites=None if deploy_all else sites, privacy_scope=privacy_scope)
 
     job.to_server(FussController(min_clients=all_sites or fed.min_clients or 1,
                                  min_training_sites=fed.min_clients or len(train_sites) or 1,
@@ -102,6 +111,12 @@ def build_job(
     job.to_server(FussRecorder(resume_from=resume_from, record_updates=record_updates, export_format=export_format),
                   id="recorder")
     job.to_server(TBAnalyticsReceiver(), id="tb_receiver")
+    if mlflow_uri is not None:
+        from nvflare.app_opt.tracking.mlflow.mlflow_receiver import MLflowReceiver
+
+        # one MLflow run per site (FLARE's receiver); the server's own global/* scalars stay in TensorBoard
+        job.to_server(MLflowReceiver(tracking_uri=mlflow_uri or None, kw_args={"experiment_name": name}),
+                      id="mlflow_receiver")
     job.to_server({"server": {"task_request_interval": 0.2}})  # FLARE's 2 s poll would add seconds per task
     if server_params:
         job.to_server(dict(server_params))
@@ -118,39 +133,110 @@ def build_job(
     return job
 
 
-def export(job, cfg: FussConfig, out_dir: str | Path, sites: tuple[list[str], list[str]] | None = None,
-           privacy_scope: str = "") -> Path:
-    """Write the job folder ``<out_dir>/<job name>`` (replacing an older export) and return its path."""
-    out_dir = Path(out_dir)
-    target = out_dir / job.name
-    if target.exists():
-        shutil.rmtree(target)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    job.export_job(str(out_dir))
-    for app in [d for d in target.iterdir() if d.is_dir()]:
-        shutil.rmtree(app / "custom", ignore_errors=True)  # the classes are installed on every participant
-        cfg.save(app / "config" / CONFIG_FILE)
-        for config in (app / "config").glob("config_fed_*.json"):  # FLARE keeps task lists in sets: sort them
-            data = json.loads(config.read_text())
-            for section in ("task_result_filters", "task_data_filters", "executors"):
-                for entry in data.get(section, []):
-                    entry["tasks"] = sorted(entry["tasks"])
-            config.write_text(json.dumps(data, indent=4) + "\n")
-    meta = json.loads((target / "meta.json").read_text())
-    if sites:
-        names = [flare_client_name(s) for s in sites[0] + sites[1]]
-        meta["deploy_map"] = {app: ["server", *names] for app in meta["deploy_map"]}
-    if privacy_scope:
-        meta["scope"] = privacy_scope
-    if cfg.federation.site_gpu_memory_gb is not None:
-        if not sites:
+class FussJob(FedJob):
+    """A ``FedJob`` whose folder is a FUSS job folder, however FLARE writes it (``export_job``: ``fuss job
+    export``, ``Recipe.export``, ``PocEnv`` / ``ProdEnv`` submission; ``simulator_run``: ``SimEnv``): the run's
+    ``FussConfig`` in every app's ``config/fuss_config.json``, no ``custom/`` folder (the classes are installed on
+    every participant, so the job is not BYOC), task lists sorted (byte-stable folders), and in ``meta.json`` the
+    partition's site names (``deploy_map``), the privacy scope and the GPU each site needs (``resource_spec``)."""
+
+    def __init__(self, cfg: FussConfig, name: str, min_clients: int,
+                 sites: tuple[list[str], list[str]] | None = None, privacy_scope: str = ""):
+        super().__init__(name=name, min_clients=min_clients)
+        self.fuss_config = cfg
+        self.fuss_sites = sites
+        self.privacy_scope = privacy_scope
+        if cfg.federation.site_gpu_memory_gb is not None and not sites:
             raise ConfigError("federation.site_gpu_memory_gb asks each site for a GPU by name (FLARE's "
                               "resource_spec), so the job must name its sites: leave out --deploy-all")
-        meta["resource_spec"] = {flare_client_name(s): {"num_of_gpus": 1,
-                                                        "mem_per_gpu_in_GiB": cfg.federation.site_gpu_memory_gb}
-                                 for s in sites[0] + sites[1]}
-    (target / "meta.json").write_text(json.dumps(meta, indent=4) + "\n")
-    return target
+
+    @property
+    def site_names(self) -> list[str]:
+        """The FLARE client names of the partition's sites (training sites first); empty when not named."""
+        return [flare_client_name(s) for s in self.fuss_sites[0] + self.fuss_sites[1]] if self.fuss_sites else []
+
+    def export_job(self, job_root: str) -> None:
+        """Write the job folder ``<job_root>/<name>``, replacing an older export."""
+        target = Path(job_root) / self.name
+        if target.exists():
+            shutil.rmtree(target)
+        Path(job_root).mkdir(parents=True, exist_ok=True)
+        super().export_job(str(job_root))
+        for app in [d for d in target.iterdir() if d.is_dir()]:
+            shutil.rmtree(app / "custom", ignore_errors=True)  # the classes are installed on every participant
+            self.fuss_config.save(app / "config" / CONFIG_FILE)
+            for config in (app / "config").glob("config_fed_*.json"):  # FLARE keeps task lists in sets: sort them
+                data = json.loads(config.read_text())
+                for section in ("task_result_filters", "task_data_filters", "executors"):
+                    for entry in data.get(section, []):
+                        entry["tasks"] = sorted(entry["tasks"])
+                config.write_text(json.dumps(data, indent=4) + "\n")
+        meta = json.loads((target / "meta.json").read_text())
+        if self.site_names:
+            meta["deploy_map"] = {app: ["server", *self.site_names] for app in meta["deploy_map"]}
+        if self.privacy_scope:
+            meta["scope"] = self.privacy_scope
+        if self.fuss_config.federation.site_gpu_memory_gb is not None:
+            meta["resource_spec"] = {name: {"num_of_gpus": 1,
+                                            "mem_per_gpu_in_GiB": self.fuss_config.federation.site_gpu_memory_gb}
+                                     for name in self.site_names}
+        (target / "meta.json").write_text(json.dumps(meta, indent=4) + "\n")
+
+    def simulator_run(self, workspace: str, n_clients: int | None = None, clients: list[str] | None = None,
+                      threads: int | None = None, gpu: str | None = None, log_config: str | None = None) -> int:
+        """Run this job folder in FLARE's simulator (what ``SimEnv`` calls): ``nvflare simulator`` on the exported
+        folder, the partition's sites under their own names unless ``clients`` or another ``n_clients`` is
+        given. Returns the simulator's exit status."""
+        import subprocess
+        import tempfile
+
+        names = list(clients or [])
+        if not names and self.site_names and n_clients in (None, 0, len(self.site_names)):
+            names = self.site_names
+        with tempfile.TemporaryDirectory() as root:
+            self.export_job(root)
+            command = [sys.executable, "-m", "nvflare.private.fed.app.simulator.simulator",
+                       str(Path(root) / self.name), "-w", str(workspace)]
+            command += ["-c", ",".join(names)] if names else ["-n", str(n_clients or 1)]
+            command += ["-t", str(threads or len(names) or n_clients or 1)]
+            command += ["-gpu", gpu] if gpu else []
+            command += ["-l", log_config] if log_config else []
+            return subprocess.call(command)
+
+
+class FussRecipe(Recipe):
+    """FUSS as a FLARE 2.9 Job Recipe: the same job as ``fuss job export`` and the committed folders (one
+    definition, :func:`build_job`), executed where FLARE's recipes run::
+
+        recipe = FussRecipe(preset_config("camvid"))            # or FussRecipe(FussConfig.load(...), preset=...)
+        run = recipe.execute(SimEnv(clients=recipe.site_names))  # PocEnv(...), ProdEnv(startup_kit_location=...)
+        recipe.export("jobs")                                    # the job folder, byte-equal to jobs/fuss_camvid
+
+    ``preset``: the partition preset whose site names the job deploys to (default: ``cfg.partition`` when it
+    is a preset); other keyword arguments are :func:`build_job`'s (``record_updates``, ``centroid_noise``, ...).
+    In ``SimEnv`` the simulator's workspace gets the FUSS class allow list (``fuss_flare.site_policy``)."""
+
+    def __init__(self, cfg: FussConfig, name: str | None = None, preset: str | None = None, **job_options):
+        if preset is None and cfg.partition.partition(":")[0] in PRESETS:
+            preset = cfg.partition.partition(":")[0]
+        self.cfg = cfg
+        self.sites = partition_sites(cfg, preset)
+        self.fuss_job = build_job(cfg, name or (f"fuss_{preset}" if preset else "fuss_job"), sites=self.sites,
+                                  **job_options)
+        super().__init__(self.fuss_job)
+
+    @property
+    def site_names(self) -> list[str]:
+        """The FLARE client names the job deploys to (``SimEnv(clients=...)``)."""
+        return self.fuss_job.site_names
+
+    def process_env(self, env: ExecEnv) -> None:
+        from nvflare.recipe.sim_env import SimEnv
+
+        if isinstance(env, SimEnv):  # FLARE's default allow list knows no FUSS class
+            from fuss_flare.site_policy import install
+
+            install(Path(env.workspace_root) / self.fuss_job.name)
 
 
 def partition_sites(cfg: FussConfig, preset: str | None = None) -> tuple[list[str], list[str]] | None:
@@ -225,6 +311,10 @@ def get_args_parser() -> argparse.ArgumentParser:
                              "the new total)")
     parser.add_argument("--record-updates", action="store_true",
                         help="server saves every received update (tensors) per round under received/ (audits, tests)")
+    parser.add_argument("--mlflow", nargs="?", const="", metavar="URI",
+                        help="also send the run's metrics to MLflow (FLARE's MLflowReceiver, pip install "
+                             "'.[tracking]'): a SQLite store mlflow.db in the job's result folder, or the tracking "
+                             "server URI, e.g. http://mlflow.hospital.org:5000 (default: TensorBoard only)")
     parser.add_argument("--export-format", choices=["torchscript", "onnx"],
                         help="at the end of the run the server also writes the final model's deployable export "
                              "(fuss_segmenter.pt / .onnx + fuss_segmenter.json, as `fuss export`) beside "
@@ -314,14 +404,15 @@ def export_from_args(args: argparse.Namespace) -> Path:
         raise ConfigError(f"--centroid-clip must be > 0, got {args.centroid_clip}")
     if not 0 < args.privacy_delta < 1:
         raise ConfigError(f"--privacy-delta must be in (0, 1), got {args.privacy_delta}")
-    sites = partition_sites(cfg, args.preset)
-    job = build_job(cfg, name, sites=sites, record_updates=args.record_updates,
-                    resume_from=str(Path(args.resume_from).resolve()) if args.resume_from else "",
-                    centroid_clip=args.centroid_clip, centroid_noise=args.centroid_noise or 0.0,
-                    privacy_delta=args.privacy_delta, server_params=dict(args.server_params),
-                    export_format=args.export_format)
-    path = export(job, cfg, args.out, sites=None if args.deploy_all else sites, privacy_scope=args.privacy_scope)
-    n = len(sites[0]) + len(sites[1]) if sites and not args.deploy_all else 0
+    recipe = FussRecipe(cfg, name, preset=args.preset, record_updates=args.record_updates,
+                        resume_from=str(Path(args.resume_from).resolve()) if args.resume_from else "",
+                        centroid_clip=args.centroid_clip, centroid_noise=args.centroid_noise or 0.0,
+                        privacy_delta=args.privacy_delta, server_params=dict(args.server_params),
+                        export_format=args.export_format, privacy_scope=args.privacy_scope,
+                        deploy_all=args.deploy_all, mlflow_uri=args.mlflow)
+    recipe.export(args.out)
+    path = Path(args.out) / name
+    n = len(recipe.site_names)
     how = f"-t {n}" if n else "-n <sites> -t <sites>"
     print(f"exported {path}\nrun (from the repository root, whose simulator_workspace/ holds the class allow list): "
           f"nvflare simulator {path} {how}")

@@ -47,6 +47,7 @@ CLASS_ALLOW_LIST = [
     "nvflare.app_common.filters.exclude_vars.ExcludeVars",
     "nvflare.app_common.shareablegenerators.full_model_shareable_generator.FullModelShareableGenerator",
     "nvflare.app_opt.tracking.tb.tb_receiver.TBAnalyticsReceiver",
+    "nvflare.app_opt.tracking.mlflow.mlflow_receiver.MLflowReceiver",  # jobs exported with --mlflow
 ]
 
 # The rights FLARE's default policy gives each role, with custom code (byoc) for nobody.
