@@ -73,10 +73,10 @@ def build_job(
     settings of the server app, e.g. ``{"dead_client_grace_period": 0, "dead_client_check_lead_time": 5}``.
     ``export_format``: "torchscript" / "onnx" makes the server export the final model at the end of the run
     (``FussRecorder``); None: no export. ``privacy_scope``: the scope of the sites' ``privacy.json`` the job asks
-    for (``meta.json`` ``scope``). ``deploy_all``: ``deploy_map`` ``@ALL`` instead of the partition's site names. ``mlflow_uri``: also
-    stream every scalar the sites send (their declared tags: losses, validation scores) to MLflow through
-    FLARE's ``MLflowReceiver``: ``""`` for a SQLite store in the job's result folder (``mlflow.db``), else the
-    tracking URI of the site's or consortium's MLflow server; None: TensorBoard only.
+    for (``meta.json`` ``scope``). ``deploy_all``: ``deploy_map`` ``@ALL`` instead of the partition's site names.
+    ``mlflow_uri``: also stream every scalar the sites send (their declared tags: losses, validation scores) to
+    MLflow through FLARE's ``MLflowReceiver``: ``""`` for a SQLite store in the job's result folder
+    (``mlflow.db``), else the tracking URI of the consortium's MLflow server; None: TensorBoard only.
     """
     from nvflare.job_config.defs import FilterType
     from nvflare.app_common.shareablegenerators.full_model_shareable_generator import FullModelShareableGenerator
@@ -219,10 +219,8 @@ class FussRecipe(Recipe):
     def __init__(self, cfg: FussConfig, name: str | None = None, preset: str | None = None, **job_options):
         if preset is None and cfg.partition.partition(":")[0] in PRESETS:
             preset = cfg.partition.partition(":")[0]
-        self.cfg = cfg
-        self.sites = partition_sites(cfg, preset)
-        self.fuss_job = build_job(cfg, name or (f"fuss_{preset}" if preset else "fuss_job"), sites=self.sites,
-                                  **job_options)
+        self.fuss_job = build_job(cfg, name or (f"fuss_{preset}" if preset else "fuss_job"),
+                                  sites=partition_sites(cfg, preset), **job_options)
         super().__init__(self.fuss_job)
 
     @property
