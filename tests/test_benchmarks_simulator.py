@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from benchmarks.simulator import START_RACES, SimulatorTimeout, run_simulator
+from benchmarks.simulator import START_RACES, STALLS, SimulatorTimeout, run_simulator
 
 # $1 = "simulator", $2 = job, then -n N -t T -w WS. Attempt k (counted in a file beside the job) follows the k-th word of $PLAN:
-# "race" writes the race's line into server/log.txt and hangs; "fail" exits 2; "ok" writes a model and exits 0.
+# "race" writes the race's line into server/log.txt and hangs; "stall" prints a lost client's get_task failure ten
+# times a second; "blip" prints three and finishes; "fail" exits 2; "ok" writes a model and exits 0.
 STAND_IN = """#!/usr/bin/env bash
 ws="${@: -1}"
 count="$2.count"
@@ -27,6 +28,9 @@ echo "$(date) simulator starting" > "$ws/server/log.txt"
 case "$step" in
   race) sleep 1; echo "ERROR - run_client_thread error: RuntimeError: $RACE, timeout: 60.0" >> "$ws/server/log.txt";
         sleep 600 ;;
+  stall) for i in $(seq 6000); do echo "WARNING - Failed to get_task from server. Will try it again."; sleep 0.1; done ;;
+  blip) for i in 1 2 3; do echo "WARNING - Failed to get_task from server. Will try it again."; done; sleep 3;
+        echo done > "$ws/server/simulate_job/app_server/fuss_model.pt"; echo "finished"; exit 0 ;;
   fail) echo "client raised" ; exit 2 ;;
   ok)   echo done > "$ws/server/simulate_job/app_server/fuss_model.pt"; echo "finished"; exit 0 ;;
 esac
@@ -74,3 +78,15 @@ def test_a_hang_without_a_known_race_ends_at_the_timeout(tmp_path):
     with pytest.raises(SimulatorTimeout, match="ran past 2 s"):
         run_simulator(tmp_path / "job", tmp_path / "ws", 2, timeout=2, nvflare=str(exe), poll_seconds=0.2)
     assert time.perf_counter() - started < 15
+
+
+def test_a_client_that_lost_its_server_restarts_the_run_but_a_short_blip_does_not(stand_in, tmp_path):
+    started = time.perf_counter()
+    run = stand_in("stall ok", stall_seconds=2)
+    assert time.perf_counter() - started < 30  # the endless get_task failures were cut after about 2 s
+    assert run.returncode == 0 and run.workspace == tmp_path / "ws_restart1"
+    assert len(run.restarts) == 1 and "lost its server" in run.restarts[0] and STALLS[0] in run.restarts[0]
+    os.remove(tmp_path / "job.count")
+    blip = stand_in("blip ok", stall_seconds=2)
+    assert blip.returncode == 0 and blip.restarts == [] and blip.workspace == tmp_path / "ws"
+    assert (tmp_path / "job.count").read_text().strip() == "1"
