@@ -92,12 +92,13 @@ def flare_server_refusal(update, authenticated_as: str, declared_site: str) -> s
     from nvflare.apis.fl_context import FLContext
 
     from fuss_components.head import join_state
-    from fuss_flare import META_NUM_SAMPLES, META_SITE
+    from fuss_flare import META_NUM_SAMPLES, META_SITE, SESSION_CLIENT_HEADER
     from fuss_flare.aggregator import FussAggregator
 
     meta = {META_SITE: declared_site, META_NUM_SAMPLES: update.num_samples, MetaKey.INITIAL_METRICS: update.metrics}
     result = DXO(DataKind.WEIGHTS, data=join_state(update.head, update.centroids), meta=meta).to_shareable()
     result.set_peer_props({ReservedKey.IDENTITY_NAME: authenticated_as})
+    result.set_header(SESSION_CLIENT_HEADER, authenticated_as)  # as FussController stamps it
     server = FussAggregator()
     if server.accept(result, FLContext()):
         return None

@@ -231,7 +231,7 @@ def run_scale(n: int, work: Path, rounds: int = 2, local_steps: int = 5, validat
         if attempt:
             ws = work / "ws_restart"
         site_policy.install(ws)  # FUSS's class allow list: the simulator's participants need it like real sites
-        cmd = [nvflare_command(), "simulator", str(work / "jobs" / name), "-w", str(ws), "-t", str(threads)]
+        cmd = [*nvflare_command(), "simulator", str(work / "jobs" / name), "-w", str(ws), "-t", str(threads)]
         result = run_monitored(cmd, env, work / "simulator.log", timeout, workspace=ws)
         if not result["start_race"]:
             break

@@ -6,7 +6,8 @@ machines: a client subprocess that cannot bind its port ("Address already in use
 logs "Failed to create connection to the child process" and waits; and a client that lost its server and asks it
 for a task, in vain, twice a second until the run is killed. :func:`run_simulator` watches the workspace's logs
 and the simulator's output while it runs; on one of these signs it kills the simulator's process group at once
-and starts again in a fresh workspace, a bounded number of times.
+and starts again in a fresh workspace, a bounded number of times. A third race, two clients started under one
+name, is closed rather than retried: the simulator runs through :mod:`benchmarks.simulator_launcher`.
 """
 
 from __future__ import annotations
@@ -64,11 +65,11 @@ class SimulatorRun:
         return self.output + "".join(p.read_text(errors="replace") for p in sorted(self.workspace.rglob("log.txt")))
 
 
-def nvflare_command() -> str:
-    exe = Path(sys.executable).with_name("nvflare")
-    if not exe.exists():
+def nvflare_command() -> list[str]:
+    """``nvflare`` of this Python, through :mod:`benchmarks.simulator_launcher` (FLARE's client race closed)."""
+    if not Path(sys.executable).with_name("nvflare").exists():
         raise RuntimeError(f"nvflare is not installed beside {sys.executable} (pip install nvflare==2.9.0)")
-    return str(exe)
+    return [sys.executable, str(Path(__file__).with_name("simulator_launcher.py"))]
 
 
 class LogWatch:
@@ -109,11 +110,12 @@ def run_simulator(job: str | Path, workspace: str | Path, n_clients: int | None 
     participant needs it for jobs without custom code. A start-up race (:data:`START_RACES`) restarts it in
     ``<workspace>_restart<k>``, at most ``restarts`` times; so does a client that lost its server (:data:`STALLS`
     for ``stall_seconds``). Raises :class:`SimulatorTimeout` after ``timeout``
-    seconds of all attempts together. ``nvflare``: the executable (default: the one beside this Python)."""
+    seconds of all attempts together. ``nvflare``: the executable (default: the one beside this Python, through
+    :mod:`benchmarks.simulator_launcher`)."""
     from fuss_flare import site_policy
 
     workspace = Path(workspace)
-    cmd = [nvflare or nvflare_command(), "simulator", str(job)]
+    cmd = [*([nvflare] if nvflare else nvflare_command()), "simulator", str(job)]
     if n_clients:
         cmd += ["-n", str(n_clients)]
     cmd += ["-t", str(threads or n_clients or _deployed_sites(Path(job)))]

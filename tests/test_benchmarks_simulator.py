@@ -90,3 +90,45 @@ def test_a_client_that_lost_its_server_restarts_the_run_but_a_short_blip_does_no
     blip = stand_in("blip ok", stall_seconds=2)
     assert blip.returncode == 0 and blip.restarts == [] and blip.workspace == tmp_path / "ws"
     assert (tmp_path / "job.count").read_text().strip() == "1"
+
+
+def _one_task_each(holder, names=("s1", "s2")) -> dict:
+    """Two client threads doing what FLARE 2.9.0's ``do_one_task`` does with ``holder.build_ctx``: write the
+    client's name, then (after the other thread has written too, as when both client processes answer on the same
+    poll) send the context."""
+    import threading
+
+    barrier, sent = threading.Barrier(len(names)), {}
+
+    def one_task(name):
+        holder.build_ctx["client_name"] = name
+        barrier.wait()
+        sent[name] = dict(holder.build_ctx)
+
+    threads = [threading.Thread(target=one_task, args=(name,)) for name in names]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sent
+
+
+def test_the_launcher_gives_each_simulator_client_thread_its_own_build_context():
+    import inspect
+    from types import SimpleNamespace
+
+    from nvflare.private.fed.app.simulator.simulator_runner import SimulatorClientRunner
+
+    import benchmarks.simulator_launcher  # noqa: F401  patches SimulatorClientRunner on import
+
+    # FLARE still writes the name into the runner's context and sends that context (else the patch is moot)
+    source = inspect.getsource(SimulatorClientRunner.do_one_task)
+    assert 'self.build_ctx["client_name"] = client.client_name' in source
+    assert "SimulatorConstants.BUILD_CTX: self.build_ctx" in source
+    # a shared context sends one name to both client processes; the launcher's runner sends each its own
+    shared = _one_task_each(SimpleNamespace(build_ctx={"client_name": None, "site_type": "client"}))
+    assert shared["s1"]["client_name"] == shared["s2"]["client_name"]
+    runner = SimulatorClientRunner.__new__(SimulatorClientRunner)
+    runner.build_ctx = {"client_name": None, "site_type": "client"}
+    assert _one_task_each(runner) == {"s1": {"client_name": "s1", "site_type": "client"},
+                                      "s2": {"client_name": "s2", "site_type": "client"}}

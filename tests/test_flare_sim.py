@@ -372,20 +372,24 @@ def test_hostile_peer_updates_are_rejected_and_rounds_proceed(tmp_path, flare_ca
     assert torch.allclose(state["head.linear.weight"], s1["head.linear.weight"], atol=1e-6)
 
 
-def test_spoofed_site_name_is_rejected(tmp_path, flare_cache):
-    """A hostile peer (no filters) declares another site's name: the server keys results by FLARE's authenticated
-    client name, rejects the spoofer naming both names, and the honest site's update is kept."""
+@pytest.mark.parametrize("fault", ["spoof:s1", "impersonate:s1"])
+def test_spoofed_site_name_is_rejected(tmp_path, flare_cache, fault):
+    """A hostile peer (no filters) declares another site's name in its meta, or also rewrites the identity of the
+    FLARE context its result carries: the server keys results by the client of the session that delivered them,
+    rejects the spoofer naming both names, and the honest site's update is kept."""
     root = make_tiny_dataset(tmp_path / "data", sites={"s1": 6, "s2": 5, "s3": 4})
     cfg = tiny_config(root, flare_cache, **{"partition": "site", "federation.min_clients": 1,
                                             "federation.rounds": 1})
     job = export_job(cfg, tmp_path, "tiny_spoof", "--record-updates")
-    add_hostile_app(job, "app_spoof", ["s2"], {"s2": ["spoof:s1"]}, keep_filters=False)
+    add_hostile_app(job, "app_spoof", ["s2"], {"s2": [fault]}, keep_filters=False)
     sim = simulate(job, tmp_path / "ws")
     assert sim.rc == 0, sim.log[-4000:]
     (rec,) = sim.metrics["rounds"]
     assert rec["accepted"] == ["s1"]
     reasons = dict(rec["rejected"])
     assert set(reasons) == {"s2"} and "'s1'" in reasons["s2"] and "'s2'" in reasons["s2"]
+    if fault.startswith("impersonate:"):
+        assert "session of 's2' but carries the identity 's1'" in reasons["s2"]
 
 
 def test_missing_data_root_fails_naming_site_and_path(tmp_path, flare_cache):

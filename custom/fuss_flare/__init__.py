@@ -12,7 +12,7 @@ the code the site installed. Modules:
 ``filters``     the site's privacy filters: what may leave a site is checked against a schema.
 ``job``         the one Python definition of every FUSS job, and the generator of ``jobs/``.
 
-Wire format (keyed on the server by FLARE's authenticated client name):
+Wire format (keyed on the server by the client of the FLARE session that delivered it, ``SESSION_CLIENT_HEADER``):
 
 * ``train``: server -> site: the global state dict (``head.*`` + ``centroids``); site -> server: the same keys
   after local training, ``meta = {"num_samples": N, "site": <its FLARE name>, "initial_metrics": {...}}`` with the
@@ -43,6 +43,9 @@ FINAL_VALIDATION = "fuss.final_validation"  # fired by the controller after vali
 VALIDATION_RESULTS_PROP = "fuss.validation_results"  # {client: validation metrics}
 JOB_FAILED = "fuss.job_failed"  # fired before a FUSS component stops the job; the reason in ERROR_PROP
 ERROR_PROP = "fuss.error"
+# Stamped by FussController on every train result before FussAggregator sees it: the client of the FLARE session
+# that delivered it. A result's peer identity is the client's own claim (FLARE copies it from the client's context).
+SESSION_CLIENT_HEADER = "fuss.session_client"
 
 
 def app_file(fl_ctx, name: str):

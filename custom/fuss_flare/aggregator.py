@@ -1,8 +1,9 @@
 """Server-side aggregator: FLARE results -> ``fuss_components.aggregation`` (screen, then aggregate).
 
 One class serves FedAvg, FedCC-kmeans and FedCC-maximin (``federation.aggregator`` of the job's config). Every
-result is keyed by FLARE's authenticated client name (the peer identity of the result), never by what the site
-writes in its meta: a declared ``site`` that differs is rejected. A result with ``num_samples == 0`` and no
+result is keyed by the client of the FLARE session that delivered it (``SESSION_CLIENT_HEADER``, stamped by
+``FussController``; a result without it is rejected), never by what the client claims: a peer identity or a
+declared ``site`` in its meta that differs is rejected. A result with ``num_samples == 0`` and no
 parameters is a validation-only site's zero-weight result: recorded, not averaged. After screening the
 aggregator fires ``SCREENING_DONE`` with the accepted and rejected sites and their centroid drift
 (``fuss_components.aggregation.centroid_drift``) in the FLContext (``SCREENING_REPORT``), for the recorder; no
@@ -30,6 +31,7 @@ from fuss_flare import (
     META_SITE,
     SCREENING_DONE,
     SCREENING_REPORT,
+    SESSION_CLIENT_HEADER,
     load_job_config,
     to_torch_state,
     weights_shareable,
@@ -51,8 +53,14 @@ class FussAggregator(Aggregator):
             self._cfg = load_job_config(fl_ctx, self.config_file)
 
     def accept(self, shareable: Shareable, fl_ctx: FLContext) -> bool:
-        client = shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "") or "?"
+        claimed = shareable.get_peer_prop(ReservedKey.IDENTITY_NAME, "") or "?"
+        session = shareable.get_header(SESSION_CLIENT_HEADER)
+        client = session or claimed
         try:
+            if not session:
+                raise ValueError("carries no session client (FussAggregator needs FussController, which stamps it)")
+            if claimed != session:  # a hostile peer, or FLARE's simulator start-up race (docs/reliability.md)
+                raise ValueError(f"arrived in the FLARE session of {session!r} but carries the identity {claimed!r}")
             dxo = from_shareable(shareable)
             meta = dxo.meta or {}
             declared = meta.get(META_SITE, client)

@@ -1,6 +1,7 @@
 """Server workflow: FLARE's ``ScatterAndGather`` round loop, with a site census before it and a final validation
-after it. Only public FLARE API: the constructor arguments of ``ScatterAndGather``, ``broadcast_and_wait``, the
-FLContext and events.
+after it. Public FLARE API (the constructor arguments of ``ScatterAndGather``, ``broadcast_and_wait``, the
+FLContext and events) and one private step of ``ScatterAndGather``, ``_accept_train_result``: the only place that
+knows which client's session delivered a result (see ``SESSION_CLIENT_HEADER``; a test pins its signature).
 
 1. ``site_info`` to every client: each answers with its role (training and/or validation site of the partition)
    and its number of training images. The counts are published for the aggregator (``DECLARED_COUNTS_PROP``: an
@@ -17,6 +18,7 @@ from nvflare.apis.controller_spec import Task
 from nvflare.apis.dxo import DXO, DataKind, from_shareable
 from nvflare.apis.fl_constant import ReturnCode
 from nvflare.apis.fl_context import FLContext
+from nvflare.apis.shareable import Shareable
 from nvflare.apis.signal import Signal
 from nvflare.app_common.app_constant import AppConstants
 from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
@@ -28,6 +30,7 @@ from fuss_flare import (
     ERROR_PROP,
     JOB_FAILED,
     FINAL_VALIDATION,
+    SESSION_CLIENT_HEADER,
     SITE_CENSUS,
     SITE_ROLES_PROP,
     TASK_SITE_INFO,
@@ -57,6 +60,13 @@ class FussController(ScatterAndGather):
     def start_controller(self, fl_ctx: FLContext) -> None:
         fobs.register(TensorDecomposer)
         super().start_controller(fl_ctx)
+
+    def _accept_train_result(self, client_name: str, result: Shareable, fl_ctx: FLContext,
+                             is_unknown_task: bool = False) -> bool:
+        # FLARE has checked that this client's session was given the task; the result's own identity is the
+        # client's claim, so the aggregator keys results by this stamp (it replaces any the client wrote)
+        result.set_header(SESSION_CLIENT_HEADER, client_name)
+        return super()._accept_train_result(client_name, result, fl_ctx, is_unknown_task)
 
     def control_flow(self, abort_signal: Signal, fl_ctx: FLContext) -> None:
         roles = self._census(abort_signal, fl_ctx)

@@ -3,8 +3,9 @@ job's ``custom/`` folder (the FLARE simulator allows it); never installed, never
 
 ``faults`` maps a FLARE client name to what it does to its ``train`` result after honest training:
 ``flip`` (sign-flipped head), ``scale`` (head x 100), ``nan`` (NaN centroids), ``extra_centroid``, ``inflate``
-(claims 1,000 images, more than it declared), ``spoof:<name>`` (declares another site's name), ``leak`` (adds an
-undeclared parameter, meta entry and metric).
+(claims 1,000 images, more than it declared), ``spoof:<name>`` (declares another site's name), ``impersonate:<name>``
+(also rewrites the identity in the FLARE context its result carries), ``leak`` (adds an undeclared parameter, meta
+entry and metric).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import math
 
 import torch
 from nvflare.apis.dxo import MetaKey, from_shareable
+from nvflare.apis.fl_constant import ReservedKey
 
 from fuss_flare import META_NUM_SAMPLES, META_SITE, TASK_TRAIN
 from fuss_flare.executor import FussExecutor
@@ -44,6 +46,12 @@ class HostileExecutor(FussExecutor):
                 meta[META_NUM_SAMPLES] = 1000
             elif fault.startswith("spoof:"):
                 meta[META_SITE] = fault.split(":", 1)[1]
+            elif fault.startswith("impersonate:"):
+                name = meta[META_SITE] = fault.split(":", 1)[1]
+                # FLARE copies the public props of this context into the result's peer context
+                if not any(fl_ctx.set_prop(ReservedKey.IDENTITY_NAME, name, private=False, sticky=sticky)
+                           for sticky in (True, False)):
+                    raise RuntimeError("could not rewrite the identity")
             elif fault == "leak":
                 state["backbone.blocks.0.attn.qkv.weight"] = torch.zeros(4, 4)
                 meta["image_ids"] = ["secret_000"]
