@@ -84,7 +84,8 @@ def bench_flare(out_file: str | Path, work_dir: str | Path, rounds: int = 3, loc
     """Wall time of the camvid federation through the FLARE simulator vs the in-process reference federation,
     same configuration (default: one local epoch per round) and seeds; also the final models' difference,
     both validation mIoUs, the bytes a client sends per round and the backbone's size."""
-    from fuss_components.runner import load_model, run_federated
+    from fuss_components.checkpoint import read_model_file
+    from fuss_components.runner import run_federated
 
     budget = {"rounds": rounds, "local_steps": local_steps, "local_epochs": 1.0}
     cfg = base_config("camvid", budget, 0, overrides)
@@ -93,8 +94,8 @@ def bench_flare(out_file: str | Path, work_dir: str | Path, rounds: int = 3, loc
     ref = run_federated(cfg, work_dir / "inprocess", progress=True)
     t_inprocess = time.perf_counter() - started
     sim = simulate(cfg, work_dir, "camvid_flare", threads_per_site)
-    flare_state, _ = load_model(sim.model_file)
-    ref_state, _ = load_model(work_dir / "inprocess" / "model.pt")
+    flare_state = read_model_file(sim.model_file).state
+    ref_state = read_model_file(work_dir / "inprocess" / "model.pt").state
     max_diff = max(float((flare_state[k] - v).abs().max()) for k, v in ref_state.items())
     backbone = load_backbone(cfg.backbone, torch.device("cpu"))
     backbone_bytes = sum(p.numel() * p.element_size() for p in backbone.model.parameters())

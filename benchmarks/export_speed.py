@@ -39,7 +39,9 @@ from benchmarks.paper import git_commit, run_command
 from fuss_components.cli import main as fuss_main
 from fuss_components.config import FussConfig, parse_overrides
 from fuss_components.datasets import ImageFolderDataset, open_dataset
-from fuss_components.export import FORMATS, MODULE_FILES, export_model, read_model_file
+from fuss_components.checkpoint import read_model_file
+from fuss_components.config import EXPORT_FORMATS
+from fuss_components.export import MODULE_FILES, export_model
 from fuss_components.files import atomic_write_json
 from fuss_components.paths import data_root
 
@@ -125,13 +127,13 @@ def agreement(run_one: Callable[[str], np.ndarray], images: ImageFolderDataset, 
 
 
 def bench_export_speed(cfg: FussConfig, work: Path, count: int, model: str | None = None,
-                       images_dir: str | None = None, formats: tuple[str, ...] = FORMATS) -> dict:
+                       images_dir: str | None = None, formats: tuple[str, ...] = EXPORT_FORMATS) -> dict:
     """The figures of ``model`` (None: the initial model of ``cfg``) under ``cfg`` on ``count`` images; ``work``
     receives the model, the images, predict's output and the exports."""
     if count < 1:
         raise ValueError(f"--images must be at least 1, got {count}")
     if model is None:
-        from fuss_components.runner import save_model
+        from fuss_components.checkpoint import save_model
         from fuss_components.site import init_global_state
 
         model_path = save_model(work / "fuss_model.pt", init_global_state(cfg), cfg)
@@ -187,7 +189,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     parser.add_argument("--model", help="fuss_model.pt to export (default: the config's initial model)")
     parser.add_argument("--config", help="JSON config file (default: built-in defaults = the camvid setting)")
     parser.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config key (repeatable)")
-    parser.add_argument("--formats", nargs="+", choices=FORMATS, default=list(FORMATS),
+    parser.add_argument("--formats", nargs="+", choices=EXPORT_FORMATS, default=list(EXPORT_FORMATS),
                         help="export formats to measure (default: all)")
     parser.add_argument("--work", help="folder for the temporary folder of the model, images, masks and exports "
                                        "(default: the system's)")

@@ -42,10 +42,11 @@ from benchmarks.selection import communication
 from benchmarks.simulator import run_simulator
 from fuss_components.backbones import backbone_caveat as library_backbone_caveat
 from fuss_components.config import BackboneConfig, ConfigError, FussConfig, parse_overrides
+from fuss_components.datasets import DataError
 from fuss_components.evaluate import evaluate_model
 from fuss_components.files import atomic_write_json, atomic_write_text
 from fuss_components.metrics import image_weighted_mean
-from fuss_components.partition import PRESETS
+from fuss_components.partition import PRESETS, parse_partition_spec
 from fuss_components.paths import cache_dir, data_root
 from fuss_components.site import build_model, resolve_partition
 
@@ -171,9 +172,9 @@ def evaluate_state(cfg: FussConfig, model, crf_every: int, overlay_dir: Path | N
                    num_overlays: int = 0) -> dict:
     """mIoU / pixel accuracy on all validation images, and after dense CRF on every ``crf_every``-th image
     (image-weighted over validation sites, like the runners' summaries)."""
-    from fuss_components.runner import _Run
+    from fuss_components.runner import Run
 
-    run = _Run(cfg)
+    run = Run(cfg)
     plain, refined = {}, {}
     for site in run.validation_sites:
         site.cache.ensure(run.dataset, site.validation_ids, site.cache.eval_kinds, device=site.device,
@@ -211,9 +212,9 @@ def with_current_names(run: dict) -> dict:
 
 
 def _load_segmenter(path: Path, cfg: FussConfig):
-    from fuss_components.runner import load_model
+    from fuss_components.checkpoint import read_model_file
 
-    state, _ = load_model(path)
+    state, _, _ = read_model_file(path)
     model = build_model(cfg, state["centroids"].shape[0])
     model.load_state_dict(state)
     return model.eval(), state
@@ -242,8 +243,11 @@ def base_config(dataset: str, budget: dict, seed: int, overrides: dict | None = 
     if dataset not in DATASETS:
         raise ConfigError(f"bench paper: dataset must be one of {list(DATASETS)}, got {dataset!r}")
     partition = partition or dataset
-    name = partition.partition(":")[0]
-    if name not in PRESETS or PRESETS[name].dataset != PRESETS[dataset].dataset:
+    try:
+        name = parse_partition_spec(partition).preset
+    except DataError:
+        name = None
+    if name is None or PRESETS[name].dataset != PRESETS[dataset].dataset:
         known = sorted(p for p in PRESETS if PRESETS[p].dataset == PRESETS[dataset].dataset)
         raise ConfigError(f"bench paper: partition {partition!r} is not a preset of {dataset}; known: {known}")
     preset = PRESETS[name]
@@ -269,7 +273,8 @@ def partition_tag(dataset: str, partition: str | None) -> str:
     ``camvid-dir0.1:6`` -> ``dir0.1-6clients``; ``""`` for the dataset's preset."""
     if not partition or partition == dataset:
         return ""
-    name, _, clients = partition.partition(":")
+    spec = parse_partition_spec(partition)
+    name, clients = spec.preset, spec.clients
     label = name[len(dataset) + 1:] if name.startswith(dataset + "-") else name
     return f"{label}-{clients}clients" if clients else label
 

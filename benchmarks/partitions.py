@@ -1,4 +1,4 @@
-"""Class histograms of the label-skewed partition presets (issue 16): what each client of each federation holds.
+"""Class histograms of the label-skewed partition presets: what each client of each federation holds.
 
 For every label-skewed preset of a dataset (the ``fuss_components.partition.PRESETS`` entries of that dataset
 other than the by-site one, e.g. ``camvid-dir0.1``) and every client count its jobs offer, the seed's manifest

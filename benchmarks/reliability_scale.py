@@ -1,4 +1,4 @@
-"""Scale benchmark (issue 6, point 5): CamVid split further by frame ranges into N simulated clients, a short FUSS job
+"""Scale benchmark: CamVid split further by frame ranges into N simulated clients, a short FUSS job
 through the NVIDIA FLARE simulator with the real backbone's cached features, peak RSS per process and wall time per
 round against N, and (several ``--local-steps``) wall time against the local steps per round.
 

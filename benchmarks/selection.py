@@ -1,4 +1,4 @@
-"""Do the label-free selection criteria track validation mIoU? (issue 16)
+"""Do the label-free selection criteria track validation mIoU?
 
 Pairs, for every round of every given run, the label-free criteria of a global model (``fuss_components.selection``)
 with the validation mIoU of the SAME model, and reports per criterion Spearman's rank correlation with mIoU over

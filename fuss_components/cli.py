@@ -13,7 +13,7 @@ import logging
 import sys
 from pathlib import Path
 
-from .config import ConfigError, FussConfig, parse_overrides
+from .config import EXPORT_FORMATS, ConfigError, FussConfig, parse_overrides
 
 log = logging.getLogger("fuss")
 
@@ -88,7 +88,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                                       "+ JSON")
     _add_config_args(p)
     p.add_argument("--model", required=True, help="fuss_model.pt / model.pt / FL_global_model.pt")
-    p.add_argument("--format", choices=["torchscript", "onnx"], default="torchscript",
+    p.add_argument("--format", choices=EXPORT_FORMATS, default=EXPORT_FORMATS[0],
                    help="torchscript: fuss_segmenter.pt (torch.jit.load); onnx: fuss_segmenter.onnx (ONNX Runtime; "
                         "needs pip install -e '.[onnx]')")
     p.add_argument("--out", required=True, help="folder for fuss_segmenter.pt / .onnx and fuss_segmenter.json")
@@ -178,35 +178,26 @@ def cmd_train(args, cfg: FussConfig) -> int:
 
 
 def _model_and_config(args, cfg: FussConfig):
-    from .runner import load_model
+    """(model state, config, cluster names) of ``--model``, read once: the file's own config unless ``--config``
+    is given; ``--set`` applies to either."""
+    from .checkpoint import read_model_file
 
-    state, saved = load_model(args.model)
+    state, saved, names = read_model_file(args.model)
     if saved is not None and not args.config:  # the checkpoint knows its config; --set still applies
         cfg = FussConfig.from_dict(saved)
         overrides = parse_overrides(args.set)
         cfg = cfg.with_overrides(overrides) if overrides else cfg
-    return state, cfg
+    return state, cfg, names
 
 
 def cmd_evaluate(args, cfg: FussConfig) -> int:
-    from .metrics import image_weighted_mean
-    from .runner import _Run, _finish, _summary
+    from .runner import run_evaluate
 
-    state, cfg = _model_and_config(args, cfg)
-    run = _Run(cfg)
-    run.dataset.require_labels("fuss evaluate")
-    run.check_data(("eval",))  # the validation images and labels, before any extraction
-    out = Path(args.out)
-    final = run.validate(state, crf=args.crf, overlay_dir=out / "overlays", num_overlays=args.overlays,
-                         progress=True)
-    result = {"mode": "evaluate", "model": str(args.model), "final": final, **_summary(final)}
-    if args.crf:
-        result["crf"] = image_weighted_mean({name: m["crf"] | {"num_images": m["num_images"]}
-                                             for name, m in final.items()})
-    _finish(out, cfg, result, run)
+    state, cfg, _ = _model_and_config(args, cfg)
+    result = run_evaluate(cfg, state, args.out, crf=args.crf, overlays=args.overlays, model_path=args.model)
     print(json.dumps({"miou": result["miou"], "pixel_acc": result["pixel_acc"], **({"crf": result["crf"]}
                       if args.crf else {}), "skipped_images": result["skipped_images"]}))
-    _outputs_line("evaluate", out)
+    _outputs_line("evaluate", Path(args.out))
     return 0
 
 
@@ -220,7 +211,7 @@ def cmd_predict(args, cfg: FussConfig) -> int:
     from .crf import dense_crf
     from .datasets import DataError, ImageFolderDataset
     from .evaluate import CRF_LOGIT_SCALE, image_logits
-    from .export import cluster_names, read_model_file
+    from .export import cluster_names
     from .files import atomic_write, atomic_write_json
     from .names import area_row, write_areas_csv
     from .site import build_model
@@ -230,9 +221,9 @@ def cmd_predict(args, cfg: FussConfig) -> int:
     def write_png(path: Path, array) -> None:
         atomic_write(path, lambda handle: Image.fromarray(array).save(handle, format="PNG"))
 
-    state, cfg = _model_and_config(args, cfg)
+    state, cfg, saved_names = _model_and_config(args, cfg)
     num_clusters = int(state["centroids"].shape[0])
-    names = cluster_names(read_model_file(args.model)[2], num_clusters)
+    names = cluster_names(saved_names, num_clusters)
     images = ImageFolderDataset(args.images)  # the same reader (and ids) as a site's own image folder
     device = resolve_device(cfg.train.device)
     backbone = load_backbone(cfg.backbone, device)
@@ -285,10 +276,9 @@ def cmd_name_clusters(args, cfg: FussConfig) -> int:
 
 
 def cmd_export(args, cfg: FussConfig) -> int:
-    from .export import export_model, read_model_file
+    from .export import export_model
 
-    read_model_file(args.model)  # a missing or unreadable model file: an error naming it, before any work
-    _, cfg = _model_and_config(args, cfg)  # the same config as `fuss predict` would use
+    _, cfg, _ = _model_and_config(args, cfg)  # a bad model file fails here, naming it; the config of `fuss predict`
     card = export_model(args.model, args.out, cfg, args.format)
     print(json.dumps({"out": args.out, "format": card["format"], "module_file": card["module_file"],
                       "num_clusters": card["num_clusters"]}))

@@ -313,6 +313,7 @@ class TrainConfig:
 
 
 AGGREGATORS = ("fedavg", "fedcc-kmeans", "fedcc-maximin")
+EXPORT_FORMATS = ("torchscript", "onnx")  # fuss_components.export writes each
 ROBUST_MODES = ("none", "median", "trimmed-mean", "clip")
 
 

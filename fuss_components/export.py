@@ -34,14 +34,14 @@ from timm.layers import resample_abs_pos_embed
 from torch import nn
 
 from .backbones import RANDOM_WEIGHTS, TIMM_WEIGHTS, Backbone, backbone_caveat, load_backbone, weights_sha256
-from .config import FussConfig
+from .checkpoint import read_model_file
+from .config import EXPORT_FORMATS, FussConfig
 from .files import atomic_write, atomic_write_bytes, atomic_write_json, sha256_file
 from .paths import backbone_weights
 from .transforms import IMAGENET_MEAN, IMAGENET_STD
 
 log = logging.getLogger(__name__)
 
-FORMATS = ("torchscript", "onnx")
 MODULE_FILE = "fuss_segmenter.pt"
 ONNX_FILE = "fuss_segmenter.onnx"
 MODULE_FILES = {"torchscript": MODULE_FILE, "onnx": ONNX_FILE}
@@ -197,24 +197,6 @@ class _PositionEmbedding(nn.Module):
         return self.pos_drop(x)
 
 
-def read_model_file(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None, list[str] | None]:
-    """(model state, saved config or None, saved cluster names or None) of a ``fuss_model.pt`` / ``model.pt`` /
-    ``FL_global_model.pt``; a missing or unreadable file raises an error that names it."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"model file not found: {path}")
-    try:
-        blob = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # truncated, not a torch file, or unsafe content
-        raise ExportError(f"cannot read model file {path}: {err}") from err
-    state, config, names = blob, None, None
-    if isinstance(blob, dict) and "model" in blob:
-        state, config, names = blob["model"], blob.get("config"), blob.get("cluster_names")
-    if not isinstance(state, dict) or "centroids" not in state:
-        raise ExportError(f"model file {path} holds no FUSS model (no 'centroids' entry)")
-    return state, config, names
-
-
 def cluster_names(saved: Any, count: int) -> list[str]:
     """The model's own cluster names when it carries one per cluster, else ``cluster 0`` .. ``cluster C-1``."""
     if isinstance(saved, (list, tuple)) and len(saved) == count and all(isinstance(n, str) for n in saved):
@@ -314,8 +296,8 @@ def export_model(model_path: str | Path, out_dir: str | Path, cfg: FussConfig | 
 
     ``cfg`` None: the config saved in the model file (as ``fuss predict``), else the defaults.
     """
-    if fmt not in FORMATS:
-        raise ExportError(f"unknown export format {fmt!r}; supported: {', '.join(FORMATS)}")
+    if fmt not in EXPORT_FORMATS:
+        raise ExportError(f"unknown export format {fmt!r}; supported: {', '.join(EXPORT_FORMATS)}")
     if fmt == "onnx":
         _import_onnx_exporter()  # a missing package: an error before any work
     model_path = Path(model_path)

@@ -72,7 +72,8 @@ def name_clusters(model_path: str | Path, names_path: str | Path, out_path: str 
     becomes ``{"model": state, "config": None, "cluster_names": names}``; any other keys of a checkpoint stay."""
     import torch
 
-    from .export import cluster_names, read_model_file
+    from .checkpoint import read_model_file
+    from .export import cluster_names
 
     state, _, saved = read_model_file(model_path)  # a missing or foreign file: an error naming it
     names = read_names_json(names_path, cluster_names(saved, int(state["centroids"].shape[0])))

@@ -673,7 +673,7 @@ PRESETS = {
     "cocostuff27": PartitionPreset(
         "cocostuff27", 27, 18, 1, "COCO-Stuff-27, Dirichlet(0.5) over 18 clients; val2017 (curated) validates",
         _preset_cocostuff27, tuple(range(1, 101))),
-    # Label-skewed federations (issue 16). CamVid: the 3 training sequences pooled, split by dominant class.
+    # Label-skewed federations. CamVid: the 3 training sequences pooled, split by dominant class.
     "camvid-dir0.1": PartitionPreset(
         "camvid", 11, 6, 1, "CamVid's training frames split by dominant class, Dirichlet(0.1), into 6 or 12 "
         "clients client1..; Seq05VD held out for validation",
@@ -738,6 +738,36 @@ def preset_partition(name: str, ds: SegmentationDataset, seed: int = 0,
     except KeyError:
         raise DataError(f"unknown partition preset {name!r}; known: {sorted(PRESETS)}") from None
     return preset.build(ds, int(seed), preset.clients if num_clients is None else int(num_clients))
+
+
+@dataclass(frozen=True)
+class PartitionSpec:
+    """The config key ``partition``, parsed (:func:`parse_partition_spec`): exactly one of a manifest file, ``site``
+    (one client per site of the dataset) or a preset with an optional number of training sites."""
+
+    manifest: Path | None = None
+    preset: str | None = None
+    clients: int | None = None  # ``PRESET:N``; None: the preset's own number
+
+    @property
+    def is_site(self) -> bool:
+        return self.manifest is None and self.preset is None
+
+
+def parse_partition_spec(spec: str) -> PartitionSpec:
+    """``*.json`` or an existing file: a manifest (``fuss partition``); ``site``; ``PRESET`` or ``PRESET:N`` of
+    :data:`PRESETS`. Anything else raises ``DataError`` naming the spec and the presets."""
+    if spec.endswith(".json") or Path(spec).is_file():
+        return PartitionSpec(manifest=Path(spec))
+    if spec == "site":
+        return PartitionSpec()
+    name, sep, count = spec.partition(":")
+    if name not in PRESETS:
+        raise DataError(f"partition {spec!r} is neither a manifest file, 'site', nor a preset; known presets: "
+                        f"{sorted(PRESETS)}")
+    if sep and not (count.isdigit() and int(count) >= 1):
+        raise DataError(f"partition {spec!r}: the number of clients after ':' must be a whole number >= 1")
+    return PartitionSpec(preset=name, clients=int(count) if sep else None)
 
 
 def preset_site_names(name: str, num_clients: int | None = None) -> tuple[list[str], list[str]]:

@@ -166,7 +166,10 @@ class PrivacyAccount:
                 f"by simple composition [GDP composition: epsilon={_fmt(self.total_epsilon_gdp)}]")
 
 
-def account(num_clusters: int, clip: float, noise_multiplier: float, delta: float = 1e-5,
+DEFAULT_DELTA = 1e-5  # per-round delta of the accounting unless a site's filter or the job says otherwise
+
+
+def account(num_clusters: int, clip: float, noise_multiplier: float, delta: float = DEFAULT_DELTA,
             rounds: int = 1) -> PrivacyAccount:
     """Privacy of ``rounds`` releases of a K-row centroid matrix clipped to ``clip`` with the given noise."""
     if rounds < 1:

@@ -15,6 +15,7 @@ from sklearn.cluster import KMeans
 from tqdm.auto import tqdm
 
 from .aggregation import AggregationError, ClientUpdate, aggregate, centroid_drift, screen_updates
+from .checkpoint import save_model
 from .config import FussConfig
 from .files import atomic_torch_save, atomic_write_json
 from .head import join_state, split_state
@@ -29,24 +30,11 @@ MODEL_FILE = "model.pt"
 KMEANS_FILE = "kmeans_centroids.pt"
 
 
-def save_model(path: str | Path, state: dict[str, torch.Tensor], cfg: FussConfig, **extra) -> Path:
-    """Checkpoint ``{"model": state, "config": cfg, ...}``; the same ``model`` key as FLARE's persistor."""
-    return atomic_torch_save({"model": state, "config": cfg.to_dict(), **extra}, path)
-
-
-def load_model(path: str | Path) -> tuple[dict[str, torch.Tensor], dict | None]:
-    """(model state, config dict or None) from our checkpoints or FLARE's ``FL_global_model.pt``."""
-    blob = torch.load(path, map_location="cpu", weights_only=True)
-    if isinstance(blob, dict) and "model" in blob:
-        return blob["model"], blob.get("config")
-    return blob, None
-
-
 def _write_json(path: Path, data: dict) -> None:
     atomic_write_json(path, data, default=float)
 
 
-class _Run:
+class Run:
     """Sites of one run, built once: training sites and validation sites share caches and trainers."""
 
     def __init__(self, cfg: FussConfig, partition: Partition | None = None):
@@ -74,7 +62,7 @@ class _Run:
         return {name: site.skipped_images for name, site in self.sites.items() if site.skipped_images}
 
 
-def _summary(per_site: dict[str, dict]) -> dict[str, float | None]:
+def summary_metrics(per_site: dict[str, dict]) -> dict[str, float | None]:
     """mIoU and pixel accuracy over all validation sites' images; None without a validation site (a federation of
     unlabeled sites trains and saves its model all the same)."""
     if not per_site:
@@ -92,7 +80,7 @@ def run_federated(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progr
     """Algorithm 1 in one process: every round each training site trains from the global model, the updates
     are screened and aggregated, and the validation sites evaluate the new global model."""
     out_dir = Path(out_dir)
-    run = _Run(cfg)
+    run = Run(cfg)
     cfg.check_sites(len(run.train_sites))  # no training site, min_clients > sites: fail before any work
     run.check_data()
     fed = cfg.federation
@@ -123,16 +111,16 @@ def run_federated(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progr
             validation = run.validate(state)
             record = {"round": round_idx, "train": {u.site: u.metrics for u in updates},
                       "rejected": dict(rejected), "drift": centroid_drift(accepted, fed, run.num_clusters),
-                      "validation": validation, **_summary(validation)}
+                      "validation": validation, **summary_metrics(validation)}
             history.append(record)
             if progress:
                 log.info("round %d/%d: validation mIoU %s acc %s", round_idx + 1, fed.rounds, _fmt(record["miou"]),
                          _fmt(record["pixel_acc"]))
     final = run.validate(state, crf=crf, overlay_dir=out_dir / "overlays", num_overlays=4, progress=progress)
-    result = {"mode": "federated", "rounds": history, "final": final, **_summary(final),
+    result = {"mode": "federated", "rounds": history, "final": final, **summary_metrics(final),
               "seconds": time.perf_counter() - started}
     save_model(out_dir / MODEL_FILE, state, cfg, rounds=fed.rounds)
-    _finish(out_dir, cfg, result, run)
+    finish_run(out_dir, cfg, result, run)
     return result
 
 
@@ -140,7 +128,7 @@ def run_local(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progress:
     """Local-only reference: every training site trains alone for the same rounds and steps, and each local
     model is evaluated on the validation sites. Reports mean, best and worst site."""
     out_dir = Path(out_dir)
-    run = _Run(cfg)
+    run = Run(cfg)
     run.check_data()
     initial = init_global_state(cfg, run.num_clusters)
     per_site, started = {}, time.perf_counter()
@@ -154,7 +142,7 @@ def run_local(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progress:
                 bar.update()
             save_model(out_dir / site.name / MODEL_FILE, state, cfg)
             per_site[site.name] = {"validation": run.validate(state, crf=crf)}
-            per_site[site.name].update(_summary(per_site[site.name]["validation"]))
+            per_site[site.name].update(summary_metrics(per_site[site.name]["validation"]))
             if progress:
                 log.info("local %s: validation mIoU %s", site.name, _fmt(per_site[site.name]["miou"]))
     mious = [v["miou"] for v in per_site.values() if v["miou"] is not None]
@@ -162,7 +150,7 @@ def run_local(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progress:
     result = {"mode": "local", "sites": per_site, "miou": statistics.mean(mious) if mious else None,
               "miou_best": max(mious, default=None), "miou_worst": min(mious, default=None),
               "pixel_acc": statistics.mean(accs) if accs else None, "seconds": time.perf_counter() - started}
-    _finish(out_dir, cfg, result, run)
+    finish_run(out_dir, cfg, result, run)
     return result
 
 
@@ -177,7 +165,7 @@ def pooled_partition(partition: Partition, name: str = "centralized") -> Partiti
 def run_centralized(cfg: FussConfig, out_dir: str | Path, crf: bool = False, progress: bool = True) -> dict:
     """Centralized reference: all training sites' data pooled in one trainer, same rounds x local epochs."""
     out_dir = Path(out_dir)
-    run = _Run(cfg, pooled_partition(resolve_partition(cfg)))
+    run = Run(cfg, pooled_partition(resolve_partition(cfg)))
     run.check_data()
     site = run.train_sites[0]
     state = init_global_state(cfg, run.num_clusters)
@@ -190,15 +178,15 @@ def run_centralized(cfg: FussConfig, out_dir: str | Path, crf: bool = False, pro
             state = result.state
             validation = run.validate(state)
             history.append({"round": round_idx, "train": result.metrics, "validation": validation,
-                            **_summary(validation)})
+                            **summary_metrics(validation)})
             if progress:
                 log.info("centralized epoch-round %d/%d: validation mIoU %s (clusters used %d)", round_idx + 1,
                          rounds, _fmt(history[-1]["miou"]), result.metrics["clusters_used"])
     final = run.validate(state, crf=crf, overlay_dir=out_dir / "overlays", num_overlays=4, progress=progress)
-    out = {"mode": "centralized", "rounds": history, "final": final, **_summary(final),
+    out = {"mode": "centralized", "rounds": history, "final": final, **summary_metrics(final),
            "seconds": time.perf_counter() - started}
     save_model(out_dir / MODEL_FILE, state, cfg)
-    _finish(out_dir, cfg, out, run)
+    finish_run(out_dir, cfg, out, run)
     return out
 
 
@@ -238,7 +226,7 @@ def run_raw_kmeans(cfg: FussConfig, out_dir: str | Path, crf: bool = False, max_
                    progress: bool = True) -> dict:
     """Fit k-means (|C| clusters) on the training sites' raw patch features and evaluate like a trained model."""
     out_dir = Path(out_dir)
-    run = _Run(cfg, pooled_partition(resolve_partition(cfg)))
+    run = Run(cfg, pooled_partition(resolve_partition(cfg)))
     run.check_data()
     site = run.train_sites[0]
     site.cache.ensure(run.dataset, site.train_ids, ["train"], device=site.device, progress=progress, desc=site.name)
@@ -264,13 +252,13 @@ def run_raw_kmeans(cfg: FussConfig, out_dir: str | Path, crf: bool = False, max_
     atomic_torch_save(model.centroids, out_dir / KMEANS_FILE)  # normalised centres: RawKMeans(torch.load(...))
     final = {s.name: s.evaluate(model, crf=crf, overlay_dir=out_dir / "overlays" / s.name, num_overlays=4,
                                 progress=progress) for s in run.validation_sites}
-    out = {"mode": "raw-kmeans", "final": final, **_summary(final), "num_vectors": len(vectors),
+    out = {"mode": "raw-kmeans", "final": final, **summary_metrics(final), "num_vectors": len(vectors),
            "seconds": time.perf_counter() - started}
-    _finish(out_dir, cfg, out, run)
+    finish_run(out_dir, cfg, out, run)
     return out
 
 
-def _finish(out_dir: Path, cfg: FussConfig, result: dict, run: _Run) -> None:
+def finish_run(out_dir: Path, cfg: FussConfig, result: dict, run: Run) -> None:
     """Write config.json and metrics.json (with ``skipped_images``: ``{site: {id: reason}}``), and say where."""
     result["skipped_images"] = run.skipped_images()
     for site, skipped in result["skipped_images"].items():
@@ -284,6 +272,23 @@ def _finish(out_dir: Path, cfg: FussConfig, result: dict, run: _Run) -> None:
 
 def _fmt(value: float | None) -> str:
     return "n/a (no validation site)" if value is None else f"{value:.4f}"
+
+
+def run_evaluate(cfg: FussConfig, state: dict[str, torch.Tensor], out_dir: str | Path, crf: bool = False,
+                 overlays: int = 0, model_path: str | Path | None = None) -> dict:
+    """``fuss evaluate``: a saved model on the validation sites (and after dense CRF with ``crf``); writes
+    config.json, metrics.json and ``overlays`` overlay PNGs per site into ``out_dir``."""
+    run = Run(cfg)
+    run.dataset.require_labels("fuss evaluate")
+    run.check_data(("eval",))  # the validation images and labels, before any extraction
+    out = Path(out_dir)
+    final = run.validate(state, crf=crf, overlay_dir=out / "overlays", num_overlays=overlays, progress=True)
+    result = {"mode": "evaluate", "model": str(model_path), "final": final, **summary_metrics(final)}
+    if crf:
+        result["crf"] = image_weighted_mean({name: m["crf"] | {"num_images": m["num_images"]}
+                                             for name, m in final.items()})
+    finish_run(out, cfg, result, run)
+    return result
 
 
 RUNNERS = {"federated": run_federated, "local": run_local, "centralized": run_centralized,

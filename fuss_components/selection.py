@@ -1,4 +1,4 @@
-"""Label-free model selection criteria (issue 16): what a site can say about a global model without labels.
+"""Label-free model selection criteria: what a site can say about a global model without labels.
 
 A federation of unlabeled sites cannot pick its best round by validation mIoU. Instead every training site
 measures the GLOBAL model it receives at the start of a ``train`` task, before local training, on a fixed seeded

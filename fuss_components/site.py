@@ -30,7 +30,7 @@ from .disclosure import DisclosurePolicy, check_job, site_policy
 from .evaluate import evaluate_model
 from .files import atomic_torch_save
 from .head import FussModel
-from .partition import Partition, partition_sites, preset_partition
+from .partition import Partition, parse_partition_spec, partition_sites, preset_partition
 from .paths import data_root
 from .selection import SelectionProbe, as_metrics
 from .trainer import LocalResult, LocalTrainer, resolve_device, stable_seed
@@ -54,14 +54,13 @@ def open_site_dataset(cfg: FussConfig, site: str | None = None) -> SegmentationD
 def resolve_partition(cfg: FussConfig, dataset: SegmentationDataset | None = None) -> Partition:
     """``cfg.partition`` is a manifest path, a preset (``camvid``, ``cityscapes:6``, ...), or ``site``: one client
     per site, where sites whose images are all in split ``test`` are validation-only sites (``partition_sites``)."""
-    spec = cfg.partition
-    if spec.endswith(".json") or Path(spec).is_file():
-        return Partition.load(spec)
+    spec = parse_partition_spec(cfg.partition)
+    if spec.manifest is not None:
+        return Partition.load(spec.manifest)
     dataset = dataset or open_site_dataset(cfg)
-    name, _, count = spec.partition(":")
-    if name == "site":
+    if spec.is_site:
         return partition_sites(dataset, seed=cfg.federation.seed)
-    return preset_partition(name, dataset, seed=cfg.federation.seed, num_clients=int(count) if count else None)
+    return preset_partition(spec.preset, dataset, seed=cfg.federation.seed, num_clients=spec.clients)
 
 
 def site_order(partition: Partition) -> list[str]:

@@ -529,12 +529,13 @@ def site_bounds(cfg, site: str) -> tuple[str, SiteBounds]:
     site's partition entries restricted to image ids its dataset really has, so a partition cannot declare more
     images than the site holds. For :data:`LABEL_READING_PRESETS` both counts are the dataset's image count.
     Raises (``DataError``, ``ConfigError``) when the site or its dataset cannot be resolved."""
+    from .partition import parse_partition_spec
     from .site import num_clusters, open_site_dataset, resolve_partition, resolve_site_name
 
     dataset = open_site_dataset(cfg, site)
     clusters = num_clusters(cfg, dataset)
     classes = dataset.num_classes if dataset.has_labels else None  # an unlabeled folder's classes are unknown
-    if cfg.partition.partition(":")[0] in LABEL_READING_PRESETS:
+    if parse_partition_spec(cfg.partition).preset in LABEL_READING_PRESETS:
         return site, SiteBounds(classes, clusters, len(dataset), len(dataset))
     partition = resolve_partition(cfg, dataset)
     name = resolve_site_name(site, partition)

@@ -152,13 +152,16 @@ def build_partition(dataset: str, data_root: Path, spec: str = "", images_per_si
     """The run's partition: a manifest file or a preset of ``fuss_components.partition`` (default: the dataset's
     own preset), optionally cut to ``num_sites`` sites (training sites first) and subsampled."""
     from fuss_components.datasets import open_dataset
-    from fuss_components.partition import Partition, preset_partition
+    from fuss_components.partition import Partition, parse_partition_spec, preset_partition
     from fuss_components.site import site_order
 
-    if spec and spec.endswith(".json"):
-        part = Partition.load(spec)
+    parsed = parse_partition_spec(spec or dataset)
+    if parsed.manifest is not None:
+        part = Partition.load(parsed.manifest)
+    elif parsed.preset is not None:
+        part = preset_partition(parsed.preset, open_dataset(dataset, data_root), seed=seed, num_clients=parsed.clients)
     else:
-        part = preset_partition(spec or dataset, open_dataset(dataset, data_root), seed=seed)
+        raise ValueError("fuss_poc --partition: 'site' needs one data folder per site; give a manifest or a preset")
     keep = site_order(part)[:num_sites] if num_sites else site_order(part)
     clients = {s: subsample(ids, images_per_site) for s, ids in part.clients.items() if s in keep}
     validation = {s: subsample(ids, val_images) for s, ids in part.validation.items() if s in keep}
@@ -787,7 +790,7 @@ def run(args: argparse.Namespace, after_job: Callable | None = None) -> dict:
     ``after_job(federation, job_id, result_dir)`` is called while the federation still runs (tests use it to
     drive the admin console against the running POC).
     """
-    from fuss_components.config import FussConfig
+    from fuss_components.config import FussConfig, parse_overrides
     from fuss_components.paths import data_root as resolve_data_root
     from fuss_flare.job import PRESETS, preset_config
 
@@ -827,12 +830,7 @@ def run(args: argparse.Namespace, after_job: Callable | None = None) -> dict:
             overrides["federation.local_steps"] = args.local_steps
         if args.min_clients:
             overrides["federation.min_clients"] = args.min_clients
-        for item in args.overrides:
-            key, _, value = item.partition("=")
-            try:
-                overrides[key] = json.loads(value)
-            except json.JSONDecodeError:
-                overrides[key] = value
+        overrides.update(parse_overrides(args.overrides))  # the one --set grammar of every FUSS command
         cfg = cfg.with_overrides(overrides)
         extra = []
         if args.centroid_noise is not None:

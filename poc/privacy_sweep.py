@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--preset", default="camvid")
     parser.add_argument("--sigmas", default="none,0,0.1,0.3,1,3", help="comma list; 'none' = no filter")
     parser.add_argument("--clip", type=float, default=1.0)
-    parser.add_argument("--delta", type=float, default=1e-5)
+    parser.add_argument("--delta", type=float, default=None, help="default: fuss_components.privacy.DEFAULT_DELTA")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--local-steps", type=int, default=50)
     parser.add_argument("--seed", type=int, default=0)
@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="runs/privacy_sweep/privacy_sweep.json")
     args = parser.parse_args(argv)
 
-    from fuss_components.privacy import account
+    from fuss_components.privacy import DEFAULT_DELTA, account
+
+    args.delta = DEFAULT_DELTA if args.delta is None else args.delta
     from fuss_components.runner import run_federated
     from fuss_components.site import build_model
     from fuss_flare.job import preset_config

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Set up (if needed) and run the test suite. Extra arguments go to pytest, e.g. -m "not slow".
+# Set up (if needed) and run the test suite. Extra arguments go to pytest: `-m fast` is the quick tier (docs/testing.md).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1

@@ -26,6 +26,17 @@ _POLICY_FILE = Path(tempfile.mkdtemp(prefix="fuss_test_policy_")) / "fuss_policy
 _POLICY_FILE.write_text(json.dumps(TEST_POLICY))
 os.environ["FUSS_SITE_POLICY"] = str(_POLICY_FILE)
 
+SLOW_TIERS = ("realdata", "flare", "slow")
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """``-m fast``: the tests that need neither ../shared, FLARE processes nor minutes (docs/testing.md)."""
+    for item in items:
+        if not any(item.get_closest_marker(tier) for tier in SLOW_TIERS):
+            item.add_marker(pytest.mark.fast)
+
+
 TINY_CLASSES = ["background", "red", "blue"]
 TINY_SITES = {"s1": 6, "s2": 5, "s3": 4}  # s3 is held out for validation in `tiny_partition`
 

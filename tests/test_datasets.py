@@ -539,7 +539,7 @@ def test_a_camvid_frame_saved_at_16_bits_or_as_floats_is_segmented_as_its_8_bit_
 
     from fuss_components.cli import main as fuss
     from fuss_components.config import FussConfig
-    from fuss_components.runner import save_model
+    from fuss_components.checkpoint import save_model
     from fuss_components.site import init_global_state
 
     frame = sorted((shared / "data" / "camvid" / "images").rglob("*.*"))[0]

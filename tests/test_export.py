@@ -26,10 +26,9 @@ from fuss_components.export import (
     ExportError,
     export_model,
     onnx_model_bytes,
-    read_model_file,
     symbolic_eval_size,
 )
-from fuss_components.runner import save_model
+from fuss_components.checkpoint import read_model_file, save_model
 from fuss_components.site import init_global_state
 from fuss_components.transforms import eval_size
 
@@ -242,10 +241,10 @@ def _eager_predict_seconds(cfg: FussConfig, model: Path, images: list[Path]) -> 
     """Seconds per image of `fuss predict`'s own computation (no CRF), backbone already loaded."""
     from fuss_components.backbones import load_backbone
     from fuss_components.evaluate import image_logits
-    from fuss_components.runner import load_model
+    from fuss_components.checkpoint import read_model_file
     from fuss_components.site import build_model
 
-    state, _ = load_model(model)
+    state, _, _ = read_model_file(model)
     backbone = load_backbone(cfg.backbone)
     head = build_model(cfg, state["centroids"].shape[0])
     head.load_state_dict(state)

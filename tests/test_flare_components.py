@@ -461,6 +461,34 @@ def test_aggregator_keys_results_by_the_authenticated_identity(tmp_path):
     assert torch.equal(out["head.linear.weight"], head["linear.weight"])
 
 
+def _site_info(data) -> Shareable:
+    return DXO(DataKind.METRICS, data=data).to_shareable()
+
+
+@pytest.mark.parametrize("data, role", [
+    ({"is_training_site": True, "is_validation_site": False, "num_samples": 12},
+     {"is_training_site": True, "is_validation_site": False, "num_samples": 12}),
+    ({"is_training_site": 1.0, "is_validation_site": 1.0, "num_samples": 12.0},  # as metrics may travel
+     {"is_training_site": True, "is_validation_site": True, "num_samples": 12}),
+    ({"is_validation_site": True},  # a validation-only site need not send a count
+     {"is_training_site": False, "is_validation_site": True, "num_samples": 0}),
+    ({"is_training_site": "yes", "is_validation_site": 2, "num_samples": 3},  # only True / 1.0 is a role
+     {"is_training_site": False, "is_validation_site": False, "num_samples": 3}),
+])
+def test_the_census_reads_a_sites_roles_and_count(data, role):
+    from fuss_flare.controller import read_site_info
+
+    assert read_site_info(_site_info(data)) == role
+
+
+@pytest.mark.parametrize("count", [True, -1, 2.5, 2**53, float("nan"), float("inf"), "12", None, [3]])
+def test_the_census_refuses_a_count_that_is_not_a_whole_number_of_images(count):
+    from fuss_flare.controller import read_site_info
+
+    with pytest.raises(ValueError, match="not a whole number of images"):
+        read_site_info(_site_info({"is_training_site": True, "num_samples": count}))
+
+
 def test_a_validation_only_result_is_accepted_and_not_averaged(tmp_path):
     cfg, agg, fl_ctx = make_aggregator(tmp_path, declared_counts={"site-1": 5, "site-2": 6})
     states = {"site-1": near_global(1), "site-2": near_global(2)}

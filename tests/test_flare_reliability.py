@@ -57,7 +57,8 @@ def test_resumed_stateful_job_ends_like_an_uninterrupted_run(stateful_runs, tmp_
     """Stop after round 1 (the 2-round run), resume to 3 rounds from its checkpoint: the resumed job runs round 2
     only, its sites read their round-1 local state back, and the final model is the one of an uninterrupted
     3-round federation."""
-    from fuss_components.runner import load_model, run_federated
+    from fuss_components.checkpoint import read_model_file
+    from fuss_components.runner import run_federated
 
     cfg2, (first, _) = stateful_runs
     assert first.rc == 0, first.log[-4000:]
@@ -75,7 +76,7 @@ def test_resumed_stateful_job_ends_like_an_uninterrupted_run(stateful_runs, tmp_
     assert "not exact" not in logs
 
     reference = run_federated(cfg3, tmp_path / "uninterrupted", progress=False)
-    ref, _ = load_model(tmp_path / "uninterrupted" / "model.pt")
+    ref, _, _ = read_model_file(tmp_path / "uninterrupted" / "model.pt")
     state = sim.global_state()
     for key in MODEL_KEYS:
         assert torch.allclose(ref[key], state[key], atol=1e-5), (key, (ref[key] - state[key]).abs().max())

@@ -320,14 +320,15 @@ def test_run_metrics_arrive_in_mlflow(runs, monkeypatch):
 
 def test_parity_with_in_process_runner(runs, tmp_path):
     """`fuss train --mode federated` (runner.run_federated) and the FLARE simulator: same global model."""
-    from fuss_components.runner import load_model, run_federated
+    from fuss_components.checkpoint import read_model_file
+    from fuss_components.runner import run_federated
     from fuss_components.backbones import _architecture
 
     cfg, sim = runs("fedcc-kmeans")
     assert sim.rc == 0, sim.log[-4000:]
     _architecture.cache_clear()  # like a fresh process: the initial global model must not depend on it
     result = run_federated(cfg, tmp_path / "ref", progress=False)
-    ref, _ = load_model(tmp_path / "ref" / "model.pt")
+    ref, _, _ = read_model_file(tmp_path / "ref" / "model.pt")
     flare = sim.global_state()
     for key in MODEL_KEYS:
         assert torch.allclose(ref[key], flare[key], atol=1e-5), (key, (ref[key] - flare[key]).abs().max())
@@ -472,7 +473,8 @@ def test_hostile_job_on_a_site_that_allows_its_clusters_sends_no_patch_code(shar
 def test_resume_from_checkpoint_continues_the_run(runs, tmp_path):
     """A 3-round job resumed from the 2-round k-means run's checkpoint runs only round 2 and ends where an
     uninterrupted 3-round in-process federation ends."""
-    from fuss_components.runner import load_model, run_federated
+    from fuss_components.checkpoint import read_model_file
+    from fuss_components.runner import run_federated
     from fuss_components.site import build_model
 
     cfg2, first = runs("fedcc-kmeans")
@@ -486,7 +488,7 @@ def test_resume_from_checkpoint_continues_the_run(runs, tmp_path):
     assert "Round 0 started" not in sim.log and "Round 2 started" in sim.log
     build_model(cfg3)  # same work-around as in test_parity_with_in_process_runner
     run_federated(cfg3, tmp_path / "ref", progress=False)
-    ref, _ = load_model(tmp_path / "ref" / "model.pt")
+    ref, _, _ = read_model_file(tmp_path / "ref" / "model.pt")
     state = sim.global_state()
     for key in MODEL_KEYS:
         assert torch.allclose(ref[key], state[key], atol=1e-5), key
@@ -498,7 +500,8 @@ def test_real_camvid_simulator_matches_in_process_runner(shared, tmp_path):
     2 rounds x 4 steps, FedCC-kmeans): the FLARE simulator and `run_federated` give the same global model."""
     from fuss_components.datasets import open_dataset
     from fuss_components.partition import Partition
-    from fuss_components.runner import load_model, run_federated
+    from fuss_components.checkpoint import read_model_file
+    from fuss_components.runner import run_federated
 
     ds = open_dataset("camvid", shared / "data")
     clients = {s: ds.ids(site=s)[::17][:6] for s in ("0001TP", "0006R0", "0016E5")}
@@ -508,7 +511,7 @@ def test_real_camvid_simulator_matches_in_process_runner(shared, tmp_path):
                                 "federation": {"rounds": 2, "local_steps": 4}})
     sim = simulate(export_job(cfg, tmp_path, "real_camvid"), tmp_path / "ws")
     assert sim.rc == 0, sim.log[-3000:]
-    flare_state, saved_cfg = load_model(sim.app / "fuss_model.pt")
+    flare_state, saved_cfg, _ = read_model_file(sim.app / "fuss_model.pt")
     assert FussConfig.from_dict(saved_cfg).partition == cfg.partition
     # the reference with the thread count of each simulated site (its cores over the 4 sites): Adam turns the
     # last-bit differences of another summation order into learning-rate-sized steps on near-zero gradients
@@ -518,7 +521,7 @@ def test_real_camvid_simulator_matches_in_process_runner(shared, tmp_path):
         reference = run_federated(cfg, tmp_path / "inproc", progress=False)
     finally:
         torch.set_num_threads(threads)
-    local_state, _ = load_model(tmp_path / "inproc" / "model.pt")
+    local_state, _, _ = read_model_file(tmp_path / "inproc" / "model.pt")
     for key, value in local_state.items():
         torch.testing.assert_close(flare_state[key], value, rtol=1e-5, atol=1e-5, msg=key)
     assert sim.metrics["rounds"][-1]["val_miou"] == pytest.approx(reference["rounds"][-1]["miou"], abs=1e-6)

@@ -12,9 +12,9 @@ import torch
 from PIL import Image
 
 from fuss_components.cli import main
-from fuss_components.export import read_model_file
+from fuss_components.checkpoint import read_model_file
 from fuss_components.names import ClusterNamesError, area_columns, area_row, name_clusters, read_names_json
-from fuss_components.runner import load_model, save_model
+from fuss_components.checkpoint import read_model_file, save_model
 from fuss_components.site import init_global_state
 from fuss_components.viz import overlay_with_legend
 
@@ -69,7 +69,7 @@ def test_name_clusters_checkpoint_in_place_keeps_other_keys(tiny_model, tmp_path
     assert name_clusters(path, _json(tmp_path, {"2": "blue"})) == ["cluster 0", "red", "blue"]
     blob = torch.load(path, weights_only=True)
     assert blob["round"] == 7 and blob["cluster_names"] == ["cluster 0", "red", "blue"]
-    loaded, config = load_model(path)
+    loaded, config, _ = read_model_file(path)
     assert equal_states(loaded, state) and config == cfg.to_dict()
     assert not list(tmp_path.glob(".tmp-*"))  # the atomic writer left nothing behind
 
@@ -83,7 +83,7 @@ def test_name_clusters_bare_state_to_new_file(tiny_model, tmp_path):
     assert equal_states(torch.load(bare, weights_only=True), state)  # the source is untouched
     blob = torch.load(out, weights_only=True)
     assert set(blob) == {"model", "config", "cluster_names"} and blob["config"] is None
-    loaded, config = load_model(out)
+    loaded, config, _ = read_model_file(out)
     assert equal_states(loaded, state) and config is None
     assert read_model_file(out)[2] == ["bg", "red", "blue"]
 

@@ -16,6 +16,8 @@ from fuss_components.datasets import CityscapesDataset, CocoStuff27Dataset, Data
 from fuss_components.partition import (
     PRESETS,
     Partition,
+    PartitionSpec,
+    parse_partition_spec,
     dominant_class,
     label_class_pixels,
     partition_by_site,
@@ -515,3 +517,25 @@ def test_skewed_presets_real_data_match_the_recorded_histograms(dataset):
     for key, summary in built.items():
         assert summary["clients"] == recorded[key]["clients"], key
         assert summary["validation"] == recorded[key]["validation"], key
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("camvid", PartitionSpec(preset="camvid")),
+    ("cityscapes:6", PartitionSpec(preset="cityscapes", clients=6)),
+    ("camvid-dir0.1:12", PartitionSpec(preset="camvid-dir0.1", clients=12)),
+    ("site", PartitionSpec()),
+    ("runs/federation.json", PartitionSpec(manifest=Path("runs/federation.json"))),  # need not exist yet
+])
+def test_the_partition_spec_has_one_grammar(spec, expected):
+    assert parse_partition_spec(spec) == expected
+    assert parse_partition_spec(spec).is_site == (spec == "site")
+
+
+def test_an_existing_file_is_a_manifest_whatever_its_name_and_a_bad_spec_names_the_presets(tmp_path):
+    manifest = tmp_path / "federation.manifest"
+    manifest.write_text("{}")
+    assert parse_partition_spec(str(manifest)) == PartitionSpec(manifest=manifest)
+    for bad, message in [("camvd", "known presets: \\['camvid'"), ("camvid:0", "whole number >= 1"),
+                         ("camvid:six", "whole number >= 1"), ("site:3", "neither a manifest")]:
+        with pytest.raises(DataError, match=message):
+            parse_partition_spec(bad)

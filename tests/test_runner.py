@@ -12,7 +12,8 @@ import torch
 
 from fuss_components.config import ConfigError, FussConfig
 from fuss_components.partition import Partition
-from fuss_components.runner import load_model, pooled_partition, run_federated, save_model
+from fuss_components.checkpoint import read_model_file, save_model
+from fuss_components.runner import pooled_partition, run_federated
 from fuss_components.site import init_global_state
 
 from conftest import equal_states, make_tiny_dataset, tiny_config
@@ -38,7 +39,7 @@ def test_one_round_federation_summary_and_files(tiny_data_root, tmp_path):
     assert (result["miou"], result["pixel_acc"]) == pytest.approx((final["miou"], final["pixel_acc"]))
     assert (record["miou"], record["pixel_acc"]) == pytest.approx((final["miou"], final["pixel_acc"]))  # same model
     assert result["seconds"] > 0
-    state, saved = load_model(tmp_path / "run" / "model.pt")
+    state, saved, _ = read_model_file(tmp_path / "run" / "model.pt")
     assert sorted(state) == sorted(init_global_state(cfg)) and tuple(state["centroids"].shape) == (3, 8)
     assert saved == cfg.to_dict()
     assert FussConfig.load(tmp_path / "run" / "config.json") == cfg
@@ -52,7 +53,7 @@ def test_two_runs_with_the_same_seeds_give_identical_models(tiny_data_root, tmp_
     for i in range(2):
         cfg = tiny_config(tiny_data_root, tmp_path / f"cache{i}", **{"federation.rounds": 3})
         result = run_federated(cfg, tmp_path / f"run{i}", progress=False)
-        models.append(load_model(tmp_path / f"run{i}" / "model.pt")[0])
+        models.append(read_model_file(tmp_path / f"run{i}" / "model.pt").state)
         metrics.append([r["miou"] for r in result["rounds"]])
     assert equal_states(models[0], models[1])
     assert metrics[0] == metrics[1]
@@ -60,7 +61,7 @@ def test_two_runs_with_the_same_seeds_give_identical_models(tiny_data_root, tmp_
     cfg = tiny_config(tiny_data_root, tmp_path / "cache0", **{"federation.rounds": 3, "federation.seed": 1,
                                                                 "train.seed": 1})
     run_federated(cfg, tmp_path / "other", progress=False)
-    assert not equal_states(models[0], load_model(tmp_path / "other" / "model.pt")[0])
+    assert not equal_states(models[0], read_model_file(tmp_path / "other" / "model.pt").state)
 
 
 def test_partition_dependent_checks_fail_before_any_work(tiny_data_root, tmp_path):
@@ -85,15 +86,15 @@ def test_pooled_partition_puts_every_training_image_in_one_client():
     assert pooled.meta == {"pooled_from": ["a", "b"]}
 
 
-def test_load_model_reads_our_checkpoints_and_a_bare_state(tmp_path):
+def test_read_model_file_reads_our_checkpoints_and_a_bare_state(tmp_path):
     state = {"head.linear.bias": torch.arange(3.0), "centroids": torch.eye(2)}
     cfg = FussConfig.from_dict({"federation": {"rounds": 4}})
     save_model(tmp_path / "ours.pt", state, cfg, rounds=4)
-    loaded, saved = load_model(tmp_path / "ours.pt")
+    loaded, saved, _ = read_model_file(tmp_path / "ours.pt")
     assert equal_states(loaded, state) and saved == cfg.to_dict()
     assert torch.load(tmp_path / "ours.pt", weights_only=True)["rounds"] == 4
     torch.save(state, tmp_path / "FL_global_model.pt")  # a bare state dict, as FLARE's persistor may hold it
-    loaded, saved = load_model(tmp_path / "FL_global_model.pt")
+    loaded, saved, _ = read_model_file(tmp_path / "FL_global_model.pt")
     assert equal_states(loaded, state) and saved is None
 
 
@@ -114,7 +115,7 @@ def test_every_mode_runs_and_saves_without_a_validation_site(tiny_data_root, tmp
         assert written["miou"] is None, mode
         models = sorted((tmp_path / mode).rglob("model.pt"))
         assert len(models) == (2 if mode == "local" else 1), (mode, models)
-        state, _ = load_model(models[0])
+        state, _, _ = read_model_file(models[0])
         assert tuple(state["centroids"].shape) == (3, 8)
 
 

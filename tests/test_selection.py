@@ -1,4 +1,4 @@
-"""Label-free model selection (issue 16): the criteria on hand-built tensors with known answers, the site's probe,
+"""Label-free model selection: the criteria on hand-built tensors with known answers, the site's probe,
 ``Site.train``'s new metrics, the recorder's per-round means and selected model, and ``benchmarks.selection``."""
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from fuss_components.selection import (METRICS, SelectionProbe, agreement, balan
                                        model_of, weighted_criteria)
 from fuss_components.site import Site, build_model, init_global_state, resolve_partition
 from fuss_components.trainer import LocalTrainer
-from fuss_flare import CONFIG_FILE, SITE_CENSUS, SITE_ROLES_PROP
+from fuss_flare import CONFIG_FILE, ERROR_PROP, JOB_FAILED, SESSION_CLIENT_HEADER, SITE_CENSUS, SITE_ROLES_PROP
 from fuss_flare.recorder import FussRecorder
 
 TINY_BACKBONE = {"name": "fuss_tiny_vit_patch14", "weights": "random", "block": -1}  # 32 feature channels
@@ -365,3 +365,37 @@ def test_communication_counts_rounds_and_uplink_bytes_until_95_percent_of_the_fi
     assert communication(history) == {"share": 0.95, "final_miou": 0.20, "rounds": 2, "uplink_bytes": 30,
                                       "miou": 0.195}
     assert communication({"rounds": [{"round": 0}]}) is None
+
+
+def test_recorder_keeps_a_round_that_did_not_finish_and_the_reason_the_job_failed(tmp_path):
+    """Round 1 fails after one result arrived (FussAggregator raised, or an abort): at END_RUN the round is in
+    metrics.json, marked incomplete, with what had arrived, filed under the client of the session that delivered
+    it (not the identity the result claims); the failure's reason is recorded; the finished round 0 is untouched."""
+    fl_ctx = recorder_context(tmp_path)
+    recorder = FussRecorder()
+    recorder.handle_event(EventType.START_RUN, fl_ctx)
+    fl_ctx.set_prop(AppConstants.NUM_ROUNDS, 3, private=True, sticky=False)
+    model = init_global_state(model_config())
+    play_round(recorder, fl_ctx, 0, model, model, {"site-1": (2, criteria(0.1, 0.5, -0.1))})
+    fl_ctx.set_prop(AppConstants.CURRENT_ROUND, 1, private=True, sticky=False)
+    recorder.handle_event(AppEventType.ROUND_STARTED, fl_ctx)
+    peer = FLContext()
+    peer.set_prop(ReservedKey.IDENTITY_NAME, "site-9", private=False, sticky=False)  # what the client claims
+    fl_ctx.set_peer_context(peer)
+    result = DXO(DataKind.WEIGHTS, data=model, meta={"num_samples": 2, "site": "site-9",
+                                                     MetaKey.INITIAL_METRICS: {"loss_self": 0.4}}).to_shareable()
+    result.set_header(SESSION_CLIENT_HEADER, "site-1")  # as FussController stamps it
+    fl_ctx.set_prop(AppConstants.TRAINING_RESULT, result, private=True, sticky=False)
+    recorder.handle_event(AppEventType.BEFORE_CONTRIBUTION_ACCEPT, fl_ctx)
+    fl_ctx.set_prop(ERROR_PROP, "round 1: 0 acceptable update(s)", private=True, sticky=False)
+    recorder.handle_event(JOB_FAILED, fl_ctx)
+    recorder.handle_event(EventType.END_RUN, fl_ctx)
+
+    history = json.loads((tmp_path / "metrics.json").read_text())
+    done, failed = history["rounds"]
+    assert "incomplete" not in done and done["round"] == 0
+    assert failed["round"] == 1 and failed["incomplete"] is True
+    assert list(failed["train"]) == ["site-1"] and failed["train"]["site-1"]["num_samples"] == 2
+    assert failed["accepted"] == [] and failed["rejected"] == []
+    assert history["error"] == "round 1: 0 acceptable update(s)"
+    assert history["final"] is None  # no final model was written

@@ -40,6 +40,20 @@ from fuss_flare import (
 )
 
 
+def read_site_info(result: Shareable) -> dict:
+    """A site's ``site_info`` answer -> ``{"is_training_site", "is_validation_site", "num_samples"}``. Roles are
+    True only when the site said True (or 1.0, as metrics travel); ``num_samples`` must be a whole number of images
+    in 0..2**53 (a bool is not one). Raises on anything else."""
+    info = dict(from_shareable(result).data or {})
+    count = info.get("num_samples", 0)
+    if isinstance(count, bool) or not isinstance(count, (int, float)) or not 0 <= count < 2**53 \
+            or not float(count).is_integer():
+        raise ValueError(f"num_samples {count!r} is not a whole number of images")
+    return {"is_training_site": info.get("is_training_site") is True or info.get("is_training_site") == 1.0,
+            "is_validation_site": info.get("is_validation_site") is True or info.get("is_validation_site") == 1.0,
+            "num_samples": int(count)}
+
+
 class FussController(ScatterAndGather):
     def __init__(self, min_clients: int = 1, min_training_sites: int = 1, num_rounds: int = 10, start_round: int = 0,
                  train_timeout: int = 0, validation_timeout: int = 0, task_check_period: float = 0.2):
@@ -88,16 +102,7 @@ class FussController(ScatterAndGather):
                 self.log_error(fl_ctx, f"site {name} did not report its role (see its log); it takes no part")
                 continue
             try:  # a site's answer is untrusted: anything malformed leaves that site out, never the job
-                info = dict(from_shareable(result).data or {})
-                count = info.get("num_samples", 0)
-                if isinstance(count, bool) or not isinstance(count, (int, float)) or not 0 <= count < 2**53 \
-                        or not float(count).is_integer():
-                    raise ValueError(f"num_samples {count!r} is not a whole number of images")
-                roles[name] = {"is_training_site": info.get("is_training_site") is True or
-                               info.get("is_training_site") == 1.0,
-                               "is_validation_site": info.get("is_validation_site") is True or
-                               info.get("is_validation_site") == 1.0,
-                               "num_samples": int(count)}
+                roles[name] = read_site_info(result)
             except Exception as err:
                 self.log_error(fl_ctx, f"site {name} sent an unusable site_info ({err}); it takes no part")
         self.log_info(fl_ctx, f"site roles: {roles}")

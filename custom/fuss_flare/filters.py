@@ -139,7 +139,7 @@ class FussResultFilter(Filter):
 
 
 class CentroidPrivacyFilter(DXOFilter):
-    def __init__(self, clip: float = 1.0, noise_multiplier: float = 0.0, delta: float = 1e-5,
+    def __init__(self, clip: float = 1.0, noise_multiplier: float = 0.0, delta: float = privacy.DEFAULT_DELTA,
                  rounds: int | None = None, centroids_key: str = CENTROIDS_KEY):
         """On ``train`` results: clip each centroid row to L2 norm ``clip`` and add N(0, (noise_multiplier * clip)^2)
         per coordinate, from fresh OS entropy in every call, never from the job's seed (``fuss_components.privacy``:

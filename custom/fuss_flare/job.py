@@ -27,8 +27,10 @@ import shutil
 import sys
 from pathlib import Path
 
-from fuss_components.config import AGGREGATORS, OBJECTIVES, ConfigError, FussConfig, parse_override
-from fuss_components.partition import PRESETS, preset_site_names
+from fuss_components.config import AGGREGATORS, EXPORT_FORMATS, OBJECTIVES, ConfigError, FussConfig, parse_override
+from fuss_components.datasets import DataError
+from fuss_components.partition import PRESETS, parse_partition_spec, preset_site_names
+from fuss_components.privacy import DEFAULT_DELTA
 from fuss_components.site import flare_client_name
 from nvflare.job_config.api import FedJob
 from nvflare.recipe.spec import ExecEnv, Recipe
@@ -56,7 +58,7 @@ def build_job(
     resume_from: str = "",
     centroid_clip: float | None = None,
     centroid_noise: float = 0.0,
-    privacy_delta: float = 1e-5,
+    privacy_delta: float = DEFAULT_DELTA,
     server_params: dict | None = None,
     export_format: str | None = None,
     privacy_scope: str = "",
@@ -217,8 +219,8 @@ class FussRecipe(Recipe):
     In ``SimEnv`` the simulator's workspace gets the FUSS class allow list (``fuss_flare.site_policy``)."""
 
     def __init__(self, cfg: FussConfig, name: str | None = None, preset: str | None = None, **job_options):
-        if preset is None and cfg.partition.partition(":")[0] in PRESETS:
-            preset = cfg.partition.partition(":")[0]
+        if preset is None:
+            preset = parse_partition_spec(cfg.partition).preset
         self.fuss_job = build_job(cfg, name or (f"fuss_{preset}" if preset else "fuss_job"),
                                   sites=partition_sites(cfg, preset), **job_options)
         super().__init__(self.fuss_job)
@@ -243,13 +245,15 @@ def partition_sites(cfg: FussConfig, preset: str | None = None) -> tuple[list[st
     Presets and manifests are read offline; any other partition (e.g. ``site``) is resolved from the data when it
     is reachable from this machine.
     """
-    if preset:
-        _, _, count = cfg.partition.partition(":")
-        return preset_site_names(preset, int(count) if count else None)
     try:
-        spec = Path(cfg.partition)
-        if spec.suffix == ".json" and spec.is_file():
-            manifest = json.loads(spec.read_text())
+        spec = parse_partition_spec(cfg.partition)
+    except DataError:
+        spec = None
+    if preset:
+        return preset_site_names(preset, spec.clients if spec else None)
+    try:
+        if spec is not None and spec.manifest is not None and spec.manifest.is_file():
+            manifest = json.loads(spec.manifest.read_text())
             clients, validation = list(manifest["clients"]), list(manifest.get("validation", {}))
         else:
             from fuss_components.site import resolve_partition
@@ -313,7 +317,7 @@ def get_args_parser() -> argparse.ArgumentParser:
                         help="also send the run's metrics to MLflow (FLARE's MLflowReceiver, pip install "
                              "'.[tracking]'): a SQLite store mlflow.db in the job's result folder, or the tracking "
                              "server URI, e.g. http://mlflow.hospital.org:5000 (default: TensorBoard only)")
-    parser.add_argument("--export-format", choices=["torchscript", "onnx"],
+    parser.add_argument("--export-format", choices=EXPORT_FORMATS,
                         help="at the end of the run the server also writes the final model's deployable export "
                              "(fuss_segmenter.pt / .onnx + fuss_segmenter.json, as `fuss export`) beside "
                              "fuss_model.pt; the server needs the backbone weights (default: no export)")
@@ -322,8 +326,8 @@ def get_args_parser() -> argparse.ArgumentParser:
                       help="add CentroidPrivacyFilter: Gaussian noise of std SIGMA*C per centroid coordinate")
     priv.add_argument("--centroid-clip", type=float, metavar="C",
                       help="clip every centroid row to L2 norm C before it leaves a site (default 1 with noise)")
-    priv.add_argument("--privacy-delta", type=float, default=1e-5,
-                      help="delta of the per-round (epsilon, delta) accounting in the audit log (default 1e-5)")
+    priv.add_argument("--privacy-delta", type=float, default=DEFAULT_DELTA,
+                      help="delta of the per-round (epsilon, delta) accounting in the audit log (default %(default)g)")
     priv.add_argument("--privacy-scope", default="",
                       help="privacy scope the job asks for (meta.json 'scope'; every site's privacy.json must "
                            "define it)")

@@ -40,10 +40,11 @@ from nvflare.fuel.utils import fobs
 from nvflare.widgets.info_collector import InfoCollector
 from nvflare.widgets.widget import Widget
 
-from fuss_components.export import CARD_FILE, FORMATS as EXPORT_FORMATS, export_model
+from fuss_components.config import EXPORT_FORMATS
+from fuss_components.export import CARD_FILE, export_model
 from fuss_components.metrics import image_weighted_mean
 from fuss_components.files import atomic_torch_save, atomic_write_bytes
-from fuss_components.runner import save_model
+from fuss_components.checkpoint import save_model
 from fuss_components.selection import CRITERIA as SELECTION_CRITERIA, better, weighted_criteria
 from fuss_components.wire import VALIDATION_METRICS
 from fuss_flare import (
@@ -54,6 +55,7 @@ from fuss_flare import (
     META_NUM_SAMPLES,
     SCREENING_DONE,
     SCREENING_REPORT,
+    SESSION_CLIENT_HEADER,
     SITE_CENSUS,
     SITE_ROLES_PROP,
     VALIDATION_RESULTS_PROP,
@@ -165,7 +167,8 @@ class FussRecorder(Widget):
 
     def _received_result(self, fl_ctx: FLContext) -> None:
         result = fl_ctx.get_prop(AppConstants.TRAINING_RESULT)
-        name = fl_ctx.get_peer_context().get_identity_name(default="?")
+        # the client of the session that delivered it (FussController's stamp), as the aggregator keys it
+        name = result.get_header(SESSION_CLIENT_HEADER) or fl_ctx.get_peer_context().get_identity_name(default="?")
         entry: dict = {}
         try:
             dxo = from_shareable(result)
