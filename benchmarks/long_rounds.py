@@ -1,9 +1,9 @@
 """Long honest rounds against the server's screening: one real camvid site trains a round of N local steps from
-the initial global model, and the default screening (``aggregation.screen_updates`` with the round's steps, as
+the initial global model, and the default screening (``screening.screen_updates`` with the round's steps, as
 the FLARE aggregator and the in-process runner call it) judges the update.
 
 Measured per N: the head's relative change (distance to the global head over its norm), the cosine between the
-two heads, the bound ``aggregation.change_bound`` allows for N steps, and whether the update was accepted. The
+two heads, the bound ``screening.change_bound`` allows for N steps, and whether the update was accepted. The
 same updates with their head sign-flipped or scaled by 10 (two hostile kinds of ``tests/test_aggregation.py``)
 stay rejected. Results: ``docs/results/long_rounds.json`` and the table of ``docs/reliability.md``.
 
@@ -20,7 +20,8 @@ from pathlib import Path
 
 import torch
 
-from fuss_components.aggregation import ClientUpdate, change_bound, screen_updates
+from fuss_components.aggregation import ClientUpdate
+from fuss_components.screening import change_bound, screen_updates
 from fuss_components.config import FussConfig
 from fuss_components.files import atomic_write_json
 from fuss_components.site import Site, init_global_state

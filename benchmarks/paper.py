@@ -46,7 +46,7 @@ from fuss_components.datasets import DataError
 from fuss_components.evaluate import evaluate_model
 from fuss_components.files import atomic_write_json, atomic_write_text
 from fuss_components.metrics import image_weighted_mean
-from fuss_components.partition import PRESETS, parse_partition_spec
+from fuss_components.presets import PRESETS, parse_partition_spec
 from fuss_components.paths import cache_dir, data_root
 from fuss_components.site import build_model, resolve_partition
 
@@ -63,7 +63,7 @@ BUDGETS = {
     "full": {"rounds": 10, "local_steps": None, "local_epochs": 1.0, "crf_every": 1},
     "reduced": {"rounds": 3, "local_steps": 15, "local_epochs": 1.0, "crf_every": 4},
 }
-# The partition presets (fuss_components.partition.PRESETS) this benchmark is sized for and has recorded.
+# The partition presets (fuss_components.presets.PRESETS) this benchmark is sized for and has recorded.
 DATASETS = ("camvid", "polyp")
 FEDPROX_MU, MOON_WEIGHT, MOON_TAU = 0.001, 1.0, 0.5
 # The evaluation of one final model: what the tables show and what --verify compares.

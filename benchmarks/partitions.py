@@ -1,6 +1,6 @@
 """Class histograms of the label-skewed partition presets: what each client of each federation holds.
 
-For every label-skewed preset of a dataset (the ``fuss_components.partition.PRESETS`` entries of that dataset
+For every label-skewed preset of a dataset (the ``fuss_components.presets.PRESETS`` entries of that dataset
 other than the by-site one, e.g. ``camvid-dir0.1``) and every client count its jobs offer, the seed's manifest
 (seed 0 by default, as the jobs' ``federation.seed``) is summarised per client: its images, its pixels per class
 and its images per dominant class (polyp: also per polyp-size quartile, the tag those presets split by). Writes
@@ -24,14 +24,8 @@ import numpy as np
 
 from fuss_components.datasets import SegmentationDataset, open_dataset
 from fuss_components.files import atomic_write_json
-from fuss_components.partition import (
-    POLYP_SIZE_BINS,
-    PRESETS,
-    Partition,
-    dominant_classes,
-    label_class_pixels,
-    preset_partition,
-)
+from fuss_components.partition import Partition, dominant_classes, label_class_pixels
+from fuss_components.presets import POLYP_SIZE_BINS, PRESETS, preset_partition
 from fuss_components.paths import data_root
 
 REPO = Path(__file__).resolve().parent.parent

@@ -134,7 +134,8 @@ class Federation:
         return self._scores[digest]
 
     def run(self, fed, attacker: str, attack: str, rounds: int) -> dict:
-        from fuss_components.aggregation import aggregate, screen_updates
+        from fuss_components.aggregation import aggregate
+        from fuss_components.screening import screen_updates
         from fuss_components.head import join_state, split_state
         from fuss_components.site import init_global_state
 

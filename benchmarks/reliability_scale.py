@@ -208,7 +208,7 @@ def run_scale(n: int, work: Path, rounds: int = 2, local_steps: int = 5, validat
     """Export and simulate the N-client job; returns the measurements (and the workspace path)."""
     from benchmarks.simulator import nvflare_command
     from fuss_components.config import FussConfig
-    from fuss_components.partition import PRESETS
+    from fuss_components.presets import PRESETS
     from fuss_flare.job import main as export
 
     from fuss_components.partition import Partition

@@ -352,7 +352,7 @@ class FederationConfig:
     # clients' median centroids (needs >= 3 updates), whenever the sites start from the global centroids (switch C
     # on) or robust is not "none".
     centroid_outlier_ratio: float = 3.0
-    # Screening of every update, in every mode (fuss_components.aggregation.screen_updates): the largest
+    # Screening of every update, in every mode (fuss_components.screening.screen_updates): the largest
     # num_samples an update may claim (it may also not exceed what the site declared when the job started). 10
     # million is ~85x COCO's whole train2017 (118k images), the largest set any preset splits, so no honest site
     # comes near it; a larger count is corrupt or hostile. It also keeps every count far inside float64's exact
@@ -417,7 +417,7 @@ class FussConfig:
     loss: LossConfig = field(default_factory=LossConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
-    # Which images each site holds: a preset of fuss_components.partition.PRESETS (a dataset's name, with ":N"
+    # Which images each site holds: a preset of fuss_components.presets.PRESETS (a dataset's name, with ":N"
     # for N clients where the preset allows it, e.g. "cityscapes:6"); "site": one client per site of the dataset,
     # sites whose images are all in split "test" only validate; or the path of a partition manifest JSON
     # (`fuss partition`).

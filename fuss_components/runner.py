@@ -14,7 +14,8 @@ import torch.nn.functional as F
 from sklearn.cluster import KMeans
 from tqdm.auto import tqdm
 
-from .aggregation import AggregationError, ClientUpdate, aggregate, centroid_drift, screen_updates
+from .aggregation import AggregationError, ClientUpdate, aggregate, centroid_drift
+from .screening import screen_updates
 from .checkpoint import save_model
 from .config import FussConfig
 from .files import atomic_torch_save, atomic_write_json

@@ -30,7 +30,8 @@ from .disclosure import DisclosurePolicy, check_job, site_policy
 from .evaluate import evaluate_model
 from .files import atomic_torch_save
 from .head import FussModel
-from .partition import Partition, parse_partition_spec, partition_sites, preset_partition
+from .partition import Partition, partition_sites
+from .presets import parse_partition_spec, preset_partition
 from .paths import data_root
 from .selection import SelectionProbe, as_metrics
 from .trainer import LocalResult, LocalTrainer, resolve_device, stable_seed

@@ -77,9 +77,6 @@ MAX_NAME_LENGTH = 64  # a site name in the meta, a filter name in FLARE's filter
 MAX_FILTER_HISTORY = 32  # entries of the filter history
 MAX_ROUND = 1_000_000  # the largest round number a header may carry
 
-# Presets whose partition reads every label (a Dirichlet split by dominant class): too costly to redo in a filter,
-# so their site bounds are the number of images in the site's dataset.
-LABEL_READING_PRESETS = ("cocostuff27",)
 
 
 @dataclass(frozen=True)
@@ -188,6 +185,17 @@ def check_num_samples(value, max_count: int | None, minimum: int = 1) -> tuple[i
     if not minimum <= value <= max_count:
         return None, f"{_short_number(value)} is outside {minimum}..{max_count} (the site's training images)"
     return value, None
+
+
+def whole_count(value, limit: int) -> tuple[int | None, str | None]:
+    """``(count, None)`` for a whole number in ``0..limit`` (an int, or a whole float as metrics travel; not a
+    bool), else ``(None, reason)``. The one count rule of a site's metrics and of the server's census."""
+    number = _real(value)
+    if number is None:
+        return None, f"a {type(value).__name__}, not a number"
+    if not math.isfinite(number) or not number.is_integer() or not 0 <= number <= limit:
+        return None, f"{_short_number(number)} is not a whole number in 0..{limit}"
+    return int(number), None
 
 
 def check_site_name(value, known_names: Iterable[str] = ()) -> tuple[str | None, str | None]:
@@ -305,7 +313,7 @@ def _check_metric(name: str, value, bounds: SiteBounds):
         limit, what = limits[name]
         if limit is None:
             return None, f"the number of {what} is unknown, so the count cannot be checked"
-        if not number.is_integer() or not 0 <= number <= limit:
+        if whole_count(number, limit)[0] is None:
             return None, f"{_short_number(number)} is not a whole number in 0..{limit} ({what})"
     return number, None
 
@@ -527,15 +535,17 @@ def site_bounds(cfg, site: str) -> tuple[str, SiteBounds]:
 
     Reads the dataset's index (no image, no label, no feature): the training and validation image counts are the
     site's partition entries restricted to image ids its dataset really has, so a partition cannot declare more
-    images than the site holds. For :data:`LABEL_READING_PRESETS` both counts are the dataset's image count.
+    images than the site holds. For a preset with ``bounds_from_dataset_size`` both counts are the dataset's image
+    count.
     Raises (``DataError``, ``ConfigError``) when the site or its dataset cannot be resolved."""
-    from .partition import parse_partition_spec
+    from .presets import PRESETS, parse_partition_spec
     from .site import num_clusters, open_site_dataset, resolve_partition, resolve_site_name
 
     dataset = open_site_dataset(cfg, site)
     clusters = num_clusters(cfg, dataset)
     classes = dataset.num_classes if dataset.has_labels else None  # an unlabeled folder's classes are unknown
-    if parse_partition_spec(cfg.partition).preset in LABEL_READING_PRESETS:
+    preset = parse_partition_spec(cfg.partition).preset
+    if preset is not None and PRESETS[preset].bounds_from_dataset_size:
         return site, SiteBounds(classes, clusters, len(dataset), len(dataset))
     partition = resolve_partition(cfg, dataset)
     name = resolve_site_name(site, partition)

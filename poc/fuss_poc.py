@@ -152,7 +152,8 @@ def build_partition(dataset: str, data_root: Path, spec: str = "", images_per_si
     """The run's partition: a manifest file or a preset of ``fuss_components.partition`` (default: the dataset's
     own preset), optionally cut to ``num_sites`` sites (training sites first) and subsampled."""
     from fuss_components.datasets import open_dataset
-    from fuss_components.partition import Partition, parse_partition_spec, preset_partition
+    from fuss_components.partition import Partition
+    from fuss_components.presets import parse_partition_spec, preset_partition
     from fuss_components.site import site_order
 
     parsed = parse_partition_spec(spec or dataset)
@@ -792,7 +793,7 @@ def run(args: argparse.Namespace, after_job: Callable | None = None) -> dict:
     """
     from fuss_components.config import FussConfig, parse_overrides
     from fuss_components.paths import data_root as resolve_data_root
-    from fuss_flare.job import PRESETS, preset_config
+    from fuss_components.presets import PRESETS, preset_config
 
     started = time.perf_counter()
     own_workdir = not args.workdir

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     args.delta = DEFAULT_DELTA if args.delta is None else args.delta
     from fuss_components.runner import run_federated
     from fuss_components.site import build_model
-    from fuss_flare.job import preset_config
+    from fuss_components.presets import preset_config
 
     cfg = preset_config(args.preset)
     overrides = {"federation.rounds": args.rounds, "federation.local_steps": args.local_steps,

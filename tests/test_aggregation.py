@@ -18,12 +18,10 @@ import torch
 from fuss_components import aggregation as agg
 from fuss_components.aggregation import (
     AggregationError,
-    change_bound,
     ClientUpdate,
     aggregate,
     average_centroids,
     average_states,
-    centroid_outliers,
     clipped_average_states,
     fedavg,
     fedavg_weights,
@@ -31,9 +29,9 @@ from fuss_components.aggregation import (
     fedcc_maximin,
     normalize_rows,
     robust_average_states,
-    screen_updates,
     trimmed_count,
 )
+from fuss_components.screening import centroid_outliers, change_bound, screen_updates
 from fuss_components.config import ConfigError, FederationConfig, FussConfig
 
 

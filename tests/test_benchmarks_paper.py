@@ -26,7 +26,7 @@ from benchmarks.paper import (
     verify_paper,
     with_current_names,
 )
-from fuss_components.partition import PRESETS
+from fuss_components.presets import PRESETS
 
 
 def test_settings_cover_the_papers_tables():

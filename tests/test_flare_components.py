@@ -31,7 +31,7 @@ from fuss_components.aggregation import (AggregationError, ClientUpdate, aggrega
                                         robust_average_states)
 from fuss_components.config import ConfigError, FussConfig
 from fuss_components.head import FussModel, split_state
-from fuss_components.partition import PRESETS
+from fuss_components.presets import PRESETS
 from fuss_flare import (
     ALL_TASKS,
     CONFIG_FILE,

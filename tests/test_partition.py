@@ -14,19 +14,15 @@ from PIL import Image
 import test_datasets as tds  # the fixture builders (official Cityscapes / COCO-Stuff layouts, folder layout)
 from fuss_components.datasets import CityscapesDataset, CocoStuff27Dataset, DataError, FolderDataset, open_dataset
 from fuss_components.partition import (
-    PRESETS,
     Partition,
-    PartitionSpec,
-    parse_partition_spec,
     dominant_class,
     label_class_pixels,
     partition_by_site,
     partition_dirichlet,
     partition_iid,
     partition_missing_classes,
-    preset_partition,
-    preset_site_names,
 )
+from fuss_components.presets import PRESETS, PartitionSpec, parse_partition_spec, preset_partition, preset_site_names
 from fuss_components.site import flare_client_name
 
 N_CLASSES = 6

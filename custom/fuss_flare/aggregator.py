@@ -20,7 +20,8 @@ from nvflare.apis.shareable import Shareable
 from nvflare.app_common.abstract.aggregator import Aggregator
 from nvflare.app_common.app_constant import AppConstants
 
-from fuss_components.aggregation import AggregationError, ClientUpdate, aggregate, centroid_drift, screen_updates
+from fuss_components.aggregation import AggregationError, ClientUpdate, aggregate, centroid_drift
+from fuss_components.screening import screen_updates
 from fuss_components.head import join_state, split_state
 from fuss_flare import (
     CONFIG_FILE,

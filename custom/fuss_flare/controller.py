@@ -25,6 +25,7 @@ from nvflare.app_common.workflows.scatter_and_gather import ScatterAndGather
 from nvflare.app_opt.pt.decomposers import TensorDecomposer
 from nvflare.fuel.utils import fobs
 
+from fuss_components import wire
 from fuss_flare import (
     DECLARED_COUNTS_PROP,
     ERROR_PROP,
@@ -43,15 +44,14 @@ from fuss_flare import (
 def read_site_info(result: Shareable) -> dict:
     """A site's ``site_info`` answer -> ``{"is_training_site", "is_validation_site", "num_samples"}``. Roles are
     True only when the site said True (or 1.0, as metrics travel); ``num_samples`` must be a whole number of images
-    in 0..2**53 (a bool is not one). Raises on anything else."""
+    in 0..2**53 - 1 (``wire.whole_count``; a bool is not one). Raises on anything else."""
     info = dict(from_shareable(result).data or {})
-    count = info.get("num_samples", 0)
-    if isinstance(count, bool) or not isinstance(count, (int, float)) or not 0 <= count < 2**53 \
-            or not float(count).is_integer():
-        raise ValueError(f"num_samples {count!r} is not a whole number of images")
+    count, problem = wire.whole_count(info.get("num_samples", 0), 2**53 - 1)
+    if problem:
+        raise ValueError(f"num_samples {info.get('num_samples')!r} is not a whole number of images ({problem})")
     return {"is_training_site": info.get("is_training_site") is True or info.get("is_training_site") == 1.0,
             "is_validation_site": info.get("is_validation_site") is True or info.get("is_validation_site") == 1.0,
-            "num_samples": int(count)}
+            "num_samples": count}
 
 
 class FussController(ScatterAndGather):

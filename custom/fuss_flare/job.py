@@ -29,7 +29,7 @@ from pathlib import Path
 
 from fuss_components.config import AGGREGATORS, EXPORT_FORMATS, OBJECTIVES, ConfigError, FussConfig, parse_override
 from fuss_components.datasets import DataError
-from fuss_components.partition import PRESETS, parse_partition_spec, preset_site_names
+from fuss_components.presets import PRESETS, parse_partition_spec, preset_config, preset_site_names
 from fuss_components.privacy import DEFAULT_DELTA
 from fuss_components.site import flare_client_name
 from nvflare.job_config.api import FedJob
@@ -39,15 +39,6 @@ from fuss_flare import ALL_TASKS, CONFIG_FILE
 
 REPO_JOBS = Path(__file__).resolve().parents[2] / "jobs"
 COMMITTED = ("camvid", "cityscapes", "polyp", "cocostuff27")
-
-
-def preset_config(preset: str, clients: int | None = None) -> FussConfig:
-    """Default FussConfig of a preset (|C| explicit so the server never needs the data)."""
-    p = PRESETS[preset]
-    partition = preset if clients in (None, p.clients) else f"{preset}:{clients}"
-    return FussConfig.from_dict(
-        {"data": {"dataset": p.dataset}, "partition": partition, "train": {"num_clusters": p.num_clusters}}
-    )
 
 
 def build_job(
